@@ -2,17 +2,16 @@
 
     python predict.py IMAGE CHECKPOINT [--top_k 5] [--category_names JSON] [--gpu]
 
-Start-up matters here: this script imports only torch, numpy, PIL and the two project modules.
+Start-up matters here: this script imports only what the run needs (torch and model_utils for a
+checkpoint, never torchvision or matplotlib unless asked for).
 """
 import argparse
 import os
 import sys
 
 import numpy as np
-import torch
 
 import data_utils
-import model_utils
 from data_utils import UserError
 
 
@@ -44,28 +43,49 @@ def main(argv=None):
 def run(args):
     if args.top_k < 1:
         raise UserError(f"--top_k {args.top_k}: must be 1 or more")
-    device = model_utils.resolve_device(args.gpu)
-    ckpt = model_utils.load_checkpoint(args.checkpoint)
-    names = display_names(ckpt, args.category_names)
-    image = load_image(args.image, ckpt["preprocess"])
-    model = model_utils.model_from_checkpoint(ckpt, args.checkpoint)
-    forward = model_utils.fast_forward(model, device)
-    probs = torch.softmax(forward(image[None]), dim=1)[0]
+    predictor = load_predictor(args.checkpoint, args.gpu)
+    names = display_names(predictor.classes, predictor.class_names, args.category_names)
+    image = load_image(args.image, predictor.preprocess)
+    probs = predictor.probabilities(image[None])[0]
     k = min(args.top_k, len(names))
     if k < args.top_k:
         print(f"note: --top_k {args.top_k} is more than the {len(names)} classes; showing {k}",
               file=sys.stderr)
-    top = torch.topk(probs, k)
-    print("\n".join(format_top_k(names, top.indices.tolist(), top.values.tolist())))
+    top = np.argsort(-probs, kind="stable")[:k]
+    print("\n".join(format_top_k(names, top.tolist(), probs[top].tolist())))
     return 0
 
 
-def display_names(ckpt, category_names=None):
-    classes = ckpt["classes"]
+class TorchPredictor:
+    """A checkpoint from train.py: classes, preprocessing, and batch -> probabilities."""
+
+    def __init__(self, path, gpu=None):
+        import torch
+        import model_utils
+        device = model_utils.resolve_device(gpu)
+        ckpt = model_utils.load_checkpoint(path)
+        self.classes = list(ckpt["classes"])
+        self.class_names = list(ckpt.get("class_names") or self.classes)
+        self.preprocess = ckpt["preprocess"]
+        self.model = model_utils.model_from_checkpoint(ckpt, path)
+        self._forward = model_utils.fast_forward(self.model, device)
+        self._torch = torch
+
+    def probabilities(self, batch):
+        """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""
+        logits = self._forward(self._torch.from_numpy(np.ascontiguousarray(batch)))
+        return self._torch.softmax(logits, dim=1).numpy()
+
+
+def load_predictor(path, gpu=None):
+    return TorchPredictor(path, gpu)
+
+
+def display_names(classes, stored_names, category_names=None):
     if category_names:
         names = data_utils.read_category_names(category_names)
         return list(data_utils.check_category_names(names, classes, category_names).values())
-    return list(ckpt.get("class_names") or classes)
+    return list(stored_names or classes)
 
 
 def load_image(path, preprocess):
@@ -78,7 +98,7 @@ def load_image(path, preprocess):
     except data_utils.IMAGE_ERRORS as err:
         raise UserError(f"image {path}: cannot be read: {data_utils.describe_image_error(err)}; "
                         f"give a JPEG, PNG, WebP, BMP, TIFF or GIF photo") from None
-    return torch.from_numpy(data_utils.eval_array(img, preprocess))
+    return data_utils.eval_array(img, preprocess)
 
 
 def format_top_k(names, indices, probs):
