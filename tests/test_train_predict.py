@@ -1,0 +1,25 @@
+import os
+
+import pytest
+
+import predict
+import train
+from conftest import FAST
+
+
+def test_train_then_predict(trained, capsys):
+    image = os.path.join(trained["data"], "test", "dog", "000.jpg")
+    capsys.readouterr()
+    assert predict.main([image, trained["checkpoint"], "--top_k", "2"]) == 0
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(" 1. ") and lines[1].startswith(" 2. ")
+    assert lines[0].endswith("%")
+
+
+def test_train_prints_epochs_and_test_accuracy(tmp_path, image_folder, capsys):
+    assert train.main([image_folder, "--save_dir", str(tmp_path), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/4  train loss " in out and "valid acc " in out
+    assert "test acc " in out
+    assert os.path.isfile(tmp_path / "checkpoint.pth")
