@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import data_utils
+import distributed
+import feature_files
 import model_utils
 from data_utils import UserError
 
@@ -128,21 +130,30 @@ def main(argv=None):
     try:
         return run(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {distributed.rank_prefix()}{err}", file=sys.stderr)
         return 2
+    except distributed.PeerFailed as err:  # [distributed] another process's error is the one
+        if str(err):
+            print(str(err), file=sys.stderr)
+        return err.status
+    finally:
+        distributed.shutdown()  # [distributed] leave torchrun's process group, if joined
 
 
 def run(args):
     started = time.monotonic()
     check_options(args)
-    device = model_utils.resolve_device(args.gpu)
+    job = distributed.setup(args.gpu)  # [distributed] torchrun: one process per device
+    device = job.device
     if args.demo:
         args.data_dir = args.data_dir or data_utils.write_digits(os.path.join(DEMO_DIR, "digits"))
         if args.save_dir == ".":
             args.save_dir = DEMO_DIR
     resume = load_resume(args)
     cache_dir = args.cache_dir or os.path.join(args.save_dir, "cache")
-    scan = data_utils.scan_dataset(args.data_dir, args.split, args.seed, cache_dir, args.workers)
+    scan = job.on_main(lambda: data_utils.scan_dataset(  # [distributed] rank 0 scans, all share
+        args.data_dir, args.split, args.seed, cache_dir, args.workers))
+    job.check_visible(scan.root, "DATA_DIR")  # [distributed]
     names = class_names(args, scan.classes)
     if args.check:
         print("\n".join(data_utils.report_lines(scan, names)))
@@ -155,7 +166,9 @@ def run(args):
     model = model_utils.build_model(args.arch, len(scan.classes), args.hidden_units, args.dropout,
                                     weights_path=args.weights)
     trainer = FeatureTrainer if not args.finetune else FinetuneTrainer
-    result = trainer(args, scan, model, preprocess, device, cache_dir, resume).fit()
+    result = trainer(args, scan, model, preprocess, device, cache_dir, resume, job).fit()
+    if result is None:  # [distributed] a rank other than 0: its share is done, rank 0 saves
+        return 0
     checkpoint = make_checkpoint(args, scan, names, preprocess, model, result)
     path = os.path.join(args.save_dir, "checkpoint.pth")
     model_utils.save_checkpoint(checkpoint, path)
@@ -313,23 +326,41 @@ def evaluate_logits(logits, labels):
     return loss, acc
 
 
+def evaluate_rows(head, features, labels, device, chunk=4096):
+    """Loss and accuracy of the head over stored features, read a chunk at a time so memory
+    does not grow with the data."""
+    head.eval()
+    total_loss, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(labels), chunk):
+            x = torch.from_numpy(features[start:start + chunk]).float().to(device)
+            y = torch.from_numpy(np.asarray(labels[start:start + chunk])).long().to(device)
+            logits = head(x)
+            total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+    return total_loss / len(labels), correct / len(labels)
+
+
 # ---------------------------------------------------------------------------------------------
 # Default mode: frozen backbone, stored features
 # ---------------------------------------------------------------------------------------------
 class FeatureTrainer:
-    def __init__(self, args, scan, model, preprocess, device, cache_dir, resume):
+    def __init__(self, args, scan, model, preprocess, device, cache_dir, resume, job=None):
         self.args, self.scan, self.model, self.preprocess = args, scan, model, preprocess
         self.device, self.cache_dir, self.resume = device, cache_dir, resume
+        self.job = job or distributed.Single(device)
 
     def fit(self):
         args, result = self.args, Result()
         backbone = model_utils.freeze(self.model.backbone).eval()
         features = {split: self.features(backbone, split) for split in self.scan.samples}
+        if not self.job.is_main:
+            # [distributed] The head trains in seconds: on rank 0 alone, measured faster than
+            # DDP (see SCALING.md); the other ranks' work ends with their share of features.
+            return None
         head = self.model.head.to(self.device)
         train_x, train_y = features["train"]
-        valid_x, valid_y = (torch.from_numpy(np.array(a)) for a in features["valid"])
-        valid_x = valid_x.float().to(self.device)
-        valid_y = valid_y.long().to(self.device)
+        valid_x, valid_y = features["valid"]
         weight = class_weights(train_y, len(self.scan.classes)) if args.balance else None
         criterion = nn.CrossEntropyLoss(weight=weight.to(self.device) if weight is not None
                                         else None, label_smoothing=args.label_smoothing)
@@ -366,8 +397,7 @@ class FeatureTrainer:
                     optimizer.step()
                     total_loss += loss.item() * len(idx)
                 head.eval()
-                with torch.no_grad():
-                    valid_loss, valid_acc = evaluate_logits(head(valid_x), valid_y)
+                valid_loss, valid_acc = evaluate_rows(head, valid_x, valid_y, self.device)
                 train_loss = total_loss / len(train_y)
                 result.history.append(dict(epoch=epoch + 1, train_loss=train_loss,
                                            valid_loss=valid_loss, valid_acc=valid_acc))
@@ -389,12 +419,9 @@ class FeatureTrainer:
         head.load_state_dict(stopper.best_weights)
         result.best_epoch = stopper.best_epoch
         head.eval()
-        with torch.no_grad():
-            _, result.metrics["valid_acc"] = evaluate_logits(head(valid_x), valid_y)
-            if "test" in features:
-                test_x, test_y = (torch.from_numpy(np.array(a)) for a in features["test"])
-                _, result.metrics["test_acc"] = evaluate_logits(
-                    head(test_x.float().to(self.device)), test_y.long().to(self.device))
+        _, result.metrics["valid_acc"] = evaluate_rows(head, valid_x, valid_y, self.device)
+        if "test" in features:
+            _, result.metrics["test_acc"] = evaluate_rows(head, *features["test"], self.device)
         self.model.head = head.cpu()
         return result
 
@@ -404,12 +431,14 @@ class FeatureTrainer:
         key = self.cache_key(split, views)
         path = os.path.join(self.cache_dir, f"features-{split}-{key}.npy")
         label_path = path[:-4] + "-labels.npy"
-        if os.path.exists(path) and os.path.exists(label_path):
+        # [distributed] rank 0's look at the cache decides for all ranks
+        if self.job.agree(os.path.exists(path) and os.path.exists(label_path)):
             print(f"features: {split} from the cache {path}")
-            return np.load(path, mmap_mode="r"), np.load(label_path)
+            return feature_files.Rows(path), np.load(label_path)
         samples = self.scan.samples[split]
         return extract_features(backbone, samples, self.preprocess, views, self.args.seed,
-                                self.device, self.args.workers, path, label_path, split)
+                                self.device, self.args.workers, path, label_path, split,
+                                self.job)
 
     def cache_key(self, split, views):
         parts = dict(version=FEATURE_CACHE_VERSION, arch=self.args.arch,
@@ -461,37 +490,37 @@ class ViewDataset(torch.utils.data.Dataset):
 
 
 def extract_features(backbone, samples, preprocess, views, seed, device, workers, path,
-                     label_path, split):
-    """One pass of the backbone; features go to a float16 .npy file that is memory-mapped."""
+                     label_path, split, job=None):
+    """One pass of the backbone; features go to a float16 .npy file, read back from disk in
+    batches. Under torchrun each process computes a contiguous share of the rows."""
+    job = job or distributed.Single(device)
     dataset = ViewDataset(samples, preprocess, views, seed)
     batch = model_utils.CPU_INFERENCE_BATCH if device.type == "cpu" else 128
-    loader = make_loader(dataset, batch, workers, shuffle=False)
+    rows = job.shard(len(dataset), batch)  # [distributed] all rows in a single process
+    loader = make_loader(torch.utils.data.Subset(dataset, rows), batch, workers, shuffle=False)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                      shape=(len(dataset), backbone.num_features))
-    labels = np.empty(len(dataset), dtype=np.int64)
+    tmp = job.part_path(path)
+    # Row i is view i % (1 + views) of image i // (1 + views), as in ViewDataset.
+    labels = np.repeat(np.array([label for _, label in samples], dtype=np.int64), 1 + views)
     forward = model_utils.fast_forward(backbone, device)
     desc = f"features {split}" + (f" (+{views} views)" if views else "")
-    progress = data_utils.Progress(len(dataset), desc)
-    start = 0
+    if job.world_size > 1:
+        desc += f" [rank 0's share of {job.world_size}]"
+    progress = data_utils.Progress(len(rows), desc, stream=job.progress_stream)
     try:
-        for x, y in loader:
-            out = forward(x)
-            feats[start:start + len(y)] = out.numpy().astype(np.float16)
-            labels[start:start + len(y)] = y.numpy()
-            start += len(y)
-            progress.update(len(y))
-        feats.flush()
-        del feats
-        np.save(label_path, labels)
-        os.replace(tmp, path)
+        with feature_files.RowWriter(tmp, len(rows), backbone.num_features) as out:
+            for x, _ in loader:
+                out.write(forward(x).numpy())
+                progress.update(len(x))
+        if job.is_main:
+            np.save(label_path, labels)
+        job.join_parts(tmp, path, len(dataset))  # [distributed] rank 0 joins the shares
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     progress.close()
-    return np.load(path, mmap_mode="r"), labels
+    return feature_files.Rows(path) if job.is_main else None, labels
 
 
 def make_loader(dataset, batch_size, workers, shuffle, generator=None):
@@ -503,7 +532,7 @@ def make_loader(dataset, batch_size, workers, shuffle, generator=None):
 
 
 def default_workers():
-    return min(4, os.cpu_count() or 1)
+    return min(4, distributed.local_share(os.cpu_count() or 1))  # [distributed] per process
 
 
 def _collate(batch):
