@@ -57,11 +57,20 @@ def torchrun_env():
     return (rank, world, local_rank, local_world) if world > 1 else None
 
 
-def rank_prefix():
-    """'rank N: ' for the messages of a process other than rank 0, '' otherwise; it works before
-    setup(), from the environment alone."""
+class NodeError(UserError):
+    """A user mistake that one machine of the job can have and another not (no GPU there, the
+    data not visible there): every process that meets it reports it."""
+
+
+def error_line(err):
+    """The line main() prints for a UserError, or None where rank 0 prints the same one: a
+    mistake found before the processes joined depends on the command line alone."""
     env = torchrun_env()
-    return f"rank {env[0]}: " if env and env[0] else ""
+    if env is None or env[0] == 0:
+        return f"error: {err}"
+    if isinstance(err, NodeError) or dist.is_initialized():
+        return f"error: rank {env[0]}: {err}"
+    return None
 
 
 def local_share(count):
@@ -105,7 +114,16 @@ def rank_device(gpu, local_rank):
                         "run python train.py without torchrun")
     if not gpu.startswith(("cuda", "gpu")):
         return model_utils.resolve_device(gpu)  # its error names the accepted values
-    device = model_utils.resolve_device(f"cuda:{local_rank}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise NodeError(f"--gpu: no CUDA GPU is visible to PyTorch on {socket.gethostname()}; "
+                        f"drop --gpu to train on the CPUs")
+    if local_rank >= count:
+        raise NodeError(f"--gpu: process {local_rank} of {socket.gethostname()} needs "
+                        f"cuda:{local_rank} but {count} CUDA GPU(s) are visible there; start at "
+                        f"most {count} processes per machine (--nproc_per_node {count}) "
+                        f"or drop --gpu to use the CPUs")
+    device = torch.device("cuda", local_rank)
     if ":" in gpu and gpu != f"cuda:{local_rank}":
         log.warning("--gpu %s: under torchrun process %d uses %s (one GPU per process; choose "
                     "GPUs with CUDA_VISIBLE_DEVICES)", gpu, local_rank, device)
@@ -184,8 +202,11 @@ class Group(Single):
         return box[0]
 
     def _peer_failed(self, what, err):
+        if "timed out" in str(err).lower():
+            return PeerFailed(f"rank {self.rank}: stopped waiting for {what}: no word from them "
+                              f"in {timeout()} ({TIMEOUT_ENV} minutes); one may be stuck")
         return PeerFailed(f"rank {self.rank}: stopped waiting for {what}: another process of the "
-                          f"job failed, see its error ({str(err).splitlines()[0][:120]})")
+                          f"job failed; its error is the one to read")
 
     def on_main(self, fn):
         """Rank 0 runs fn and every rank gets its result (a picklable value). A UserError of
@@ -224,7 +245,7 @@ class Group(Single):
         parts = [f"{path}.part{r}-{self.token}.npy" for r in range(self.world_size)]
         missing = [p for p in parts if not os.path.exists(p)]
         if missing:
-            raise UserError(f"{missing[0]}: written by another process but not found here "
+            raise NodeError(f"{missing[0]}: written by another process but not found here "
                             f"({self.host}): --cache_dir must be a folder that every node "
                             f"sees at the same path (a shared file system)")
         if feature_files.concatenate(parts, path) != rows:
@@ -236,6 +257,6 @@ class Group(Single):
         """Every process reads the files rank 0 found: a node that cannot see them is an error
         that names it."""
         if not os.path.exists(path):
-            raise UserError(f"{what} {path}: not found on {self.host} (rank {self.rank}); "
+            raise NodeError(f"{what} {path}: not found on {self.host} (rank {self.rank}); "
                             f"every node must see the data at the same path (a shared file "
                             f"system)")

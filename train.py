@@ -130,7 +130,8 @@ def main(argv=None):
     try:
         return run(args)
     except UserError as err:
-        print(f"error: {distributed.rank_prefix()}{err}", file=sys.stderr)
+        if distributed.error_line(err):  # [distributed] not the same line from every rank
+            print(distributed.error_line(err), file=sys.stderr)
         return 2
     except distributed.PeerFailed as err:  # [distributed] another process's error is the one
         if str(err):
