@@ -327,7 +327,7 @@ def evaluate_logits(logits, labels):
     return loss, acc
 
 
-def evaluate_rows(head, features, labels, device, chunk=4096):
+def evaluate_rows(head, features, labels, device, chunk=1024):
     """Loss and accuracy of the head over stored features, read a chunk at a time so memory
     does not grow with the data."""
     head.eval()
