@@ -63,7 +63,7 @@ def build_parser():
                       help="JSON mapping class folder names to display names (default: the "
                            "folder names)")
     data.add_argument("--workers", type=int, default=None, metavar="N",
-                      help="processes that decode images (default: the CPU count)")
+                      help="processes that decode images (default: the CPU count, up to 8)")
     data.add_argument("--cache_dir", metavar="DIR",
                       help="where the scan and the stored features go (default: SAVE_DIR/cache)")
 
@@ -510,7 +510,7 @@ def make_loader(dataset, batch_size, workers, shuffle, generator=None):
 
 
 def default_workers():
-    return min(4, os.cpu_count() or 1)
+    return min(8, os.cpu_count() or 1)
 
 
 def _collate(batch):
