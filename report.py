@@ -245,14 +245,16 @@ def plot_confusion(path, confusion, names):
     ax.set_xlabel("predicted class", fontsize=font + 2)
     ax.set_ylabel("true class", fontsize=font + 2)
     total, right = int(confusion.sum()), int(np.trace(confusion))
+    numbers = n <= 30  # beyond that, a number per cell is too small to read
     ax.set_title(f"Confusion matrix: {right} of {total} right ({100 * right / max(total, 1):.1f}%)"
-                 f"\ncolour: share of the true class; numbers: images", fontsize=font + 3)
-    if n <= 30:
+                 f"\ncolour: share of the true class{'; numbers: images' if numbers else ''}",
+                 fontsize=font + 3)
+    if numbers:
         for t, p in zip(*np.nonzero(confusion)):
             ax.text(p, t, str(confusion[t, p]), ha="center", va="center", fontsize=font - 1,
                     color="white" if share[t, p] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.035, pad=0.02, shrink=0.8)
-    _save(fig, path)
+    _save(fig, path, dpi=130 if n > 60 else 100)  # small names get more pixels
 
 
 def plot_mistakes(path, mistakes, wrong, total):
