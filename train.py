@@ -26,6 +26,7 @@ from torch import nn
 
 import data_utils
 import model_utils
+import report
 from data_utils import UserError
 
 log = logging.getLogger("train")
@@ -166,6 +167,8 @@ def run(args):
         return result.interrupted
     if "test_acc" in result.metrics:
         print(f"test acc {100 * result.metrics['test_acc']:.1f}%")
+    report.write_training_report(args.save_dir, model, scan, names, preprocess, device,
+                                 result.history)
     print(f"saved {path}  ({time.monotonic() - started:.1f}s in all)")
     return 0
 
