@@ -123,7 +123,14 @@ def load_predictor(path, gpu=None):
     """The predictor for a model file: ONNX Runtime for .onnx, PyTorch for a checkpoint."""
     if path.lower().endswith(".onnx"):
         return OnnxPredictor(path, gpu)
-    return TorchPredictor(path, gpu)
+    try:
+        return TorchPredictor(path, gpu)
+    except ModuleNotFoundError as err:
+        if err.name != "torch":
+            raise
+        raise UserError(f"checkpoint {path}: needs PyTorch, which is not installed here; "
+                        f"install torch, or predict with the .onnx file that export.py "
+                        f"makes of it") from None
 
 
 def display_names(classes, stored_names, category_names=None):

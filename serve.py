@@ -16,8 +16,8 @@ python-multipart, and the whole stack installs from PyPI as pure Python or small
 Safe to leave running: binds to 127.0.0.1 unless --host says otherwise; an upload over
 --max_upload_mb gets 413 as soon as its Content-Length (or the bytes read so far) pass the limit,
 without reading the rest; anything that does not decode as an image gets 415; the upload's
-file name is only echoed back, never used as a path; past --max_concurrent requests in progress
-the answer is 503. Model and images go through predict.load_predictor and
+file name is only echoed back, never used as a path; an upload stalled for a minute gets 408;
+past --max_concurrent requests in progress the answer is 503. Model and images go through predict.load_predictor and
 data_utils.load_rgb/eval_array, so answers are those of predict.py.
 
 Needs the optional packages of requirements-export.txt (fastapi, uvicorn, python-multipart; and
@@ -46,6 +46,10 @@ log = logging.getLogger("serve")
 INSTALL_HINT = "pip install -r requirements-export.txt"
 # Room for the multipart boundaries and headers around the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
+UPLOAD_TIMEOUT_S = 60
+# Open connections uvicorn accepts before it answers 503 itself: a bound on sockets and tasks
+# well above --max_concurrent, so that /health and the page still answer under load.
+MAX_CONNECTIONS = 256
 
 
 def build_parser():
@@ -129,7 +133,8 @@ def serve(app, sock, access_log=True):
 def make_server(app, access_log=True):
     import uvicorn
     config = uvicorn.Config(app, log_level="info" if access_log else "warning",
-                            access_log=access_log, timeout_keep_alive=5)
+                            access_log=access_log, timeout_keep_alive=5,
+                            limit_concurrency=MAX_CONNECTIONS)
     return uvicorn.Server(config)
 
 
@@ -284,6 +289,7 @@ async def read_upload(request, limit):
 async def read_body(request, body_limit, file_limit):
     """The request body, refused with 413 as soon as it is known to be too large: from its
     Content-Length before reading anything, else while reading, without reading the rest."""
+    import anyio
     too_large = ApiError(413, f"the upload is over the {file_limit / 1e6:g} MB limit")
     length = request.headers.get("content-length")
     if length is not None:
@@ -292,10 +298,14 @@ async def read_body(request, body_limit, file_limit):
         if int(length) > body_limit:
             raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > body_limit:
-            raise too_large
+    try:
+        with anyio.fail_after(UPLOAD_TIMEOUT_S):  # a stalled upload must not hold its slot
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > body_limit:
+                    raise too_large
+    except TimeoutError:
+        raise ApiError(408, f"the upload took over {UPLOAD_TIMEOUT_S}s; try again") from None
     return bytes(body)
 
 

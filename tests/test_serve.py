@@ -116,6 +116,15 @@ def test_oversize_without_content_length_is_413(server):
     assert status == 413 and "limit" in answer["error"]
 
 
+def test_stalled_upload_is_408(server, monkeypatch):
+    import serve
+    monkeypatch.setattr(serve, "UPLOAD_TIMEOUT_S", 0.5)
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n")
+    status, answer = raw_exchange(server["port"], head, b"--b\r\n")
+    assert status == 408 and "took over" in answer["error"]
+
+
 def test_oversize_file_in_form_is_413(server, client):
     status, answer = client.post_file("/predict", "big.jpg", b"\xff" * (LIMIT + 1000))
     assert status == 413 and "error" in answer
