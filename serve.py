@@ -460,6 +460,7 @@ async function classify(file) {
     if (!response.ok) throw new Error(data.error || ('the server answered ' + response.status));
     render(data);
     result.classList.add('ready');
+    result.scrollIntoView({block: 'nearest'});  // on a phone the chart starts below the fold
     say(data.image + ' \u00b7 answered in ' + Math.round(performance.now() - started) + ' ms');
   } catch (err) {
     say('Could not classify this file: ' + err.message, true);
