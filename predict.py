@@ -175,8 +175,59 @@ class TorchPredictor:
         return self._torch.softmax(logits, dim=1).numpy()
 
 
+class OnnxPredictor:
+    """A model file from export.py, run by ONNX Runtime: the same interface as TorchPredictor,
+    and no torch import (the softmax is inside the model; classes and preprocessing are in its
+    metadata)."""
+
+    def __init__(self, path, gpu=None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError(f"model {path}: an ONNX model needs onnxruntime: "
+                            f"pip install -r requirements-export.txt") from None
+        if not os.path.isfile(path):
+            raise UserError(f"model {path}: no such file; give the .onnx file written by "
+                            f"export.py")
+        providers = ["CPUExecutionProvider"]
+        if gpu is not None and gpu != "cpu":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError(f"--gpu {gpu}: this onnxruntime has no CUDA support; drop "
+                                f"--gpu, or install onnxruntime-gpu")
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(path, providers=providers)
+        except Exception as err:  # onnxruntime raises its own types for a damaged file
+            raise UserError(f"model {path}: not a loadable ONNX model "
+                            f"({str(err).strip().splitlines()[0][:160]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.classes = json.loads(meta["classes"])
+            self.class_names = json.loads(meta.get("class_names", "null")) or self.classes
+            self.preprocess = json.loads(meta["preprocess"])
+        except (KeyError, ValueError):
+            raise UserError(f"model {path}: has no class names and preprocessing in its "
+                            f"metadata; export it with export.py") from None
+        self._input = self.session.get_inputs()[0].name
+
+    def probabilities(self, batch):
+        """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.session.run(None, {self._input: batch})[0]
+
+
 def load_predictor(path, gpu=None):
-    return TorchPredictor(path, gpu)
+    """The predictor for a model file: ONNX Runtime for .onnx, PyTorch for a checkpoint."""
+    if path.lower().endswith(".onnx"):
+        return OnnxPredictor(path, gpu)
+    try:
+        return TorchPredictor(path, gpu)
+    except ModuleNotFoundError as err:
+        if err.name != "torch":
+            raise
+        raise UserError(f"checkpoint {path}: needs PyTorch, which is not installed here; "
+                        f"install torch, or predict with the .onnx file that export.py "
+                        f"makes of it") from None
 
 
 def display_names(classes, stored_names, category_names=None):
