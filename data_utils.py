@@ -10,6 +10,9 @@ import json
 import logging
 import os
 import random
+import re
+import stat
+import struct
 import sys
 import time
 import warnings
@@ -32,7 +35,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 # Pixels above which an image is refused before decoding: a decompression bomb guard.
 # 64 megapixels is beyond any camera photo a classifier needs, and far below what exhausts memory.
 MAX_PIXELS = 64_000_000
-SCAN_CACHE_VERSION = 1
+SCAN_CACHE_VERSION = 2
 
 
 class UserError(Exception):
@@ -42,17 +45,26 @@ class UserError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------
+class TooManyPixels(ValueError):
+    """An image whose header claims more pixels than MAX_PIXELS: refused before decoding."""
+
+
 def open_image(source):
     """Open an image (path, bytes or file object) and check its size before any pixel is read."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # Pillow's own guard fired while reading the header; say it in our words.
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise TooManyPixels(f"{int(found[1]):,} pixels" if found else "too many pixels") from None
     w, h = img.size
     if w * h > MAX_PIXELS:
-        raise ValueError(f"{w}x{h} pixels is over the {MAX_PIXELS // 1_000_000} megapixel limit "
-                         f"(possible decompression bomb)")
+        img.close()
+        raise TooManyPixels(f"{w}x{h} pixels")
     return img
 
 
@@ -61,11 +73,11 @@ def to_rgb(img):
     animation, transparency composited on white, 16-bit scaled down rather than clipped."""
     img.seek(0)
     img.load()
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    img = _apply_orientation(img)
+    if img.mode.startswith("I") or img.mode == "F":
         img = _wide_gray_to_l(img)
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB"):
+        img = img.convert("RGBA")  # a transparent colour or palette entry, as in GIF and PNG
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -75,10 +87,25 @@ def to_rgb(img):
     return img
 
 
+def _apply_orientation(img):
+    try:
+        return ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError, struct.error):
+        return img  # a damaged EXIF block should not cost the picture, only its rotation
+
+
 def _wide_gray_to_l(img):
+    """16-bit (and 32-bit) grey to 8-bit by the format's full range, so nothing is clipped."""
     arr = np.asarray(img, dtype=np.float64)
-    top = 65535.0 if arr.max() > 255 else 255.0
-    return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "F" and arr.size and arr.max() <= 1.0:
+        top = 1.0
+    else:  # "I" or "F" carry no bit depth: take the smallest common range that holds the data
+        peak = float(arr.max()) if arr.size else 0.0
+        top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+    out = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out)  # 2-D uint8: mode "L"
 
 
 def load_rgb(source):
@@ -94,13 +121,16 @@ def describe_image_error(err):
     """A short reason for a file that failed to decode, for reports."""
     if isinstance(err, UnidentifiedImageError):
         return "not an image (unknown format)"
+    if isinstance(err, TooManyPixels):
+        return (f"refused, not decoded: {err} is over the {MAX_PIXELS // 1_000_000}-megapixel "
+                f"limit (possible decompression bomb)")
     if isinstance(err, PermissionError):
         return "unreadable (permission denied)"
-    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return "refused: too many pixels (possible decompression bomb)"
+    if isinstance(err, FileNotFoundError):
+        return "unreadable (missing file or broken link)"
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "truncated" in text.lower():
-        return "truncated (" + text + ")"
+    if "truncated" in text.lower() or isinstance(err, EOFError):
+        return "truncated (the file ends before the image does)"
     return "corrupt (" + text[:160] + ")"
 
 
@@ -193,6 +223,7 @@ class FileCheck:
     width: int = 0
     height: int = 0
     digest: str = ""
+    retry: bool = False              # could not be read (permissions, a broken link): not cached
 
 
 @dataclass
@@ -210,6 +241,7 @@ class Scan:
     digests: dict = field(default_factory=dict)     # path -> content digest
     split_files: dict = None         # split -> [relative path], recorded for auto splits
     fingerprint: str = ""
+    folders: dict = field(default_factory=dict)     # split -> the folder it came from
 
     @property
     def class_to_idx(self):
@@ -229,8 +261,11 @@ def check_file(path):
     try:
         st = os.stat(path)
     except OSError as err:
-        return FileCheck(0, 0, False, reason=describe_image_error(err))
+        return FileCheck(0, 0, False, reason=describe_image_error(err), retry=True)
     check = FileCheck(st.st_size, st.st_mtime_ns, False)
+    if not stat.S_ISREG(st.st_mode):
+        check.reason, check.retry = "not a regular file (a pipe, socket or device)", True
+        return check
     if st.st_size == 0:
         check.reason = "empty file (0 bytes)"
         return check
@@ -238,7 +273,7 @@ def check_file(path):
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:
-        check.reason = describe_image_error(err)
+        check.reason, check.retry = describe_image_error(err), True
         return check
     try:
         img = load_rgb(data)
@@ -272,12 +307,12 @@ def list_class_files(split_dir, litter):
     classes = {}
     for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
         if is_litter_name(entry.name):
-            litter["hidden or system file"] += 1
+            litter["hidden or system"] += 1
             continue
         if entry.is_dir():
             classes[entry.name] = _walk_files(entry.path, litter)
         else:
-            litter["file outside any class folder"] += 1
+            litter["outside the class folders"] += 1
     return classes
 
 
@@ -286,11 +321,11 @@ def _walk_files(folder, litter):
     for dirpath, dirnames, filenames in os.walk(folder):
         hidden = [d for d in dirnames if is_litter_name(d)]
         if hidden:
-            litter["hidden or system file"] += len(hidden)
+            litter["hidden or system"] += len(hidden)
         dirnames[:] = sorted(d for d in dirnames if not is_litter_name(d))
         for name in sorted(filenames):
             if is_litter_name(name):
-                litter["hidden or system file"] += 1
+                litter["hidden or system"] += 1
             else:
                 files.append(os.path.join(dirpath, name))
     return files
@@ -314,8 +349,9 @@ def check_files(paths, cache, workers):
         progress = Progress(len(todo), "checking images")
         for path, check in zip(todo, _map_checks(todo, workers, progress)):
             results[path] = check
-        bad = sum(1 for p in todo if not results[p].ok)
-        progress.close(f"  {len(todo) - bad} images, {bad} not usable")
+        kinds = Counter("usable" if c.ok else "not images" if c.litter else "unusable"
+                        for c in (results[p] for p in todo))
+        progress.close("  " + ", ".join(f"{n} {k}" for k, n in kinds.items()))
     return results
 
 
@@ -340,6 +376,7 @@ def _scan_cache_path(cache_dir, root):
 
 
 def load_scan_cache(cache_dir, root):
+    """path -> FileCheck from the last scan of root (paths stored relative to root)."""
     if not cache_dir:
         return {}
     try:
@@ -347,7 +384,8 @@ def load_scan_cache(cache_dir, root):
             data = json.load(f)
         if data.get("version") != SCAN_CACHE_VERSION:
             return {}
-        return {path: FileCheck(**fields) for path, fields in data["files"].items()}
+        return {os.path.join(root, rel): FileCheck(**fields)
+                for rel, fields in data["files"].items()}
     except (OSError, ValueError, TypeError, KeyError):
         return {}  # a missing or damaged cache only costs a fresh scan
 
@@ -356,8 +394,10 @@ def save_scan_cache(cache_dir, root, checks):
     if not cache_dir:
         return
     path = _scan_cache_path(cache_dir, root)
+    # Files that could not be read are left out, so a fixed permission is seen next time.
     data = {"version": SCAN_CACHE_VERSION,
-            "files": {p: c.__dict__ for p, c in checks.items()}}
+            "files": {os.path.relpath(p, root): c.__dict__ for p, c in checks.items()
+                      if not c.retry}}
     try:
         write_text_atomic(path, json.dumps(data))
     except OSError as err:
@@ -398,19 +438,20 @@ def scan_dataset(root, split=(0.7, 0.1, 0.2), seed=0, cache_dir=None, workers=No
     else:
         files = {"all": list_class_files(root, litter)}
         layout = "single"
-    _check_classes_exist(root, files)
+    folders = split_dirs if "train" in split_dirs else {"all": root}
+    _check_classes_exist(files, folders)
     all_paths = [p for by_class in files.values() for paths in by_class.values() for p in paths]
     cache = load_scan_cache(cache_dir, root)
     checks = check_files(all_paths, cache, workers)
     save_scan_cache(cache_dir, root, checks)
-    scan = _assemble(root, layout, files, checks, litter, split, seed)
+    scan = _assemble(root, layout, files, checks, litter, split, seed, folders)
     scan.fingerprint = _fingerprint(scan, checks)
     return scan
 
 
-def _check_classes_exist(root, files):
+def _check_classes_exist(files, folders):
     for split, by_class in files.items():
-        where = os.path.join(root, split) if split != "all" else root
+        where = folders[split]
         if not by_class:
             raise UserError(f"{where}: no class folders found; put each class's images in a "
                             f"folder of its own, e.g. {os.path.join(where, 'daisy', '001.jpg')}")
@@ -431,30 +472,32 @@ def _usable(paths, checks, scan):
     return good
 
 
-def _assemble(root, layout, files, checks, litter, split, seed):
+def _assemble(root, layout, files, checks, litter, split, seed, folders):
     source = files.get("train", files.get("all"))
     classes = sorted(source)
-    scan = Scan(root=root, layout=layout, classes=classes, samples={}, litter=litter)
+    scan = Scan(root=root, layout=layout, classes=classes, samples={}, litter=litter,
+                folders=dict(folders))
     usable = {s: {c: _usable(paths, checks, scan) for c, paths in by_class.items()}
               for s, by_class in files.items()}
-    _check_no_empty_classes(root, usable, scan)
-    classes = scan.classes
+    _check_no_empty_classes(usable, scan)
     if layout == "single":
         parts = stratified_split(usable["all"], classes, split, seed)
-        scan.notes.append(f"no split folders: split each class {_ratio(split)} into "
-                          f"train/valid/test (seed {seed})")
+        scan.notes.append(f"no train/ and valid/ folders: split each class {_ratio(split)} into "
+                          f"train/valid/test (--split, --seed {seed}); the file lists go into "
+                          f"the checkpoint")
     elif layout == "train-only":
         carve = (split[0], split[1], split[2] if "test" not in usable else 0.0)
         parts = stratified_split(usable["train"], classes, carve, seed)
-        carved = "valid and test" if "test" not in usable else "valid"
-        scan.notes.append(f"no valid/ folder: carved {carved} out of train/ "
-                          f"({_ratio(carve)}, seed {seed})")
         if "test" in usable:
-            parts["test"] = {c: usable["test"].get(c, []) for c in usable["test"]}
-            parts.pop("test_carved", None)
+            parts["test"] = usable["test"]
+            scan.notes.append(f"no valid/ folder: carved valid out of train/, "
+                              f"{_ratio(carve[:2])} per class (--split, --seed {seed})")
+        else:
+            scan.notes.append(f"no valid/ folder: carved valid and test out of train/, "
+                              f"{_ratio(carve)} per class (--split, --seed {seed})")
     else:
         parts = usable
-    _check_split_classes(root, parts, classes, scan)
+    _check_split_classes(parts, classes, scan)
     idx = {c: i for i, c in enumerate(classes)}
     for s in ("train", "valid", "test"):
         if s in parts:
@@ -468,14 +511,21 @@ def _assemble(root, layout, files, checks, litter, split, seed):
 
 
 def _ratio(split):
-    return "/".join(f"{round(x * 100)}" for x in split)
+    """Fractions as whole percentages that add up to 100, e.g. 70/10/20 or 88/12."""
+    exact = [x * 100 / sum(split) for x in split]
+    whole = [int(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: whole[i] - exact[i])
+    for i in by_remainder[:100 - sum(whole)]:  # largest remainders round up
+        whole[i] += 1
+    return "/".join(map(str, whole))
 
 
-def _check_no_empty_classes(root, usable, scan):
+def _check_no_empty_classes(usable, scan):
+    root = scan.root
     train = usable.get("train", usable.get("all"))
     empty = [c for c in sorted(train) if not train[c]]
     if empty:
-        where = os.path.join(root, "train") if "train" in usable else root
+        where = scan.folders.get("train", root)
         raise UserError(f"{where}: class folder(s) with no usable image: {', '.join(empty[:10])}"
                         f"{' ...' if len(empty) > 10 else ''}; add images or remove the folder")
     if len(train) < 2:
@@ -483,23 +533,25 @@ def _check_no_empty_classes(root, usable, scan):
                         f"needs at least two class folders")
 
 
-def _check_split_classes(root, parts, classes, scan):
+def _check_split_classes(parts, classes, scan):
     known = set(classes)
     for split in ("valid", "test"):
         if split not in parts:
             continue
+        where = scan.folders.get(split, split)
         unknown = sorted(set(parts[split]) - known)
         if unknown:
-            raise UserError(f"{os.path.join(root, split)}: class folder(s) not in train/: "
-                            f"{', '.join(unknown[:10])}; rename them to match train/ or remove "
-                            f"them")
+            train = os.path.basename(scan.folders["train"])
+            raise UserError(f"{where}: class folder(s) not in {train}/: "
+                            f"{', '.join(unknown[:10])}; rename them to match the training "
+                            f"classes or remove them")
+        if not any(parts[split].values()):
+            raise UserError(f"{where}: no usable images; add images or remove the folder")
         missing = sorted(c for c in classes if not parts[split].get(c))
         if missing:
-            scan.warnings.append(f"{split} has no images of {len(missing)} class(es): "
-                                 f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-        if not any(parts[split].values()):
-            raise UserError(f"{os.path.join(root, split)}: no usable images; add images or "
-                            f"remove the folder")
+            scan.warnings.append(f"{split} has no images of {_plural(len(missing), 'class')}: "
+                                 f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+                                 f"; {split} accuracy will cover the other classes only")
 
 
 def stratified_split(by_class, classes, split, seed):
@@ -554,65 +606,131 @@ def imbalance(scan):
     return max(sizes) / max(min(sizes), 1)
 
 
-def summary_lines(scan):
+def summary_lines(scan, max_listed=10):
     """The short report that starts every training run."""
     splits = ", ".join(f"{s} {len(v)}" for s, v in scan.samples.items())
     lines = [f"data: {scan.root}: {len(scan.classes)} classes; {splits} images"]
     lines += [f"note: {n}" for n in scan.notes]
     left_out = []
     if scan.skipped:
-        left_out.append(f"{len(scan.skipped)} unusable image(s)")
+        left_out.append(_plural(len(scan.skipped), "unusable image"))
     if scan.litter:
-        left_out.append(f"{sum(scan.litter.values())} non-image file(s)")
+        left_out.append(_plural(sum(scan.litter.values()), "file") + " that are not images")
     if left_out:
-        lines.append("left out: " + ", ".join(left_out) + " (see --check for the list)")
-        for path, reason in scan.skipped[:5]:
-            lines.append(f"  skipped {path}: {reason}")
-        if len(scan.skipped) > 5:
-            lines.append(f"  ... and {len(scan.skipped) - 5} more")
+        lines.append("left out: " + " and ".join(left_out) + " (--check lists them)")
+        for path, reason in scan.skipped[:max_listed]:
+            lines.append(f"  skipped {_rel(scan, path)}: {reason}")
+        if len(scan.skipped) > max_listed:
+            lines.append(f"  ... and {len(scan.skipped) - max_listed} more")
     ratio = imbalance(scan)
     if ratio > 3:
         lines.append(f"warning: classes are imbalanced: the largest has {ratio:.1f}x the images "
                      f"of the smallest; consider --balance")
     leaks = find_leaks(scan)
     if leaks:
-        lines.append(f"warning: {len(leaks)} identical file(s) appear in more than one split "
-                     f"(see --check)")
+        lines.append(f"warning: {_plural(len(leaks), 'file')} found in more than one split "
+                     f"(identical content); --check lists them")
     lines += [f"warning: {w}" for w in scan.warnings]
     return lines
 
 
 def report_lines(scan, class_names=None):
     """The full data report of --check."""
-    lines = summary_lines(scan)[:1] + [f"layout: {scan.layout}"] + \
-        [f"note: {n}" for n in scan.notes] + [f"warning: {w}" for w in scan.warnings]
-    splits = list(scan.samples)
-    width = max([len(_display(c, class_names)) for c in scan.classes] + [5])
-    lines.append("")
-    lines.append(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in splits))
-    counts = {s: scan.counts(s) for s in splits}
-    for i, c in enumerate(scan.classes):
-        lines.append(f"{_display(c, class_names):<{width}}  " +
-                     "  ".join(f"{counts[s].get(i, 0):>6}" for s in splits))
-    lines.append(f"{'total':<{width}}  " + "  ".join(f"{len(scan.samples[s]):>6}" for s in splits))
-    lines.append("")
-    lines.append(f"class imbalance (train): largest/smallest = {imbalance(scan):.1f}x")
-    if scan.sizes:
-        ws = [w for w, _ in scan.sizes]
-        hs = [h for _, h in scan.sizes]
-        lines.append(f"image sizes: width {min(ws)}-{max(ws)}, height {min(hs)}-{max(hs)} px "
-                     f"(median {int(np.median(ws))}x{int(np.median(hs))})")
-    if scan.litter:
-        lines.append("ignored (not images): " +
-                     ", ".join(f"{n} {kind}" for kind, n in sorted(scan.litter.items())))
-    lines.append(f"skipped (unusable images): {len(scan.skipped)}")
-    for path, reason in scan.skipped:
-        lines.append(f"  {path}: {reason}")
-    leaks = find_leaks(scan)
-    lines.append(f"identical files in more than one split: {len(leaks)}")
-    for group in leaks[:20]:
-        lines.append("  " + "  ==  ".join(f"{s}:{os.path.relpath(p, scan.root)}" for s, p in group))
+    lines = [f"data: {scan.root}", f"layout: {_layout(scan)}"]
+    lines += [f"note: {n}" for n in scan.notes]
+    lines += [""] + _count_table(scan, class_names) + [""]
+    lines += _balance_lines(scan, class_names)
+    lines += _size_lines(scan)
+    lines += _left_out_lines(scan)
+    lines += _leak_lines(scan, class_names)
+    lines += [f"warning: {w}" for w in scan.warnings]
     return lines
+
+
+def _layout(scan):
+    if scan.layout == "single":
+        return "one folder of class folders (no train/ valid/ folders)"
+    named = [f"{os.path.basename(scan.folders[s])}/" +
+             ("" if os.path.basename(scan.folders[s]) == s else f" (as {s})")
+             for s in ("train", "valid", "test") if s in scan.folders]
+    return "split folders " + ", ".join(named)
+
+
+def _count_table(scan, class_names):
+    splits = list(scan.samples)
+    labels = [_display(c, class_names) for c in scan.classes]
+    width = max([len(x) for x in labels] + [len("total")])
+    lines = [f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in splits)]
+    counts = {s: scan.counts(s) for s in splits}
+    for i, label in enumerate(labels):
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{counts[s].get(i, 0):>6}" for s in splits))
+    lines.append(f"{'total':<{width}}  " + "  ".join(f"{len(scan.samples[s]):>6}" for s in splits))
+    return lines
+
+
+def _balance_lines(scan, class_names):
+    counts = scan.counts("train")
+    small = min(range(len(scan.classes)), key=lambda i: counts.get(i, 0))
+    large = max(range(len(scan.classes)), key=lambda i: counts.get(i, 0))
+    line = (f"class balance (train): largest {_display(scan.classes[large], class_names)} "
+            f"{counts.get(large, 0)}, smallest {_display(scan.classes[small], class_names)} "
+            f"{counts.get(small, 0)} ({imbalance(scan):.1f}x)")
+    if imbalance(scan) > 3:
+        line += "; consider --balance"
+    return [line]
+
+
+def _size_lines(scan):
+    if not scan.sizes:
+        return []
+    ws = [w for w, _ in scan.sizes]
+    hs = [h for _, h in scan.sizes]
+    if min(ws) == max(ws) and min(hs) == max(hs):
+        return [f"image sizes: all {ws[0]}x{hs[0]} px"]
+    return [f"image sizes: width {min(ws)}-{max(ws)} px, height {min(hs)}-{max(hs)} px, "
+            f"median {int(np.median(ws))}x{int(np.median(hs))}"]
+
+
+def _left_out_lines(scan):
+    lines = []
+    if scan.litter:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(scan.litter.items()))
+        lines.append(f"ignored, not images: {_plural(sum(scan.litter.values()), 'file')} "
+                     f"({kinds})")
+    lines.append(f"skipped, unusable images: {len(scan.skipped)}")
+    lines += [f"  {_rel(scan, path)}: {reason}" for path, reason in scan.skipped]
+    return lines
+
+
+def _leak_lines(scan, class_names):
+    leaks = find_leaks(scan)
+    lines = [f"identical files in more than one split (leakage): {len(leaks)}" +
+             ("; keep one copy of each, or valid and test scores are too optimistic"
+              if leaks else "")]
+    labels = {path: label for samples in scan.samples.values() for path, label in samples}
+    for group in leaks[:20]:
+        names = {_display(scan.classes[labels[p]], class_names) for _, p in group}
+        lines.append("  " + " = ".join(_rel(scan, p, s) for s, p in group) +
+                     (f"  (labelled {' and '.join(sorted(names))})" if len(names) > 1 else ""))
+    if len(leaks) > 20:
+        lines.append(f"  ... and {len(leaks) - 20} more")
+    return lines
+
+
+def _rel(scan, path, split=None):
+    """A path as shown in reports: relative to the data folder, with its split when the folder
+    names no split (automatic splits)."""
+    rel = os.path.relpath(path, scan.root)
+    if split and scan.layout != "splits" and not rel.startswith(
+            os.path.basename(scan.folders.get(split, "\0")) + os.sep):
+        return f"{rel} ({split})"
+    return rel
+
+
+def _plural(n, word):
+    if n == 1:
+        return f"1 {word}"
+    return f"{n} {word}es" if word.endswith(("s", "sh", "ch", "x")) else f"{n} {word}s"
 
 
 def _display(cls, class_names):

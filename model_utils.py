@@ -335,8 +335,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged or foreign file
-        why = ("it holds Python objects that a safe load refuses to run"
-               if "Weights only load failed" in str(err) else _short(err))
+        why = _load_failure(path, err)
         raise UserError(f"checkpoint {path}: not a checkpoint of this tool ({why}); "
                         f"give the checkpoint.pth written by train.py") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -350,6 +349,19 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path}: incomplete, missing {', '.join(missing)}; "
                         f"train again to get a whole checkpoint")
     return ckpt
+
+
+def _load_failure(path, err):
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return _short(err)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip (or a pickle)
+        return "not a file saved by PyTorch"
+    if "Weights only load failed" in str(err):
+        return "it holds Python objects that a safe load refuses to run"
+    return _short(err)
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):

@@ -1,33 +1,67 @@
-"""Name what a photo shows, with a checkpoint written by train.py.
+"""Name what photos show, with a checkpoint written by train.py.
 
-    python predict.py IMAGE CHECKPOINT [--top_k 5] [--category_names JSON] [--gpu]
+    python predict.py IMAGE [IMAGE ...] CHECKPOINT [--top_k 5] [--category_names JSON] [--gpu]
+    python predict.py photos/ CHECKPOINT --json            # a folder, searched recursively
+    python predict.py 'photos/*.jpg' CHECKPOINT --csv out.csv --plot out.png
+    python predict.py DATA_DIR/test CHECKPOINT --evaluate  # the report for a labelled folder
 
 Start-up matters here: this script imports only what the run needs (torch and model_utils for a
-checkpoint, never torchvision or matplotlib unless asked for).
+checkpoint; never torchvision, matplotlib or the training code unless a run asks for them).
 """
 import argparse
+import glob
+import json
 import os
 import sys
+from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
+from PIL import UnidentifiedImageError
 
 import data_utils
 from data_utils import UserError
 
+# Images drawn in one --plot grid: beyond this a grid is too small to read.
+PLOT_LIMIT = 24
+# Decoding threads that prepare the next batches while the model runs the current one.
+DECODE_THREADS = 2
+IMAGE_FIX = "give a JPEG, PNG, WebP, BMP, TIFF or GIF photo"
+
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Predict the class of an image with a checkpoint from train.py.")
-    p.add_argument("image", metavar="IMAGE", help="the image file to classify")
+        description="Predict the class of images with a checkpoint from train.py.")
+    p.add_argument("image", nargs="+", metavar="IMAGE",
+                   help="a photo, several photos, a folder (searched recursively) or a quoted "
+                        "glob such as 'photos/*.jpg'")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pth written by train.py")
     p.add_argument("--top_k", type=int, default=5, metavar="K",
-                   help="how many of the most likely classes to print (default: 5)")
+                   help="how many of the most likely classes to show (default: 5)")
     p.add_argument("--category_names", metavar="JSON",
                    help="JSON mapping class folder names to display names (default: the names "
                         "stored in the checkpoint)")
     p.add_argument("--gpu", nargs="?", const="cuda", metavar="DEVICE",
                    help="run on an accelerator: --gpu alone for CUDA, or cuda:1, mps "
                         "(default: the CPU)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the predictions of each image and its "
+                        "mirror image (twice the compute; default: off)")
+    out = p.add_argument_group("Output")
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON document (a list, one object per image) instead of text")
+    out.add_argument("--csv", metavar="FILE",
+                     help="also write one row per image: path, then name and probability of each "
+                          "of the top K (default: none)")
+    out.add_argument("--plot", metavar="FILE.png",
+                     help=f"also draw each photo beside a bar chart of its top K (the first "
+                          f"{PLOT_LIMIT} images, as one grid; default: none)")
+    out.add_argument("--evaluate", action="store_true",
+                     help="IMAGE is a folder of class folders named like the checkpoint's "
+                          "classes: write the evaluation report (accuracy, per-class scores, "
+                          "confusion matrix, confident mistakes) to --report_dir")
+    out.add_argument("--report_dir", default="report", metavar="DIR",
+                     help="where --evaluate writes its report (default: report)")
     return p
 
 
@@ -41,34 +75,98 @@ def main(argv=None):
 
 
 def run(args):
-    if args.top_k < 1:
-        raise UserError(f"--top_k {args.top_k}: must be 1 or more")
+    check_options(args)
+    if args.evaluate:
+        return evaluate(args)
+    items = find_images(args.image)
+    single = len(items) == 1 and not items[0].found  # one named photo: today's short output
+    if single and not os.path.exists(items[0].path):  # say so before the model loads
+        raise UserError(read_image(items[0], None)[1])
     predictor = load_predictor(args.checkpoint, args.gpu)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
-    image = load_image(args.image, predictor.preprocess)
-    probs = predictor.probabilities(image[None])[0]
-    k = min(args.top_k, len(names))
-    if k < args.top_k:
-        print(f"note: --top_k {args.top_k} is more than the {len(names)} classes; showing {k}",
+    results = predict_paths(predictor, items, args.tta)
+    if not results:
+        raise UserError(f"image {', '.join(args.image)}: no images found (only files that are "
+                        f"not images); {IMAGE_FIX}")
+    if single and results[0].error:
+        raise UserError(results[0].error)
+    k = clip_top_k(args.top_k, len(names))
+    write_outputs(args, results, predictor.classes, names, k, single)
+    failed = [r for r in results if r.error]
+    for result in failed:
+        print(f"error: {result.error}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(results)} images could not be read; the others were "
+              f"predicted", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def check_options(args):
+    if args.top_k < 1:
+        raise UserError(f"--top_k {args.top_k}: must be 1 or more")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UserError(f"--plot {args.plot}: the picture is written as PNG; give a name ending "
+                        f"in .png")
+    if args.evaluate:
+        others = [flag for flag, on in (("--json", args.json), ("--csv", args.csv),
+                                        ("--plot", args.plot)) if on]
+        if others:
+            raise UserError(f"--evaluate writes its own report files; drop {', '.join(others)}")
+        if len(args.image) != 1:
+            raise UserError("--evaluate takes one folder of class folders, e.g. "
+                            "python predict.py DATA_DIR/test checkpoint.pth --evaluate")
+
+
+def clip_top_k(top_k, num_classes):
+    k = min(top_k, num_classes)
+    if k < top_k:
+        print(f"note: --top_k {top_k} is more than the {num_classes} classes; showing {k}",
               file=sys.stderr)
-    top = np.argsort(-probs, kind="stable")[:k]
-    print("\n".join(format_top_k(names, top.tolist(), probs[top].tolist())))
-    return 0
+    return k
 
 
+def write_outputs(args, results, classes, names, k, single):
+    tops = [top_k(r.probs, k) if r.error is None else None for r in results]
+    if args.json:
+        print(json.dumps(json_document(results, tops, classes, names), indent=2))
+    else:
+        print_human(results, tops, names, single)
+    if args.csv:
+        write_csv(args.csv, results, tops, names, k)
+        print(f"wrote {args.csv}", file=sys.stderr)
+    if args.plot:
+        plot(args.plot, results, tops, names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictors: a checkpoint -> classes, preprocessing, and batch -> probabilities
+# ---------------------------------------------------------------------------------------------
 class TorchPredictor:
     """A checkpoint from train.py: classes, preprocessing, and batch -> probabilities."""
 
     def __init__(self, path, gpu=None):
-        import torch
         import model_utils
         device = model_utils.resolve_device(gpu)
         ckpt = model_utils.load_checkpoint(path)
-        self.classes = list(ckpt["classes"])
-        self.class_names = list(ckpt.get("class_names") or self.classes)
-        self.preprocess = ckpt["preprocess"]
-        self.model = model_utils.model_from_checkpoint(ckpt, path)
-        self._forward = model_utils.fast_forward(self.model, device)
+        model = model_utils.model_from_checkpoint(ckpt, path)
+        self._setup(model, ckpt["classes"], ckpt.get("class_names"), ckpt["preprocess"], device)
+
+    @classmethod
+    def from_model(cls, model, classes, class_names, preprocess, device):
+        """A predictor for a model in memory (train.py's report on its test split)."""
+        self = cls.__new__(cls)
+        self._setup(model, classes, class_names, preprocess, device)
+        return self
+
+    def _setup(self, model, classes, class_names, preprocess, device):
+        import torch
+        import model_utils
+        self.classes = list(classes)
+        self.class_names = list(class_names or self.classes)
+        self.preprocess = preprocess
+        self.model = model
+        self.batch_size = model_utils.CPU_INFERENCE_BATCH if device.type == "cpu" else 64
+        self._forward = model_utils.fast_forward(model, device)
         self._torch = torch
 
     def probabilities(self, batch):
@@ -77,8 +175,59 @@ class TorchPredictor:
         return self._torch.softmax(logits, dim=1).numpy()
 
 
+class OnnxPredictor:
+    """A model file from export.py, run by ONNX Runtime: the same interface as TorchPredictor,
+    and no torch import (the softmax is inside the model; classes and preprocessing are in its
+    metadata)."""
+
+    def __init__(self, path, gpu=None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError(f"model {path}: an ONNX model needs onnxruntime: "
+                            f"pip install -r requirements-export.txt") from None
+        if not os.path.isfile(path):
+            raise UserError(f"model {path}: no such file; give the .onnx file written by "
+                            f"export.py")
+        providers = ["CPUExecutionProvider"]
+        if gpu is not None and gpu != "cpu":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError(f"--gpu {gpu}: this onnxruntime has no CUDA support; drop "
+                                f"--gpu, or install onnxruntime-gpu")
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(path, providers=providers)
+        except Exception as err:  # onnxruntime raises its own types for a damaged file
+            raise UserError(f"model {path}: not a loadable ONNX model "
+                            f"({str(err).strip().splitlines()[0][:160]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.classes = json.loads(meta["classes"])
+            self.class_names = json.loads(meta.get("class_names", "null")) or self.classes
+            self.preprocess = json.loads(meta["preprocess"])
+        except (KeyError, ValueError):
+            raise UserError(f"model {path}: has no class names and preprocessing in its "
+                            f"metadata; export it with export.py") from None
+        self._input = self.session.get_inputs()[0].name
+
+    def probabilities(self, batch):
+        """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.session.run(None, {self._input: batch})[0]
+
+
 def load_predictor(path, gpu=None):
-    return TorchPredictor(path, gpu)
+    """The predictor for a model file: ONNX Runtime for .onnx, PyTorch for a checkpoint."""
+    if path.lower().endswith(".onnx"):
+        return OnnxPredictor(path, gpu)
+    try:
+        return TorchPredictor(path, gpu)
+    except ModuleNotFoundError as err:
+        if err.name != "torch":
+            raise
+        raise UserError(f"checkpoint {path}: needs PyTorch, which is not installed here; "
+                        f"install torch, or predict with the .onnx file that export.py "
+                        f"makes of it") from None
 
 
 def display_names(classes, stored_names, category_names=None):
@@ -88,23 +237,264 @@ def display_names(classes, stored_names, category_names=None):
     return list(stored_names or classes)
 
 
-def load_image(path, preprocess):
+# ---------------------------------------------------------------------------------------------
+# Finding and reading images
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Item:
+    path: str
+    found: bool = False  # found in a folder, not named: a file that is not an image is litter
+
+
+@dataclass
+class Result:
+    path: str
+    probs: np.ndarray = None
+    error: str = None
+
+
+def find_images(sources):
+    """The files that IMAGE arguments name, in order and without repeats: files as given,
+    folders searched recursively (hidden and system files left out, as in training), globs
+    expanded. A named file that does not exist is kept, to be reported with the others."""
+    items, seen = [], set()
+    for source in sources:
+        if os.path.isdir(source):
+            paths, found = folder_files(source), True
+            if not paths:
+                raise UserError(f"image folder {source}: no files in it or its subfolders; "
+                                f"give a folder that holds photos (JPEG, PNG, WebP, BMP, TIFF, "
+                                f"GIF)")
+        elif os.path.exists(source) or not glob.has_magic(source):
+            paths, found = [source], False
+        else:
+            paths, found = expand_glob(source), True
+        for path in paths:
+            if path not in seen:
+                seen.add(path)
+                items.append(Item(path, found))
+    return items
+
+
+def folder_files(folder):
+    return data_utils._walk_files(folder, Counter())
+
+
+def expand_glob(pattern):
+    paths = []
+    for match in sorted(glob.glob(pattern, recursive=True)):
+        paths += folder_files(match) if os.path.isdir(match) else [match]
+    if not paths:
+        raise UserError(f"image {pattern}: no file matches this pattern; check the path")
+    return paths
+
+
+def read_image(item, preprocess):
+    """(preprocessed array, None), or (None, a one-line error), or (None, None) for litter."""
+    path = item.path
     if not os.path.exists(path):
-        raise UserError(f"image {path}: no such file; give the path of a photo")
+        return None, f"image {path}: no such file; give the path of a photo"
     if os.path.isdir(path):
-        raise UserError(f"image {path}: is a folder; give the path of a photo")
+        return None, f"image {path}: is a folder; give the path of a photo"
     try:
         img = data_utils.load_rgb(path)
+    except UnidentifiedImageError:
+        if item.found and not path.lower().endswith(data_utils.IMAGE_EXTENSIONS):
+            return None, None  # a stray file in a folder of photos, as in training
+        return None, f"image {path}: cannot be read: not an image (unknown format); {IMAGE_FIX}"
     except data_utils.IMAGE_ERRORS as err:
-        raise UserError(f"image {path}: cannot be read: {data_utils.describe_image_error(err)}; "
-                        f"give a JPEG, PNG, WebP, BMP, TIFF or GIF photo") from None
-    return data_utils.eval_array(img, preprocess)
+        return None, (f"image {path}: cannot be read: {data_utils.describe_image_error(err)}; "
+                      f"{IMAGE_FIX}")
+    return data_utils.eval_array(img, preprocess), None
+
+
+def load_image(path, preprocess):
+    """One photo, preprocessed; a UserError if it cannot be read."""
+    array, error = read_image(Item(path), preprocess)
+    if error:
+        raise UserError(error)
+    return array
+
+
+def read_batches(items, preprocess, batch_size, threads=DECODE_THREADS):
+    """Yield (items, [(array, error)]) batch by batch, in order. Threads decode the next
+    batches while the caller runs the model on this one (PIL and numpy release the GIL)."""
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    if len(chunks) <= 1 or threads <= 0:
+        for chunk in chunks:
+            yield chunk, [read_image(item, preprocess) for item in chunk]
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append((chunk, [pool.submit(read_image, item, preprocess) for item in chunk]))
+            if len(pending) > 2:  # two batches ahead: enough to hide decoding, little memory
+                done, futures = pending.popleft()
+                yield done, [f.result() for f in futures]
+        while pending:
+            done, futures = pending.popleft()
+            yield done, [f.result() for f in futures]
+
+
+def predict_paths(predictor, items, tta=False, threads=DECODE_THREADS):
+    """A Result per item (litter left out): probabilities, or the reason it failed."""
+    batch_size = getattr(predictor, "batch_size", 16)
+    progress = data_utils.Progress(len(items), "predicting") if len(items) > batch_size else None
+    results = []
+    for chunk, decoded in read_batches(items, predictor.preprocess, batch_size, threads):
+        good = [array for array, error in decoded if array is not None]
+        probs = iter(batch_probabilities(predictor, np.stack(good), tta) if good else [])
+        for item, (array, error) in zip(chunk, decoded):
+            if array is not None:
+                results.append(Result(item.path, next(probs)))
+            elif error:
+                results.append(Result(item.path, error=error))
+        if progress:
+            progress.update(len(chunk))
+    if progress:
+        progress.close()
+    return results
+
+
+def batch_probabilities(predictor, batch, tta=False):
+    probs = predictor.probabilities(batch)
+    if tta:  # the mirror image: flowers, animals and most objects look the same mirrored
+        probs = (probs + predictor.probabilities(np.ascontiguousarray(batch[..., ::-1]))) / 2
+    return probs
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+def top_k(probs, k):
+    top = np.argsort(-probs, kind="stable")[:k]
+    return top.tolist(), probs[top].tolist()
 
 
 def format_top_k(names, indices, probs):
     width = max(len(names[i]) for i in indices)
     return [f"{rank:>2}. {names[i]:<{width}}  {100 * p:5.1f}%"
             for rank, (i, p) in enumerate(zip(indices, probs), 1)]
+
+
+def print_human(results, tops, names, single):
+    if single:
+        print("\n".join(format_top_k(names, *tops[0])))
+        return
+    for result, top in zip(results, tops):
+        if result.error:
+            continue  # reported on stderr
+        print(result.path)
+        print("\n".join("  " + line for line in format_top_k(names, *top)))
+
+
+def json_document(results, tops, classes, names):
+    doc = []
+    for result, top in zip(results, tops):
+        if result.error:
+            doc.append({"image": result.path, "error": result.error})
+            continue
+        doc.append({"image": result.path, "predictions": [
+            {"class": classes[i], "name": names[i], "probability": round(float(p), 4)}
+            for i, p in zip(*top)]})
+    return doc
+
+
+def write_csv(path, results, tops, names, k):
+    import csv
+    import io
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    header = ["image"]
+    for rank in range(1, k + 1):
+        header += [f"name_{rank}", f"probability_{rank}"]
+    writer.writerow(header + ["error"])
+    for result, top in zip(results, tops):
+        row = [result.path]
+        if result.error:
+            writer.writerow(row + [""] * (2 * k) + [result.error])
+            continue
+        for i, p in zip(*top):
+            row += [names[i], f"{p:.4f}"]
+        writer.writerow(row + [""])
+    try:
+        data_utils.write_text_atomic(path, buf.getvalue())
+    except OSError as err:
+        raise UserError(f"--csv {path}: cannot write it ({err.strerror}); give a writable "
+                        f"path") from None
+
+
+def plot(path, results, tops, names):
+    import report
+    shown = [(r.path, [names[i] for i in top[0]], top[1])
+             for r, top in zip(results, tops) if not r.error]
+    if len(shown) > PLOT_LIMIT:
+        print(f"note: --plot draws the first {PLOT_LIMIT} of the {len(shown)} images",
+              file=sys.stderr)
+        shown = shown[:PLOT_LIMIT]
+    if shown:
+        try:
+            report.plot_predictions(path, shown)
+        except OSError as err:
+            raise UserError(f"--plot {path}: cannot write it ({err}); give a writable "
+                            f"path") from None
+        print(f"wrote {path}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# --evaluate
+# ---------------------------------------------------------------------------------------------
+def evaluate(args):
+    root = args.image[0]
+    predictor = load_predictor(args.checkpoint, args.gpu)
+    names = display_names(predictor.classes, predictor.class_names, args.category_names)
+    items, labels = labelled_images(root, predictor.classes)
+    results = predict_paths(predictor, items, args.tta)
+    label_of = dict(zip((item.path for item in items), labels))
+    good = [r for r in results if r.error is None]
+    failed = [r for r in results if r.error]
+    if not good:
+        raise UserError(f"{root}: none of its images could be read; {IMAGE_FIX}")
+    import report
+    summary = report.write_report(args.report_dir, np.stack([r.probs for r in good]),
+                                  np.array([label_of[r.path] for r in good]),
+                                  predictor.classes, names, [r.path for r in good])
+    print("\n".join(report.summary_lines(summary)))
+    for result in failed:
+        print(f"error: {result.error}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(results)} images could not be read and were left out",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def labelled_images(root, classes):
+    """(items, labels) for a folder of class folders named like the checkpoint's classes."""
+    if not os.path.isdir(root):
+        raise UserError(f"--evaluate {root}: no such folder; give a folder of class folders, "
+                        f"e.g. DATA_DIR/test")
+    by_class = data_utils.list_class_files(root, Counter())
+    unknown = sorted(set(by_class) - set(classes))
+    if unknown:
+        hint = ""
+        if "test" in data_utils.find_split_dirs(root):
+            hint = f" (it holds split folders: did you mean {os.path.join(root, 'test')}?)"
+        raise UserError(f"--evaluate {root}: class folder(s) the checkpoint does not know: "
+                        f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}{hint}; "
+                        f"its classes are {', '.join(classes[:10])}"
+                        f"{' ...' if len(classes) > 10 else ''}")
+    index = {c: i for i, c in enumerate(classes)}
+    items, labels = [], []
+    for cls in sorted(by_class, key=index.get):
+        for path in by_class[cls]:
+            items.append(Item(path, found=True))
+            labels.append(index[cls])
+    if not items:
+        raise UserError(f"--evaluate {root}: no images in its class folders; give a folder "
+                        f"like DATA_DIR/test with one folder of photos per class")
+    return items, labels
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import data_utils
 import distributed
 import feature_files
 import model_utils
+import report
 from data_utils import UserError
 
 log = logging.getLogger("train")
@@ -65,7 +66,7 @@ def build_parser():
                       help="JSON mapping class folder names to display names (default: the "
                            "folder names)")
     data.add_argument("--workers", type=int, default=None, metavar="N",
-                      help="processes that decode images (default: the CPU count)")
+                      help="processes that decode images (default: the CPU count, up to 8)")
     data.add_argument("--cache_dir", metavar="DIR",
                       help="where the scan and the stored features go (default: SAVE_DIR/cache)")
 
@@ -180,6 +181,8 @@ def run(args):
         return result.interrupted
     if "test_acc" in result.metrics:
         print(f"test acc {100 * result.metrics['test_acc']:.1f}%")
+    report.write_training_report(args.save_dir, model, scan, names, preprocess, device,
+                                 result.history)
     print(f"saved {path}  ({time.monotonic() - started:.1f}s in all)")
     return 0
 
@@ -346,6 +349,8 @@ def evaluate_rows(head, features, labels, device, chunk=1024):
 # Default mode: frozen backbone, stored features
 # ---------------------------------------------------------------------------------------------
 class FeatureTrainer:
+    verbose = True
+
     def __init__(self, args, scan, model, preprocess, device, cache_dir, resume, job=None):
         self.args, self.scan, self.model, self.preprocess = args, scan, model, preprocess
         self.device, self.cache_dir, self.resume = device, cache_dir, resume
@@ -359,6 +364,9 @@ class FeatureTrainer:
             # [distributed] The head trains in seconds: on rank 0 alone, measured faster than
             # DDP (see SCALING.md); the other ranks' work ends with their share of features.
             return None
+        # Extraction draws random numbers only when it runs (not when cached): re-seed so the
+        # head trains the same either way.
+        seed_everything(args.seed)
         head = self.model.head.to(self.device)
         train_x, train_y = features["train"]
         valid_x, valid_y = features["valid"]
@@ -402,13 +410,15 @@ class FeatureTrainer:
                 train_loss = total_loss / len(train_y)
                 result.history.append(dict(epoch=epoch + 1, train_loss=train_loss,
                                            valid_loss=valid_loss, valid_acc=valid_acc))
-                print(epoch_line(epoch + 1, args.epochs, train_loss, valid_loss, valid_acc,
-                                 time.monotonic() - t0), flush=True)
+                if self.verbose:
+                    print(epoch_line(epoch + 1, args.epochs, train_loss, valid_loss, valid_acc,
+                                     time.monotonic() - t0), flush=True)
                 stop = stopper.update(epoch + 1, valid_loss, head.state_dict())
                 result.epoch = epoch + 1
                 if stop:
-                    print(f"early stop: valid loss has not improved for {args.patience} epochs; "
-                          f"keeping epoch {stopper.best_epoch}")
+                    if self.verbose:
+                        print(f"early stop: valid loss has not improved for {args.patience} "
+                              f"epochs; keeping epoch {stopper.best_epoch}")
                     break
                 if signals.signum:
                     result.interrupted = signals.exit_status
@@ -533,7 +543,7 @@ def make_loader(dataset, batch_size, workers, shuffle, generator=None):
 
 
 def default_workers():
-    return min(4, distributed.local_share(os.cpu_count() or 1))  # [distributed] per process
+    return min(8, distributed.local_share(os.cpu_count() or 1))  # [distributed] per process
 
 
 def _collate(batch):
@@ -544,9 +554,178 @@ def _collate(batch):
 # ---------------------------------------------------------------------------------------------
 # --finetune
 # ---------------------------------------------------------------------------------------------
+class AugmentedDataset(torch.utils.data.Dataset):
+    """Training images augmented on the fly; the randomness depends on (seed, epoch, image)."""
+
+    def __init__(self, samples, preprocess, seed):
+        self.samples, self.seed, self.epoch = samples, seed, 0
+        self.augment = data_utils.train_augment(preprocess)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        img = data_utils.load_rgb(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + i)
+            return self.augment(img), label
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    def __init__(self, samples, preprocess):
+        self.samples, self.preprocess = samples, preprocess
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return data_utils.eval_array(data_utils.load_rgb(path), self.preprocess), label
+
+
 class FinetuneTrainer:
-    def __init__(self, *a):
-        raise UserError("--finetune is not available yet")
+    """Linear probe first (the head on stored plain features, seconds), then the backbone's last
+    stages and the head train together on augmented images. Starting from a trained head keeps
+    the first fine-tuning steps from wrecking the pretrained features."""
+
+    # Share of the backbone's weights, counted from the output end, that fine-tuning trains.
+    TRAINABLE_FRACTION = 0.5
+    BACKBONE_LR_SCALE = 0.1
+
+    def __init__(self, args, scan, model, preprocess, device, cache_dir, resume):
+        self.args, self.scan, self.model, self.preprocess = args, scan, model, preprocess
+        self.device, self.cache_dir, self.resume = device, cache_dir, resume
+
+    def fit(self):
+        args = self.args
+        if not self.resume:
+            self.linear_probe()
+        model = self.model.to(self.device).to(memory_format=torch.channels_last)
+        trainable = unfreeze_tail(model.backbone, self.TRAINABLE_FRACTION)
+        head_params = list(model.head.parameters())
+        optimizer = torch.optim.AdamW(
+            [{"params": trainable, "lr_scale": self.BACKBONE_LR_SCALE},
+             {"params": head_params, "lr_scale": 1.0}],
+            lr=args.learning_rate, weight_decay=args.weight_decay)
+        train_set = AugmentedDataset(self.scan.samples["train"], self.preprocess, args.seed)
+        generator = torch.Generator().manual_seed(args.seed)
+        weight = (class_weights([y for _, y in self.scan.samples["train"]], len(self.scan.classes))
+                  if args.balance else None)
+        criterion = nn.CrossEntropyLoss(weight=weight.to(self.device) if weight is not None
+                                        else None, label_smoothing=args.label_smoothing)
+        steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+        total_steps = steps_per_epoch * args.epochs
+        stopper, result, start_epoch = EarlyStopping(args.patience), Result(), 0
+        if self.resume:
+            model.load_state_dict(self.resume["model"])
+            optimizer.load_state_dict(self.resume["optimizer"])
+            set_rng_state(self.resume["rng"], generator)
+            stopper = EarlyStopping(args.patience, self.resume["early_stopping"])
+            result.history = list(self.resume["history"])
+            start_epoch = self.resume["epoch"]
+        dtype = model_utils.autocast_dtype(self.device)
+        with StopSignals() as signals:
+            for epoch in range(start_epoch, args.epochs):
+                t0 = time.monotonic()
+                train_set.epoch = epoch
+                loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True,
+                                     generator=generator)
+                model.train()
+                freeze_batchnorm(model)
+                total, seen = 0.0, 0
+                progress = data_utils.Progress(len(train_set), f"epoch {epoch + 1} training")
+                for i, (x, y) in enumerate(loader):
+                    lr = cosine_lr(epoch * steps_per_epoch + i, total_steps, args.learning_rate,
+                                   steps_per_epoch // 2)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * group["lr_scale"]
+                    x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+                    y = y.to(self.device)
+                    with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                        loss = criterion(model(x).float(), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total, seen = total + loss.item() * len(y), seen + len(y)
+                    progress.update(len(y))
+                    if signals.signum:
+                        break
+                progress.close()
+                if signals.signum and seen < len(train_set):
+                    result.interrupted = signals.exit_status
+                    break  # an epoch cut short is not kept: resume repeats it
+                valid_loss, valid_acc = self.evaluate(model, "valid")
+                result.history.append(dict(epoch=epoch + 1, train_loss=total / seen,
+                                           valid_loss=valid_loss, valid_acc=valid_acc))
+                print(epoch_line(epoch + 1, args.epochs, total / seen, valid_loss, valid_acc,
+                                 time.monotonic() - t0), flush=True)
+                stop = stopper.update(epoch + 1, valid_loss, model.state_dict())
+                result.epoch = epoch + 1
+                if stop:
+                    print(f"early stop: valid loss has not improved for {args.patience} epochs; "
+                          f"keeping epoch {stopper.best_epoch}")
+                    break
+                if signals.signum:
+                    result.interrupted = signals.exit_status
+                    break
+        result.train_state = dict(model={k: v.clone() for k, v in model.state_dict().items()},
+                                  optimizer=optimizer.state_dict(), rng=rng_state(generator),
+                                  early_stopping=stopper.state(), history=result.history,
+                                  epoch=result.epoch)
+        if stopper.best_weights is not None:
+            model.load_state_dict(stopper.best_weights)
+        result.best_epoch = stopper.best_epoch
+        _, result.metrics["valid_acc"] = self.evaluate(model, "valid")
+        if "test" in self.scan.samples:
+            _, result.metrics["test_acc"] = self.evaluate(model, "test")
+        self.model = model.cpu().to(memory_format=torch.contiguous_format)
+        return result
+
+    def linear_probe(self):
+        """Fit the head on stored features of the plain images."""
+        probe_args = argparse.Namespace(**{**vars(self.args), "aug_views": 0, "epochs": 30,
+                                           "finetune": False})
+        print("fine-tune step 1: the head on stored features")
+        probe = FeatureTrainer(probe_args, self.scan, self.model, self.preprocess, self.device,
+                               self.cache_dir, None)
+        probe.verbose = False
+        probe.fit()
+        print("fine-tune step 2: the backbone's last stages and the head, on augmented images")
+
+    def evaluate(self, model, split):
+        loader = make_loader(EvalDataset(self.scan.samples[split], self.preprocess),
+                             model_utils.CPU_INFERENCE_BATCH if self.device.type == "cpu" else 128,
+                             self.args.workers, shuffle=False)
+        forward = model_utils.fast_forward(model, self.device)
+        logits, labels = [], []
+        for x, y in loader:
+            logits.append(forward(x))
+            labels.append(y)
+        return evaluate_logits(torch.cat(logits), torch.cat(labels))
+
+
+def unfreeze_tail(backbone, fraction):
+    """Train the last `fraction` of the backbone's weights (by count), i.e. its last stages:
+    they hold the most task-specific features, and the early layers stay frozen and cheap (no
+    gradients flow through them)."""
+    model_utils.freeze(backbone)
+    params = list(backbone.parameters())
+    budget, chosen = fraction * sum(p.numel() for p in params), []
+    for p in reversed(params):
+        if budget <= 0:
+            break
+        p.requires_grad_(True)
+        chosen.append(p)
+        budget -= p.numel()
+    return chosen
+
+
+def freeze_batchnorm(model):
+    """Keep batch-norm statistics as pretrained: small fine-tuning batches estimate them badly."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 # ---------------------------------------------------------------------------------------------
