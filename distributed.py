@@ -21,6 +21,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 import feature_files
 import model_utils
@@ -86,6 +87,13 @@ def shard_range(n, rank, world, block=1):
     blocks = -(-n // block)
     first, last = blocks * rank // world, blocks * (rank + 1) // world
     return range(min(first * block, n), min(last * block, n))
+
+
+def real_count(n, rank, world):
+    """How many of the samples DistributedSampler gives rank are real: it pads the index list to
+    a multiple of world by repeating its start, and rank takes positions rank, rank + world, ...
+    so its real samples come first and the 0 or 1 repeats last."""
+    return len(range(rank, n, world))
 
 
 def timeout():
@@ -165,6 +173,22 @@ class Single:
 
     def check_visible(self, path, what):
         pass
+
+    def sum(self, values):
+        """values (numbers) summed over all processes."""
+        return list(values)
+
+    def any(self, flag):
+        """True in every process when flag is true in any: one decision to stop, for all."""
+        return bool(flag)
+
+    def train_sampler(self, dataset, seed):
+        """None: the loader shuffles (with its generator) as in one process."""
+        return None
+
+    def wrap(self, model):
+        """The model to train: DistributedDataParallel when there are several processes."""
+        return model
 
 
 class Group(Single):
@@ -252,6 +276,31 @@ class Group(Single):
             raise RuntimeError(f"{path}: joined parts do not hold {rows} rows")
         for p in parts:
             os.remove(p)
+
+    def sum(self, values):
+        totals = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        try:
+            dist.all_reduce(totals)  # a CPU tensor: gloo, also beside NCCL
+        except RuntimeError as err:
+            raise self._peer_failed("the other processes", err) from None
+        return totals.tolist()
+
+    def any(self, flag):
+        return self.sum([1.0 if flag else 0.0])[0] > 0
+
+    def train_sampler(self, dataset, seed):
+        """Each rank a different share of a fresh shuffle each epoch (call set_epoch); the
+        shares are padded to equal length, see real_count()."""
+        return torch.utils.data.distributed.DistributedSampler(
+            dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed)
+
+    def wrap(self, model):
+        # Batch norm needs no SyncBatchNorm here: fine-tuning keeps it in eval mode (frozen
+        # statistics), so no layer looks across the samples of a batch; and with the
+        # statistics frozen there are no buffers to broadcast each step.
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False)
 
     def check_visible(self, path, what):
         """Every process reads the files rank 0 found: a node that cannot see them is an error

@@ -169,7 +169,7 @@ def run(args):
                                     weights_path=args.weights)
     trainer = FeatureTrainer if not args.finetune else FinetuneTrainer
     result = trainer(args, scan, model, preprocess, device, cache_dir, resume, job).fit()
-    if result is None:  # [distributed] a rank other than 0: its share is done, rank 0 saves
+    if result is None or not job.is_main:  # [distributed] rank 0 alone saves
         return 0
     checkpoint = make_checkpoint(args, scan, names, preprocess, model, result)
     path = os.path.join(args.save_dir, "checkpoint.pth")
@@ -534,12 +534,12 @@ def extract_features(backbone, samples, preprocess, views, seed, device, workers
     return feature_files.Rows(path) if job.is_main else None, labels
 
 
-def make_loader(dataset, batch_size, workers, shuffle, generator=None):
+def make_loader(dataset, batch_size, workers, shuffle, generator=None, sampler=None):
     workers = default_workers() if workers is None else workers
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-        generator=generator, persistent_workers=False, prefetch_factor=4 if workers else None,
-        collate_fn=_collate)
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=workers, generator=generator, persistent_workers=False,
+        prefetch_factor=4 if workers else None, collate_fn=_collate)
 
 
 def default_workers():
@@ -593,14 +593,17 @@ class FinetuneTrainer:
     TRAINABLE_FRACTION = 0.5
     BACKBONE_LR_SCALE = 0.1
 
-    def __init__(self, args, scan, model, preprocess, device, cache_dir, resume):
+    def __init__(self, args, scan, model, preprocess, device, cache_dir, resume, job=None):
         self.args, self.scan, self.model, self.preprocess = args, scan, model, preprocess
         self.device, self.cache_dir, self.resume = device, cache_dir, resume
+        self.job = job or distributed.Single(device)
 
     def fit(self):
-        args = self.args
+        args, job = self.args, self.job
         if not self.resume:
             self.linear_probe()
+        if job.world_size > 1:
+            seed_everything(args.seed + job.rank)  # [distributed] dropout differs by rank
         model = self.model.to(self.device).to(memory_format=torch.channels_last)
         trainable = unfreeze_tail(model.backbone, self.TRAINABLE_FRACTION)
         head_params = list(model.head.parameters())
@@ -614,7 +617,11 @@ class FinetuneTrainer:
                   if args.balance else None)
         criterion = nn.CrossEntropyLoss(weight=weight.to(self.device) if weight is not None
                                         else None, label_smoothing=args.label_smoothing)
-        steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+        # [distributed] --batch_size is the global batch: each of N processes takes 1/N of it
+        sampler = job.train_sampler(train_set, args.seed)
+        batch_size = max(1, args.batch_size // job.world_size)
+        share = len(sampler) if sampler is not None else len(train_set)
+        steps_per_epoch = math.ceil(share / batch_size)
         total_steps = steps_per_epoch * args.epochs
         stopper, result, start_epoch = EarlyStopping(args.patience), Result(), 0
         if self.resume:
@@ -624,17 +631,23 @@ class FinetuneTrainer:
             stopper = EarlyStopping(args.patience, self.resume["early_stopping"])
             result.history = list(self.resume["history"])
             start_epoch = self.resume["epoch"]
+        net = job.wrap(model)  # [distributed] DDP: rank 0's weights to all, gradients averaged
         dtype = model_utils.autocast_dtype(self.device)
         with StopSignals() as signals:
             for epoch in range(start_epoch, args.epochs):
                 t0 = time.monotonic()
                 train_set.epoch = epoch
-                loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True,
-                                     generator=generator)
-                model.train()
+                if sampler is not None:
+                    sampler.set_epoch(epoch)  # [distributed] a new shuffle each epoch
+                loader = make_loader(train_set, batch_size, args.workers, shuffle=True,
+                                     generator=generator, sampler=sampler)
+                net.train()
                 freeze_batchnorm(model)
-                total, seen = 0.0, 0
-                progress = data_utils.Progress(len(train_set), f"epoch {epoch + 1} training")
+                total, seen, stopping = 0.0, 0, False
+                # [distributed] the sampler's padding repeats are trained on, not counted
+                real_left = distributed.real_count(len(train_set), job.rank, job.world_size)
+                progress = data_utils.Progress(share, f"epoch {epoch + 1} training",
+                                               stream=job.progress_stream)
                 for i, (x, y) in enumerate(loader):
                     lr = cosine_lr(epoch * steps_per_epoch + i, total_steps, args.learning_rate,
                                    steps_per_epoch // 2)
@@ -643,17 +656,24 @@ class FinetuneTrainer:
                     x = x.to(self.device).contiguous(memory_format=torch.channels_last)
                     y = y.to(self.device)
                     with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                        loss = criterion(model(x).float(), y)
+                        logits = net(x).float()
+                        loss = criterion(logits, y)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    total, seen = total + loss.item() * len(y), seen + len(y)
+                    real = min(len(y), real_left)
+                    if 0 < real < len(y):
+                        loss = criterion(logits[:real].detach(), y[:real])
+                    total, seen = total + loss.item() * real, seen + real
+                    real_left -= real
                     progress.update(len(y))
-                    if signals.signum:
+                    if job.any(signals.signum):  # [distributed] all ranks stop at the same step
+                        stopping = True
                         break
                 progress.close()
-                if signals.signum and seen < len(train_set):
-                    result.interrupted = signals.exit_status
+                total, seen = job.sum([total, seen])  # [distributed] over all real samples
+                if stopping and seen < len(train_set):
+                    result.interrupted = signals.exit_status or 128 + signal.SIGTERM
                     break  # an epoch cut short is not kept: resume repeats it
                 valid_loss, valid_acc = self.evaluate(model, "valid")
                 result.history.append(dict(epoch=epoch + 1, train_loss=total / seen,
@@ -666,8 +686,8 @@ class FinetuneTrainer:
                     print(f"early stop: valid loss has not improved for {args.patience} epochs; "
                           f"keeping epoch {stopper.best_epoch}")
                     break
-                if signals.signum:
-                    result.interrupted = signals.exit_status
+                if stopping or job.any(signals.signum):
+                    result.interrupted = signals.exit_status or 128 + signal.SIGTERM
                     break
         result.train_state = dict(model={k: v.clone() for k, v in model.state_dict().items()},
                                   optimizer=optimizer.state_dict(), rng=rng_state(generator),
@@ -688,21 +708,27 @@ class FinetuneTrainer:
                                            "finetune": False})
         print("fine-tune step 1: the head on stored features")
         probe = FeatureTrainer(probe_args, self.scan, self.model, self.preprocess, self.device,
-                               self.cache_dir, None)
+                               self.cache_dir, None, self.job)
         probe.verbose = False
         probe.fit()
         print("fine-tune step 2: the backbone's last stages and the head, on augmented images")
 
     def evaluate(self, model, split):
-        loader = make_loader(EvalDataset(self.scan.samples[split], self.preprocess),
+        """Loss and accuracy over a split; under torchrun each rank takes a share (no padding)
+        and the sums are added up over the ranks."""
+        samples = self.scan.samples[split]
+        share = [samples[i] for i in self.job.shard(len(samples))]
+        loader = make_loader(EvalDataset(share, self.preprocess),
                              model_utils.CPU_INFERENCE_BATCH if self.device.type == "cpu" else 128,
                              self.args.workers, shuffle=False)
         forward = model_utils.fast_forward(model, self.device)
-        logits, labels = [], []
+        loss_sum, correct = 0.0, 0
         for x, y in loader:
-            logits.append(forward(x))
-            labels.append(y)
-        return evaluate_logits(torch.cat(logits), torch.cat(labels))
+            logits = forward(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+        loss_sum, correct = self.job.sum([loss_sum, correct])
+        return loss_sum / len(samples), correct / len(samples)
 
 
 def unfreeze_tail(backbone, fraction):

@@ -38,6 +38,19 @@ def test_shards_cover_every_row_once_at_batch_boundaries(n, world, block):
         assert len(share) == 0 or share.start % block == 0
 
 
+@pytest.mark.parametrize("n, world", [(21, 2), (20, 2), (7, 4), (1, 3), (100, 8)])
+def test_real_count_marks_distributed_samplers_padding(n, world):
+    """The first real_count() samples of each rank's DistributedSampler share are the real
+    ones: together they are every sample once, the padding repeats left out."""
+    dataset = list(range(n))
+    real = []
+    for rank in range(world):
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=3)
+        real += list(sampler)[:distributed.real_count(n, rank, world)]
+    assert sorted(real) == dataset
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same small training run in one process and in two torchrun processes."""
@@ -96,6 +109,23 @@ def test_torchrun_checkpoint_works_with_predict(runs, capsys):
     capsys.readouterr()
     assert predict.main([image, str(runs["two"] / "checkpoint.pth"), "--top_k", "1"]) == 0
     assert capsys.readouterr().out.startswith(" 1. ")
+
+
+def test_torchrun_finetunes_with_ddp(runs, tmp_path):
+    """--finetune under torchrun: DDP over 2 processes. One folder of 3 x 24 images splits
+    into 51 training images: DistributedSampler pads the shares to 26 + 26, and the train loss
+    counts the 51. Rank 0 saves a plain checkpoint."""
+    data = make_image_folder(tmp_path / "data", per_split=PER_SPLIT, layout="single")
+    save = tmp_path / "two"
+    proc, _ = torchrun(["train.py", data, "--save_dir", str(save), "--finetune",
+                        "--batch_size", "16", *FAST, "--epochs", "1"], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load(save / "checkpoint.pth")
+    assert ckpt["finetuned"] is True and ckpt["data"]["counts"]["train"] == 51
+    assert list(ckpt["state_dict"]) == list(load(runs["single"] / "checkpoint.pth")["state_dict"])
+    assert len(ckpt["history"]) == 1 and np.isfinite(ckpt["history"][0]["train_loss"])
+    assert 0 <= ckpt["metrics"]["test_acc"] <= 1
+    assert sum(line.startswith("epoch 1/1 ") for line in proc.stdout.splitlines()) == 1
 
 
 FAILING_RANK = """
