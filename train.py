@@ -168,7 +168,7 @@ def run(args):
     if "test_acc" in result.metrics:
         print(f"test acc {100 * result.metrics['test_acc']:.1f}%")
     report.write_training_report(args.save_dir, model, scan, names, preprocess, device,
-                                 result.history)
+                                 result.history, result.test_probs)
     print(f"saved {path}  ({time.monotonic() - started:.1f}s in all)")
     return 0
 
@@ -231,6 +231,7 @@ class Result:
         self.history, self.metrics = [], {}
         self.epoch, self.best_epoch, self.interrupted = 0, 0, 0
         self.train_state = None
+        self.test_probs = None  # numpy (test images, classes), in scan order
 
 
 class StopSignals:
@@ -403,8 +404,9 @@ class FeatureTrainer:
             _, result.metrics["valid_acc"] = evaluate_logits(head(valid_x), valid_y)
             if "test" in features:
                 test_x, test_y = (torch.from_numpy(np.array(a)) for a in features["test"])
-                _, result.metrics["test_acc"] = evaluate_logits(
-                    head(test_x.float().to(self.device)), test_y.long().to(self.device))
+                logits = head(test_x.float().to(self.device))
+                _, result.metrics["test_acc"] = evaluate_logits(logits, test_y.long().to(self.device))
+                result.test_probs = torch.softmax(logits, 1).cpu().numpy()
         self.model.head = head.cpu()
         return result
 
@@ -648,7 +650,8 @@ class FinetuneTrainer:
         result.best_epoch = stopper.best_epoch
         _, result.metrics["valid_acc"] = self.evaluate(model, "valid")
         if "test" in self.scan.samples:
-            _, result.metrics["test_acc"] = self.evaluate(model, "test")
+            _, result.metrics["test_acc"], logits = self.evaluate(model, "test", keep=True)
+            result.test_probs = torch.softmax(logits, 1).numpy()
         self.model = model.cpu().to(memory_format=torch.contiguous_format)
         return result
 
@@ -663,7 +666,7 @@ class FinetuneTrainer:
         probe.fit()
         print("fine-tune step 2: the backbone's last stages and the head, on augmented images")
 
-    def evaluate(self, model, split):
+    def evaluate(self, model, split, keep=False):
         loader = make_loader(EvalDataset(self.scan.samples[split], self.preprocess),
                              model_utils.CPU_INFERENCE_BATCH if self.device.type == "cpu" else 128,
                              self.args.workers, shuffle=False)
@@ -672,7 +675,9 @@ class FinetuneTrainer:
         for x, y in loader:
             logits.append(forward(x))
             labels.append(y)
-        return evaluate_logits(torch.cat(logits), torch.cat(labels))
+        logits = torch.cat(logits)
+        loss, acc = evaluate_logits(logits, torch.cat(labels))
+        return (loss, acc, logits) if keep else (loss, acc)
 
 
 def unfreeze_tail(backbone, fraction):
