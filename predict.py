@@ -373,8 +373,8 @@ def top_k(probs, k):
     return top.tolist(), probs[top].tolist()
 
 
-def format_top_k(names, indices, probs):
-    width = max(len(names[i]) for i in indices)
+def format_top_k(names, indices, probs, width=None):
+    width = width or max(len(names[i]) for i in indices)
     return [f"{rank:>2}. {names[i]:<{width}}  {100 * p:5.1f}%"
             for rank, (i, p) in enumerate(zip(indices, probs), 1)]
 
@@ -383,11 +383,12 @@ def print_human(results, tops, names, single):
     if single:
         print("\n".join(format_top_k(names, *tops[0])))
         return
+    width = max(len(name) for name in names)  # one column of percentages for all images
     for result, top in zip(results, tops):
         if result.error:
             continue  # reported on stderr
         print(result.path)
-        print("\n".join("  " + line for line in format_top_k(names, *top)))
+        print("\n".join("  " + line for line in format_top_k(names, *top, width=width)))
 
 
 def json_document(results, tops, classes, names):

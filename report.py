@@ -209,7 +209,11 @@ def _wrap(text, width):
 
 
 def _shorten(text, width):
-    return text if len(text) <= width else "..." + text[-(width - 3):]
+    """At most width characters, cut in the middle: both ends of a path say the most."""
+    if len(text) <= width:
+        return text
+    head = (width - 3) // 2
+    return text[:head] + "..." + text[-(width - 3 - head):]
 
 
 def _tail(path):
@@ -292,7 +296,7 @@ def plot_mistakes(path, mistakes, wrong, total):
         ax.imshow(_picture(image_path, square=240))
         ax.set_title(f"predicted: {_wrap(predicted, 24)} ({100 * prob:.0f}%)", fontsize=9,
                      color="#b00020")
-        ax.set_xlabel(f"true: {_wrap(true, 24)}\n{_shorten(_tail(image_path), 30)}",
+        ax.set_xlabel(f"true: {_wrap(true, 24)}\n{_shorten(os.path.basename(image_path), 32)}",
                       fontsize=9, color="#1b5e20")
     fig.suptitle(f"The {len(mistakes)} most confident mistakes ({wrong} wrong of {total} "
                  f"images)", fontsize=13)
@@ -342,7 +346,7 @@ def plot_predictions(path, shown):
         photo = fig.add_subplot(grid[row, 2 * col])
         photo.imshow(_picture(image_path))
         photo.axis("off")
-        photo.set_title(_shorten(_tail(image_path), 36), fontsize=10)
+        photo.set_title(_shorten(_tail(image_path), 40), fontsize=10)
         _bars(fig.add_subplot(grid[row, 2 * col + 1]), names, probs)
     _save(fig, path)
 
