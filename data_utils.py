@@ -584,7 +584,9 @@ def _fingerprint(scan, checks):
     for split in sorted(scan.samples):
         for path, label in scan.samples[split]:
             c = checks[path]
-            h.update(f"{split}|{path}|{label}|{c.size}|{c.mtime_ns}\n".encode())
+            # Relative paths: the same folder typed another way reuses the same features.
+            rel = os.path.relpath(path, scan.root)
+            h.update(f"{split}|{rel}|{label}|{c.size}|{c.mtime_ns}\n".encode())
     return h.hexdigest()
 
 
