@@ -35,7 +35,8 @@ def build_parser():
     p.add_argument("image", nargs="+", metavar="IMAGE",
                    help="a photo, several photos, a folder (searched recursively) or a quoted "
                         "glob such as 'photos/*.jpg'")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pth written by train.py")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="checkpoint.pth written by train.py, or model.onnx from export.py")
     p.add_argument("--top_k", type=int, default=5, metavar="K",
                    help="how many of the most likely classes to show (default: 5)")
     p.add_argument("--category_names", metavar="JSON",
