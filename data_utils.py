@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import stat
 import sys
 import time
 import warnings
@@ -96,11 +97,15 @@ def describe_image_error(err):
         return "not an image (unknown format)"
     if isinstance(err, PermissionError):
         return "unreadable (permission denied)"
+    if isinstance(err, FileNotFoundError):
+        return "missing (a broken link, or deleted during the scan)"
     if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return "refused: too many pixels (possible decompression bomb)"
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "truncated" in text.lower():
         return "truncated (" + text + ")"
+    if "decompression bomb" in text:
+        return "refused: " + text
     return "corrupt (" + text[:160] + ")"
 
 
@@ -204,6 +209,7 @@ class Scan:
     samples: dict                    # split -> [(path, class index)]
     skipped: list = field(default_factory=list)     # [(path, reason)]
     litter: Counter = field(default_factory=Counter)  # kind -> count
+    not_images: list = field(default_factory=list)  # [(path, reason)] of class-folder litter
     notes: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     sizes: list = field(default_factory=list)       # [(w, h)] of usable images
@@ -231,6 +237,9 @@ def check_file(path):
     except OSError as err:
         return FileCheck(0, 0, False, reason=describe_image_error(err))
     check = FileCheck(st.st_size, st.st_mtime_ns, False)
+    if not stat.S_ISREG(st.st_mode):  # a pipe or device would block or never end
+        check.reason = "not a regular file"
+        return check
     if st.st_size == 0:
         check.reason = "empty file (0 bytes)"
         return check
@@ -426,6 +435,7 @@ def _usable(paths, checks, scan):
             scan.digests[p] = c.digest
         elif c.litter:
             scan.litter["not an image by content"] += 1
+            scan.not_images.append((p, c.reason))
         else:
             scan.skipped.append((p, c.reason))
     return good
@@ -605,6 +615,7 @@ def report_lines(scan, class_names=None):
     if scan.litter:
         lines.append("ignored (not images): " +
                      ", ".join(f"{n} {kind}" for kind, n in sorted(scan.litter.items())))
+        lines += [f"  {path}: {reason}" for path, reason in scan.not_images]
     lines.append(f"skipped (unusable images): {len(scan.skipped)}")
     for path, reason in scan.skipped:
         lines.append(f"  {path}: {reason}")
@@ -629,22 +640,26 @@ MAX_NAMES_BYTES = 10_000_000
 
 def read_category_names(path):
     """A JSON object mapping class folder names to display names."""
+    if not os.path.isfile(path):
+        what = "is not a regular file" if os.path.exists(path) else "no such file"
+        raise UserError(f"--category_names {path}: {what}; give a JSON file like "
+                        f'{{"1": "pink primrose"}}')
     try:
-        size = os.path.getsize(path)
-    except OSError:
-        raise UserError(f"--category_names {path}: no such file; give a JSON file like "
-                        f'{{"1": "pink primrose"}}') from None
-    if size > MAX_NAMES_BYTES:
-        raise UserError(f"--category_names {path}: {size} bytes is too large for a class-name "
-                        f"file (limit {MAX_NAMES_BYTES}); give a JSON object of class names")
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"--category_names {path}: not valid JSON ({err}); give a JSON object "
-                        f'like {{"1": "pink primrose"}}') from None
+        # Read at most one byte past the limit: the size check then holds for a file that
+        # grows or lies about its size.
+        with open(path, "rb") as f:
+            data = f.read(MAX_NAMES_BYTES + 1)
     except OSError as err:
         raise UserError(f"--category_names {path}: cannot read it ({err.strerror})") from None
+    if len(data) > MAX_NAMES_BYTES:
+        raise UserError(f"--category_names {path}: over {MAX_NAMES_BYTES} bytes is too large "
+                        f"for a class-name file; give a JSON object of class names")
+    try:
+        names = json.loads(data.decode("utf-8-sig"))
+    except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
+        why = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise UserError(f"--category_names {path}: not valid JSON ({why}); give a JSON object "
+                        f'like {{"1": "pink primrose"}}') from None
     if not isinstance(names, dict) or not all(isinstance(v, (str, int, float))
                                               for v in names.values()):
         raise UserError(f"--category_names {path}: must be a JSON object mapping class folder "

@@ -93,6 +93,8 @@ def load_image(path, preprocess):
         raise UserError(f"image {path}: no such file; give the path of a photo")
     if os.path.isdir(path):
         raise UserError(f"image {path}: is a folder; give the path of a photo")
+    if not os.path.isfile(path):  # a pipe or a device: reading it would block or never end
+        raise UserError(f"image {path}: not a regular file; give the path of a photo")
     try:
         img = data_utils.load_rgb(path)
     except data_utils.IMAGE_ERRORS as err:
