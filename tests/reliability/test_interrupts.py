@@ -260,7 +260,7 @@ def test_resume_equivalence_at_chosen_epochs(tmp_path, tiny_data, stop_at_epochs
     assert train.main([tiny_data, "--save_dir", str(tmp_path / "again"), *options]) == 0
     differ = same_run(tmp_path / "again" / "checkpoint.pth", reference)
     t.check(not differ, f"a run with cached features differs in {differ}")
-    for stops in ([1], [8], [15], [29], [3, 20], [10, 11]):
+    for stops in ([1], [8], [15], [29], [30], [3, 20], [10, 11]):
         save = tmp_path / "-".join(map(str, stops))
         path = save / "checkpoint.pth"
         args = [tiny_data, "--save_dir", str(save), *options]
@@ -275,7 +275,7 @@ def test_resume_equivalence_at_chosen_epochs(tmp_path, tiny_data, stop_at_epochs
         differ = same_run(path, reference)
         t.check(statuses == [130] * len(stops) + [0] and not differ,
                 f"stopped at {stops}: statuses {statuses}, differs in {differ}")
-    t.finish(minimum=7)
+    t.finish(minimum=8)
 
 
 def test_resume_refuses_other_options(tmp_path, tiny_data, stop_at_epochs, capsys):
