@@ -297,6 +297,8 @@ def read_image(item, preprocess):
         return None, f"image {path}: no such file; give the path of a photo"
     if os.path.isdir(path):
         return None, f"image {path}: is a folder; give the path of a photo"
+    if not os.path.isfile(path):  # a pipe or a device: reading it would block or never end
+        return None, f"image {path}: not a regular file; give the path of a photo"
     try:
         img = data_utils.load_rgb(path)
     except UnidentifiedImageError:
