@@ -9,7 +9,6 @@ backbone's last stages, with augmentation on the fly.
 """
 import argparse
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -41,6 +40,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import data_utils  # noqa: E402
+import distributed  # noqa: E402
+import feature_files  # noqa: E402
 import model_utils  # noqa: E402
 import report  # noqa: E402
 from data_utils import UserError  # noqa: E402
@@ -147,7 +148,8 @@ def main(argv=None):
         with signals:
             return run(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if distributed.error_line(err):  # [distributed] not the same line from every rank
+            print(distributed.error_line(err), file=sys.stderr)
         return 2
     except Stopped as stop:
         print(stop, file=sys.stderr)
@@ -156,12 +158,19 @@ def main(argv=None):
         print(f"{signal.Signals(signals.second or signal.SIGINT).name} again: stopped at once; "
               f"this run saved no checkpoint, files saved before are intact", file=sys.stderr)
         return 128 + (signals.second or signal.SIGINT)
+    except distributed.PeerFailed as err:  # [distributed] another process's error is the one
+        if str(err):
+            print(str(err), file=sys.stderr)
+        return err.status
+    finally:
+        distributed.shutdown()  # [distributed] leave torchrun's process group, if joined
 
 
 def run(args):
     started = time.monotonic()
     check_options(args)
-    device = model_utils.resolve_device(args.gpu)
+    job = distributed.setup(args.gpu)  # [distributed] torchrun: one process per device
+    device = job.device
     if args.demo:
         args.data_dir = args.data_dir or data_utils.write_digits(os.path.join(DEMO_DIR, "digits"))
         if args.save_dir == ".":
@@ -170,7 +179,9 @@ def run(args):
         check_save_dir(args.save_dir)
     resume = load_resume(args)
     cache_dir = args.cache_dir or os.path.join(args.save_dir, "cache")
-    scan = data_utils.scan_dataset(args.data_dir, args.split, args.seed, cache_dir, args.workers)
+    scan = job.on_main(lambda: data_utils.scan_dataset(  # [distributed] rank 0 scans, all share
+        args.data_dir, args.split, args.seed, cache_dir, args.workers))
+    job.check_visible(scan.root, "DATA_DIR")  # [distributed]
     names = class_names(args, scan.classes)
     if args.check:
         print("\n".join(data_utils.report_lines(scan, names)))
@@ -183,7 +194,9 @@ def run(args):
     model = model_utils.build_model(args.arch, len(scan.classes), args.hidden_units, args.dropout,
                                     weights_path=args.weights)
     trainer = FeatureTrainer if not args.finetune else FinetuneTrainer
-    result = trainer(args, scan, model, preprocess, device, cache_dir, resume).fit()
+    result = trainer(args, scan, model, preprocess, device, cache_dir, resume, job).fit()
+    if result is None or not job.is_main:  # [distributed] rank 0 alone saves
+        return 0
     checkpoint = make_checkpoint(args, scan, names, preprocess, model, result)
     path = os.path.join(args.save_dir, "checkpoint.pth")
     model_utils.save_checkpoint(checkpoint, path)
@@ -454,28 +467,49 @@ def evaluate_logits(logits, labels):
     return loss, acc
 
 
+def evaluate_rows(head, features, labels, device, chunk=1024, keep_probs=False):
+    """Loss and accuracy of the head over stored features, read a chunk at a time so memory
+    does not grow with the data; with keep_probs, also the probabilities (rows, classes)."""
+    head.eval()
+    total_loss, correct, probs = 0.0, 0, []
+    with torch.no_grad():
+        for start in range(0, len(labels), chunk):
+            x = torch.from_numpy(features[start:start + chunk]).float().to(device)
+            y = torch.from_numpy(np.asarray(labels[start:start + chunk])).long().to(device)
+            logits = head(x)
+            total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            if keep_probs:
+                probs.append(torch.softmax(logits, 1).cpu().numpy())
+    loss, acc = total_loss / len(labels), correct / len(labels)
+    return (loss, acc, np.concatenate(probs)) if keep_probs else (loss, acc)
+
+
 # ---------------------------------------------------------------------------------------------
 # Default mode: frozen backbone, stored features
 # ---------------------------------------------------------------------------------------------
 class FeatureTrainer:
     verbose = True
 
-    def __init__(self, args, scan, model, preprocess, device, cache_dir, resume):
+    def __init__(self, args, scan, model, preprocess, device, cache_dir, resume, job=None):
         self.args, self.scan, self.model, self.preprocess = args, scan, model, preprocess
         self.device, self.cache_dir, self.resume = device, cache_dir, resume
+        self.job = job or distributed.Single(device)
 
     def fit(self):
         args, result = self.args, Result()
         backbone = model_utils.freeze(self.model.backbone).eval()
         features = {split: self.features(backbone, split) for split in self.scan.samples}
+        if not self.job.is_main:
+            # [distributed] The head trains in seconds: on rank 0 alone, measured faster than
+            # DDP (see SCALING.md); the other ranks' work ends with their share of features.
+            return None
         # Extraction draws random numbers only when it runs (not when cached): re-seed so the
         # head trains the same either way.
         seed_everything(args.seed)
         head = self.model.head.to(self.device)
         train_x, train_y = features["train"]
-        valid_x, valid_y = (torch.from_numpy(np.array(a)) for a in features["valid"])
-        valid_x = valid_x.float().to(self.device)
-        valid_y = valid_y.long().to(self.device)
+        valid_x, valid_y = features["valid"]
         weight = class_weights(train_y, len(self.scan.classes)) if args.balance else None
         criterion = nn.CrossEntropyLoss(weight=weight.to(self.device) if weight is not None
                                         else None, label_smoothing=args.label_smoothing)
@@ -513,8 +547,7 @@ class FeatureTrainer:
                     optimizer.step()
                     total_loss += loss.item() * len(idx)
                 head.eval()
-                with torch.no_grad():
-                    valid_loss, valid_acc = evaluate_logits(head(valid_x), valid_y)
+                valid_loss, valid_acc = evaluate_rows(head, valid_x, valid_y, self.device)
                 train_loss = total_loss / len(train_y)
                 result.history.append(dict(epoch=epoch + 1, train_loss=train_loss,
                                            valid_loss=valid_loss, valid_acc=valid_acc))
@@ -538,13 +571,10 @@ class FeatureTrainer:
         head.load_state_dict(stopper.best_weights)
         result.best_epoch = stopper.best_epoch
         head.eval()
-        with torch.no_grad():
-            _, result.metrics["valid_acc"] = evaluate_logits(head(valid_x), valid_y)
-            if "test" in features:
-                test_x, test_y = (torch.from_numpy(np.array(a)) for a in features["test"])
-                logits = head(test_x.float().to(self.device))
-                _, result.metrics["test_acc"] = evaluate_logits(logits, test_y.long().to(self.device))
-                result.test_probs = torch.softmax(logits, 1).cpu().numpy()
+        _, result.metrics["valid_acc"] = evaluate_rows(head, valid_x, valid_y, self.device)
+        if "test" in features:
+            _, result.metrics["test_acc"], result.test_probs = evaluate_rows(
+                head, *features["test"], self.device, keep_probs=True)
         self.model.head = head.cpu()
         return result
 
@@ -554,15 +584,17 @@ class FeatureTrainer:
         key = self.cache_key(split, views)
         path = os.path.join(self.cache_dir, f"features-{split}-{key}.npy")
         label_path = path[:-4] + "-labels.npy"
-        if os.path.exists(path) and os.path.exists(label_path):
+        # [distributed] rank 0's look at the cache decides for all ranks
+        if self.job.agree(os.path.exists(path) and os.path.exists(label_path)):
             print(f"features: {split} from the cache {path}")
-            return np.load(path, mmap_mode="r"), np.load(label_path)
+            return feature_files.Rows(path), np.load(label_path)
         samples = self.scan.samples[split]
         # The data loader draws from the global random stream: keep that stream as it was, so
         # training goes the same whether the features came from the cache or not.
         with torch.random.fork_rng(devices=[]):
             return extract_features(backbone, samples, self.preprocess, views, self.args.seed,
-                                    self.device, self.args.workers, path, label_path, split)
+                                    self.device, self.args.workers, path, label_path, split,
+                                    self.job)
 
     def cache_key(self, split, views):
         parts = dict(version=FEATURE_CACHE_VERSION, arch=self.args.arch,
@@ -614,40 +646,39 @@ class ViewDataset(torch.utils.data.Dataset):
 
 
 def extract_features(backbone, samples, preprocess, views, seed, device, workers, path,
-                     label_path, split):
-    """One pass of the backbone; features go to a float16 .npy file that is memory-mapped."""
+                     label_path, split, job=None):
+    """One pass of the backbone; features go to a float16 .npy file, read back from disk in
+    batches. Under torchrun each process computes a contiguous share of the rows."""
+    job = job or distributed.Single(device)
     dataset = ViewDataset(samples, preprocess, views, seed)
     batch = model_utils.CPU_INFERENCE_BATCH if device.type == "cpu" else 128
-    loader = make_loader(dataset, batch, workers, shuffle=False)
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    rows = job.shard(len(dataset), batch)  # [distributed] all rows in a single process
+    loader = make_loader(torch.utils.data.Subset(dataset, rows), batch, workers, shuffle=False)
+    tmp = job.part_path(path)
     label_tmp = f"{label_path}.tmp-{os.getpid()}.npy"
-    labels = np.empty(len(dataset), dtype=np.int64)
+    # Row i is view i % (1 + views) of image i // (1 + views), as in ViewDataset.
+    labels = np.repeat(np.array([label for _, label in samples], dtype=np.int64), 1 + views)
     forward = model_utils.fast_forward(backbone, device)
     desc = f"features {split}" + (f" (+{views} views)" if views else "")
-    progress = data_utils.Progress(len(dataset), desc)
+    if job.world_size > 1:
+        desc += f" [rank 0's share of {job.world_size}]"
+    progress = data_utils.Progress(len(rows), desc, stream=job.progress_stream)
     signals = StopSignals.active or StopSignals()  # called on its own: nothing sets a signal
-    start = 0
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         for done in (path, label_path):  # what a killed run left
             model_utils.remove_stale_temporaries(os.path.dirname(done),
                                                  os.path.basename(done) + ".tmp-")
-        feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                          shape=(len(dataset), backbone.num_features))
-        _reserve_space(tmp)
-        with signals.step_by_step():
-            for x, y in loader:
-                out = forward(x)
-                feats[start:start + len(y)] = out.numpy().astype(np.float16)
-                labels[start:start + len(y)] = y.numpy()
-                start += len(y)
-                progress.update(len(y))
+        with signals.step_by_step(), \
+                feature_files.RowWriter(tmp, len(rows), backbone.num_features) as out:
+            for x, _ in loader:
+                out.write(forward(x).numpy())
+                progress.update(len(x))
                 signals.check()
-        feats.flush()
-        del feats
-        np.save(label_tmp, labels)
-        os.replace(label_tmp, label_path)
-        os.replace(tmp, path)
+        if job.is_main:
+            np.save(label_tmp, labels)
+            os.replace(label_tmp, label_path)
+        job.join_parts(tmp, path, len(dataset))  # [distributed] rank 0 joins the shares
     except BaseException as err:
         for leftover in (tmp, label_tmp):
             if os.path.exists(leftover):
@@ -657,31 +688,19 @@ def extract_features(backbone, samples, preprocess, views, seed, device, workers
                             f"disk space or pass --cache_dir DIR on another disk") from None
         raise
     progress.close()
-    return np.load(path, mmap_mode="r"), labels
+    return feature_files.Rows(path) if job.is_main else None, labels
 
 
 CACHE_WRITE_ERRNOS = model_utils.DISK_FULL_ERRNOS | model_utils.NOT_WRITABLE_ERRNOS
 
 
-def _reserve_space(path):
-    """Claim the disk space of the sparse memory-mapped file now: a full disk then fails here
-    with ENOSPC instead of killing the process with SIGBUS when the map is written."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    with open(path, "r+b") as f:
-        try:
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-        except OSError as err:
-            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # unsupported: carry on
-                raise
-
-
-def make_loader(dataset, batch_size, workers, shuffle, generator=None):
+def make_loader(dataset, batch_size, workers, shuffle, generator=None, sampler=None):
     workers = default_workers() if workers is None else workers
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-        generator=generator, persistent_workers=False, prefetch_factor=4 if workers else None,
-        collate_fn=_collate, worker_init_fn=_leave_signals_to_main if workers else None)
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=workers, generator=generator, persistent_workers=False,
+        prefetch_factor=4 if workers else None, collate_fn=_collate,
+        worker_init_fn=_leave_signals_to_main if workers else None)
 
 
 def _leave_signals_to_main(worker_id):
@@ -693,7 +712,7 @@ def _leave_signals_to_main(worker_id):
 
 
 def default_workers():
-    return min(8, os.cpu_count() or 1)
+    return min(8, distributed.local_share(os.cpu_count() or 1))  # [distributed] per process
 
 
 def _collate(batch):
@@ -743,14 +762,17 @@ class FinetuneTrainer:
     TRAINABLE_FRACTION = 0.5
     BACKBONE_LR_SCALE = 0.1
 
-    def __init__(self, args, scan, model, preprocess, device, cache_dir, resume):
+    def __init__(self, args, scan, model, preprocess, device, cache_dir, resume, job=None):
         self.args, self.scan, self.model, self.preprocess = args, scan, model, preprocess
         self.device, self.cache_dir, self.resume = device, cache_dir, resume
+        self.job = job or distributed.Single(device)
 
     def fit(self):
-        args = self.args
+        args, job = self.args, self.job
         if not self.resume:
             self.linear_probe()
+        if job.world_size > 1:
+            seed_everything(args.seed + job.rank)  # [distributed] dropout differs by rank
         model = self.model.to(self.device).to(memory_format=torch.channels_last)
         trainable = unfreeze_tail(model.backbone, self.TRAINABLE_FRACTION)
         head_params = list(model.head.parameters())
@@ -764,7 +786,11 @@ class FinetuneTrainer:
                   if args.balance else None)
         criterion = nn.CrossEntropyLoss(weight=weight.to(self.device) if weight is not None
                                         else None, label_smoothing=args.label_smoothing)
-        steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+        # [distributed] --batch_size is the global batch: each of N processes takes 1/N of it
+        sampler = job.train_sampler(train_set, args.seed)
+        batch_size = max(1, args.batch_size // job.world_size)
+        share = len(sampler) if sampler is not None else len(train_set)
+        steps_per_epoch = math.ceil(share / batch_size)
         total_steps = steps_per_epoch * args.epochs
         stopper, result, start_epoch = EarlyStopping(args.patience), Result(), 0
         if self.resume:
@@ -774,17 +800,23 @@ class FinetuneTrainer:
             stopper = EarlyStopping(args.patience, self.resume["early_stopping"])
             result.history = list(self.resume["history"])
             start_epoch = self.resume["epoch"]
+        net = job.wrap(model)  # [distributed] DDP: rank 0's weights to all, gradients averaged
         dtype = model_utils.autocast_dtype(self.device)
         with StopSignals() as signals:
             for epoch in range(start_epoch, args.epochs):
                 t0 = time.monotonic()
                 train_set.epoch = epoch
-                loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True,
-                                     generator=generator)
-                model.train()
+                if sampler is not None:
+                    sampler.set_epoch(epoch)  # [distributed] a new shuffle each epoch
+                loader = make_loader(train_set, batch_size, args.workers, shuffle=True,
+                                     generator=generator, sampler=sampler)
+                net.train()
                 freeze_batchnorm(model)
-                total, seen = 0.0, 0
-                progress = data_utils.Progress(len(train_set), f"epoch {epoch + 1} training")
+                total, seen, stopping = 0.0, 0, False
+                # [distributed] the sampler's padding repeats are trained on, not counted
+                real_left = distributed.real_count(len(train_set), job.rank, job.world_size)
+                progress = data_utils.Progress(share, f"epoch {epoch + 1} training",
+                                               stream=job.progress_stream)
                 for i, (x, y) in enumerate(loader):
                     lr = cosine_lr(epoch * steps_per_epoch + i, total_steps, args.learning_rate,
                                    steps_per_epoch // 2)
@@ -793,17 +825,24 @@ class FinetuneTrainer:
                     x = x.to(self.device).contiguous(memory_format=torch.channels_last)
                     y = y.to(self.device)
                     with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                        loss = criterion(model(x).float(), y)
+                        logits = net(x).float()
+                        loss = criterion(logits, y)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    total, seen = total + loss.item() * len(y), seen + len(y)
+                    real = min(len(y), real_left)
+                    if 0 < real < len(y):
+                        loss = criterion(logits[:real].detach(), y[:real])
+                    total, seen = total + loss.item() * real, seen + real
+                    real_left -= real
                     progress.update(len(y))
-                    if signals.signum:
+                    if job.any(signals.signum):  # [distributed] all ranks stop at the same step
+                        stopping = True
                         break
                 progress.close()
-                if signals.signum and seen < len(train_set):
-                    result.interrupted = signals.exit_status
+                total, seen = job.sum([total, seen])  # [distributed] over all real samples
+                if stopping and seen < len(train_set):
+                    result.interrupted = signals.exit_status or 128 + signal.SIGTERM
                     break  # an epoch cut short is not kept: resume repeats it
                 valid_loss, valid_acc = self.evaluate(model, "valid")
                 result.history.append(dict(epoch=epoch + 1, train_loss=total / seen,
@@ -816,8 +855,8 @@ class FinetuneTrainer:
                     print(f"early stop: valid loss has not improved for {args.patience} epochs; "
                           f"keeping epoch {stopper.best_epoch}")
                     break
-                if signals.signum:
-                    result.interrupted = signals.exit_status
+                if stopping or job.any(signals.signum):
+                    result.interrupted = signals.exit_status or 128 + signal.SIGTERM
                     break
         result.train_state = dict(model={k: v.clone() for k, v in model.state_dict().items()},
                                   optimizer=optimizer.state_dict(), rng=rng_state(generator),
@@ -829,7 +868,8 @@ class FinetuneTrainer:
         _, result.metrics["valid_acc"] = self.evaluate(model, "valid")
         if "test" in self.scan.samples:
             _, result.metrics["test_acc"], logits = self.evaluate(model, "test", keep=True)
-            result.test_probs = torch.softmax(logits, 1).numpy()
+            if logits is not None:
+                result.test_probs = torch.softmax(logits, 1).numpy()
         self.model = model.cpu().to(memory_format=torch.contiguous_format)
         return result
 
@@ -839,23 +879,31 @@ class FinetuneTrainer:
                                            "finetune": False})
         print("fine-tune step 1: the head on stored features")
         probe = FeatureTrainer(probe_args, self.scan, self.model, self.preprocess, self.device,
-                               self.cache_dir, None)
+                               self.cache_dir, None, self.job)
         probe.verbose = False
         probe.fit()
         print("fine-tune step 2: the backbone's last stages and the head, on augmented images")
 
     def evaluate(self, model, split, keep=False):
-        loader = make_loader(EvalDataset(self.scan.samples[split], self.preprocess),
+        """Loss and accuracy over a split (and, with keep in one process, the logits); under
+        torchrun each rank takes a share (no padding) and the sums are added up."""
+        samples = self.scan.samples[split]
+        share = [samples[i] for i in self.job.shard(len(samples))]
+        loader = make_loader(EvalDataset(share, self.preprocess),
                              model_utils.CPU_INFERENCE_BATCH if self.device.type == "cpu" else 128,
                              self.args.workers, shuffle=False)
         forward = model_utils.fast_forward(model, self.device)
-        logits, labels = [], []
+        loss_sum, correct, kept = 0.0, 0, []
         for x, y in loader:
-            logits.append(forward(x))
-            labels.append(y)
-        logits = torch.cat(logits)
-        loss, acc = evaluate_logits(logits, torch.cat(labels))
-        return (loss, acc, logits) if keep else (loss, acc)
+            logits = forward(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            kept.append(logits)
+        loss_sum, correct = self.job.sum([loss_sum, correct])
+        loss, acc = loss_sum / len(samples), correct / len(samples)
+        if not keep:
+            return loss, acc
+        return loss, acc, torch.cat(kept) if self.job.world_size == 1 else None
 
 
 def unfreeze_tail(backbone, fraction):
