@@ -113,9 +113,9 @@ def build_parser():
                        help="label smoothing (default: 0.1)")
     train.add_argument("--batch_size", type=int, default=64, metavar="N",
                        help="images per batch (default: 64)")
-    train.add_argument("--aug_views", type=int, default=2, metavar="N",
+    train.add_argument("--aug_views", type=int, default=1, metavar="N",
                        help="augmented views stored per training image, besides the plain one "
-                            "(default: 2)")
+                            "(default: 1)")
     train.add_argument("--finetune", action="store_true",
                        help="also train the backbone's last stages (slower, more accurate)")
     train.add_argument("--patience", type=int, default=10, metavar="N",
