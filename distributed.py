@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "TRAIN_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_MINUTES = 30
-# Only rank 0 scans the data while the others wait. A first scan of millions of images can
-# outlast any sensible collective timeout; a crashed rank 0 still ends that wait at once (its
-# connections close), so the wait has a long timeout of its own.
-SCAN_WAIT = datetime.timedelta(hours=24)
+# Rank 0 alone scans the data and alone trains the head while the others wait. A first scan of
+# millions of images can outlast any sensible collective timeout; a crashed rank 0 still ends
+# those waits at once (its connections close), so they have a long timeout of their own.
+LONG_WAIT = datetime.timedelta(hours=24)
 
 
 class PeerFailed(Exception):
@@ -190,6 +190,9 @@ class Single:
         """The model to train: DistributedDataParallel when there are several processes."""
         return model
 
+    def wait_for_main(self, what):
+        pass
+
 
 class Group(Single):
     """One process of a torchrun job."""
@@ -204,7 +207,7 @@ class Group(Single):
             dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout(), device_id=device)
         else:
             dist.init_process_group("gloo", timeout=timeout())
-        self.scan_group = dist.new_group(backend="gloo", timeout=SCAN_WAIT)
+        self.long_group = dist.new_group(backend="gloo", timeout=LONG_WAIT)
         self.host = socket.gethostname()
         # One name for this run's temporary files, the same in every process.
         self.token = self._broadcast(f"{self.host}-{os.getpid()}")
@@ -240,9 +243,9 @@ class Group(Single):
             try:
                 outcome = ("ok", fn())
             except UserError as err:
-                self._broadcast(("error", str(err)), self.scan_group)
+                self._broadcast(("error", str(err)), self.long_group)
                 raise
-        kind, value = self._broadcast(outcome, self.scan_group, "the scan of rank 0")
+        kind, value = self._broadcast(outcome, self.long_group, "the scan of rank 0")
         if kind == "error":
             raise PeerFailed("", status=2)
         return value
@@ -251,11 +254,16 @@ class Group(Single):
         """Rank 0's value, in every process: one decision where each could see another."""
         return self._broadcast(value, what="rank 0's decision")
 
-    def barrier(self, what="the other processes"):
+    def barrier(self, what="the other processes", group=None):
         try:
-            dist.barrier()
+            dist.barrier(group=group)
         except RuntimeError as err:
             raise self._peer_failed(what, err) from None
+
+    def wait_for_main(self, what):
+        """Wait until every process is here, with the long timeout: for the steps that rank 0
+        does alone (training the head, writing the checkpoint) while the others wait."""
+        self.barrier(what, self.long_group)
 
     def part_path(self, path):
         return f"{path}.part{self.rank}-{self.token}.npy"

@@ -195,11 +195,13 @@ def run(args):
                                     weights_path=args.weights)
     trainer = FeatureTrainer if not args.finetune else FinetuneTrainer
     result = trainer(args, scan, model, preprocess, device, cache_dir, resume, job).fit()
-    if result is None or not job.is_main:  # [distributed] rank 0 alone saves
+    if result is None or not job.is_main:  # [distributed] rank 0 alone saves; the others
+        job.wait_for_main("rank 0's checkpoint")  # wait for it and exit 0
         return 0
     checkpoint = make_checkpoint(args, scan, names, preprocess, model, result)
     path = os.path.join(args.save_dir, "checkpoint.pth")
     model_utils.save_checkpoint(checkpoint, path)
+    job.wait_for_main("rank 0's checkpoint")  # [distributed] the others may exit now
     if result.interrupted:
         print(f"interrupted after epoch {result.epoch}: saved {path}\n"
               f"resume with: {resume_command(args, path)}", file=sys.stderr)
@@ -882,6 +884,7 @@ class FinetuneTrainer:
                                self.cache_dir, None, self.job)
         probe.verbose = False
         probe.fit()
+        self.job.wait_for_main("rank 0's linear probe")  # [distributed] the head, on rank 0
         print("fine-tune step 2: the backbone's last stages and the head, on augmented images")
 
     def evaluate(self, model, split, keep=False):
