@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ class Scan:
     samples: dict                    # split -> [(path, class index)]
     skipped: list = field(default_factory=list)     # [(path, reason)]
     litter: Counter = field(default_factory=Counter)  # kind -> count
+    not_images: list = field(default_factory=list)  # [(path, reason)] of class-folder litter
     notes: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     sizes: list = field(default_factory=list)       # [(w, h)] of usable images
@@ -467,6 +468,7 @@ def _usable(paths, checks, scan):
             scan.digests[p] = c.digest
         elif c.litter:
             scan.litter["not an image by content"] += 1
+            scan.not_images.append((p, c.reason))
         else:
             scan.skipped.append((p, c.reason))
     return good
@@ -584,7 +586,9 @@ def _fingerprint(scan, checks):
     for split in sorted(scan.samples):
         for path, label in scan.samples[split]:
             c = checks[path]
-            h.update(f"{split}|{path}|{label}|{c.size}|{c.mtime_ns}\n".encode())
+            # Relative paths: the same folder typed another way reuses the same features.
+            rel = os.path.relpath(path, scan.root)
+            h.update(f"{split}|{rel}|{label}|{c.size}|{c.mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -697,6 +701,7 @@ def _left_out_lines(scan):
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(scan.litter.items()))
         lines.append(f"ignored, not images: {_plural(sum(scan.litter.values()), 'file')} "
                      f"({kinds})")
+        lines += [f"  {_rel(scan, path)}: {reason}" for path, reason in scan.not_images]
     lines.append(f"skipped, unusable images: {len(scan.skipped)}")
     lines += [f"  {_rel(scan, path)}: {reason}" for path, reason in scan.skipped]
     return lines
@@ -747,22 +752,26 @@ MAX_NAMES_BYTES = 10_000_000
 
 def read_category_names(path):
     """A JSON object mapping class folder names to display names."""
+    if not os.path.isfile(path):
+        what = "is not a regular file" if os.path.exists(path) else "no such file"
+        raise UserError(f"--category_names {path}: {what}; give a JSON file like "
+                        f'{{"1": "pink primrose"}}')
     try:
-        size = os.path.getsize(path)
-    except OSError:
-        raise UserError(f"--category_names {path}: no such file; give a JSON file like "
-                        f'{{"1": "pink primrose"}}') from None
-    if size > MAX_NAMES_BYTES:
-        raise UserError(f"--category_names {path}: {size} bytes is too large for a class-name "
-                        f"file (limit {MAX_NAMES_BYTES}); give a JSON object of class names")
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"--category_names {path}: not valid JSON ({err}); give a JSON object "
-                        f'like {{"1": "pink primrose"}}') from None
+        # Read at most one byte past the limit: the size check then holds for a file that
+        # grows or lies about its size.
+        with open(path, "rb") as f:
+            data = f.read(MAX_NAMES_BYTES + 1)
     except OSError as err:
         raise UserError(f"--category_names {path}: cannot read it ({err.strerror})") from None
+    if len(data) > MAX_NAMES_BYTES:
+        raise UserError(f"--category_names {path}: over {MAX_NAMES_BYTES} bytes is too large "
+                        f"for a class-name file; give a JSON object of class names")
+    try:
+        names = json.loads(data.decode("utf-8-sig"))
+    except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
+        why = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise UserError(f"--category_names {path}: not valid JSON ({why}); give a JSON object "
+                        f'like {{"1": "pink primrose"}}') from None
     if not isinstance(names, dict) or not all(isinstance(v, (str, int, float))
                                               for v in names.values()):
         raise UserError(f"--category_names {path}: must be a JSON object mapping class folder "

@@ -4,10 +4,14 @@ train.py and predict.py share this module. predict.py must start fast, so this m
 torchvision only when a torchvision backbone is asked for: the default backbone, EfficientNet-Lite,
 is defined here and needs torch alone.
 """
+import errno
 import logging
 import math
 import os
+import re
 import tempfile
+import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +145,7 @@ def build_lite_backbone(arch, weights_path=None):
                             weights_only=True)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_fc.")}
     backbone = EfficientNetLite.from_state_dict(state_dict)
-    backbone.load_state_dict(state_dict)
+    backbone.load_state_dict(state_dict, assign=True)  # no copy: 0.2 s less start-up on a CPU
     return backbone
 
 
@@ -287,20 +291,79 @@ def freeze(module):
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(checkpoint, path):
     """Write atomically: a temporary file in the same folder, fsynced, then renamed over path.
-    A crash at any moment leaves either the old file or the new one, never half of one."""
+    A crash at any moment leaves either the old file or the new one, never half of one; the
+    temporary files of runs that were killed are removed by the next save."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    prefix = f".tmp-{os.path.basename(path)}-"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder, prefix)
+        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
+    except OSError as err:
+        raise _write_error(path, err) from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         _remove_quietly(tmp)
-        raise
+        # torch.save reports an exception raised in a write (the OSError of a full disk, the
+        # KeyboardInterrupt of a second Ctrl-C) as a RuntimeError whose context is the real one.
+        while isinstance(err, RuntimeError) and err.__context__ is not None:
+            err = err.__context__
+        if isinstance(err, OSError):
+            raise _write_error(path, err) from None
+        raise err
     _fsync_dir(folder)
+
+
+# Errors of a full disk or a folder we may not write: the user's to fix, not a bug.
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+NOT_WRITABLE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _write_error(path, err):
+    """The one-line UserError for a failed checkpoint write, or err itself if it is a bug."""
+    if err.errno in DISK_FULL_ERRNOS:
+        fix = "free some disk space, or save to another disk with --save_dir"
+    elif err.errno in NOT_WRITABLE_ERRNOS:
+        fix = "choose a folder you can write to with --save_dir"
+    else:
+        return err
+    return UserError(f"cannot write the checkpoint {path}: {err.strerror}; {fix} (any "
+                     f"earlier {os.path.basename(path)} there is unchanged)")
+
+
+# A temporary file nobody has written to for this long belongs to a dead run, even when its
+# process id has been reused since.
+STALE_TEMPORARY_SECONDS = 3600
+
+
+def remove_stale_temporaries(folder, prefix):
+    """Remove the temporary files PREFIX<pid>... that killed runs left in folder: those whose
+    writer (the process id in the name) is gone. A concurrent run's file is left alone."""
+    for entry in os.scandir(folder):
+        if not entry.name.startswith(prefix):
+            continue
+        pid = re.match(r"\d*", entry.name[len(prefix):]).group()
+        try:
+            stale = time.time() - entry.stat().st_mtime > STALE_TEMPORARY_SECONDS
+        except OSError:
+            continue
+        if stale or (pid and not _process_alive(int(pid))):
+            _remove_quietly(entry.path)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # alive, owned by someone else
+    return True
 
 
 def _remove_quietly(path):
@@ -323,6 +386,7 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+MODEL_ARG_KEYS = {"arch", "num_classes", "hidden_units", "dropout"}
 REQUIRED_KEYS = ("format", "format_version", "model_args", "classes", "class_to_idx",
                  "preprocess", "state_dict")
 
@@ -333,7 +397,9 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path}: no such file; give the checkpoint.pth written by "
                         f"train.py")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged or foreign file
         why = _load_failure(path, err)
         raise UserError(f"checkpoint {path}: not a checkpoint of this tool ({why}); "
@@ -341,17 +407,26 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"checkpoint {path}: not a checkpoint of this tool (a bare state dict or "
                         f"another program's file); give the checkpoint.pth written by train.py")
-    if not isinstance(ckpt.get("format_version"), int) or ckpt["format_version"] > CHECKPOINT_VERSION:
-        raise UserError(f"checkpoint {path}: format version {ckpt.get('format_version')} is newer "
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"checkpoint {path}: format version {version!r} is not valid; the file "
+                        f"was altered or damaged, train again")
+    if version > CHECKPOINT_VERSION:
+        raise UserError(f"checkpoint {path}: format version {version} is newer "
                         f"than this tool reads ({CHECKPOINT_VERSION}); update this tool")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise UserError(f"checkpoint {path}: incomplete, missing {', '.join(missing)}; "
                         f"train again to get a whole checkpoint")
+    problem = _inconsistency(ckpt)
+    if problem:
+        raise UserError(f"checkpoint {path}: {problem}; the file was altered or damaged, "
+                        f"train again")
     return ckpt
 
 
 def _load_failure(path, err):
+    """Why torch.load failed, in words: not a PyTorch file, code refused, a cut-off file."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -359,9 +434,70 @@ def _load_failure(path, err):
         return _short(err)
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip (or a pickle)
         return "not a file saved by PyTorch"
-    if "Weights only load failed" in str(err):
-        return "it holds Python objects that a safe load refuses to run"
+    text = str(err)
+    if "GLOBAL" in text:
+        return "it holds Python code or objects that a safe load refuses to run"
+    if isinstance(err, EOFError) or "central directory" in text:
+        return "the file is truncated"
+    if "Weights only load failed" in text:
+        return "damaged, or another program's file"
     return _short(err)
+
+
+def _inconsistency(ckpt):
+    """What is wrong in how a checkpoint describes itself, or "": a file from elsewhere must
+    not make us build a giant model, divide by zero or mislabel the classes."""
+    args, classes, pre = ckpt["model_args"], ckpt["classes"], ckpt["preprocess"]
+    if not _valid_model_args(args):
+        return "its model arguments (arch, num_classes, hidden_units, dropout) are not valid"
+    if not _list_of(classes, str) or args["num_classes"] != len(classes):
+        return f"its class list does not match its model ({args['num_classes']} outputs)"
+    if ckpt["class_to_idx"] != {c: i for i, c in enumerate(classes)}:
+        return "its class_to_idx does not match its class list"
+    names = ckpt.get("class_names", classes)
+    if not _list_of(names, str) or len(names) != len(classes):
+        return "its class_names do not match its class list"
+    if not _valid_preprocess(pre):
+        return "its preprocessing (size, crop_pct, mean, std) is out of range"
+    if not isinstance(ckpt["state_dict"], dict):
+        return "its state_dict is not a mapping of tensors"
+    return ""
+
+
+def _valid_model_args(args):
+    return (isinstance(args, dict) and set(args) == MODEL_ARG_KEYS
+            and isinstance(args["arch"], str) and _number(args["num_classes"], 1, 1 << 20)
+            and _number(args["dropout"], 0.0, 0.999) and _list_of(args["hidden_units"], int)
+            and all(_number(u, -1, 1 << 20) for u in args["hidden_units"]))
+
+
+def _valid_preprocess(pre):
+    return (isinstance(pre, dict) and _number(pre.get("size"), 8, 4096)
+            and _number(pre.get("crop_pct"), 0.05, 1.0)
+            and all(_list_of(pre.get(k), (int, float)) and len(pre[k]) == 3
+                    for k in ("mean", "std"))
+            and all(_number(x, -10, 10) for x in pre["mean"])
+            and all(_number(x, 1e-6, 10) for x in pre["std"]))
+
+
+def _list_of(x, types):
+    return isinstance(x, list) and all(isinstance(v, types) and not isinstance(v, bool)
+                                       for v in x)
+
+
+def _stored_head_widths(state_dict):
+    """Output sizes of the head's Linear layers, in order, as the stored weights have them."""
+    widths = {}
+    for key, value in state_dict.items():
+        parts = str(key).split(".")
+        if len(parts) == 3 and parts[0] == "head" and parts[1].isdigit() and \
+                parts[2] == "weight" and getattr(value, "ndim", 0) == 2:
+            widths[int(parts[1])] = value.shape[0]
+    return [widths[i] for i in sorted(widths)]
+
+
+def _number(x, low, high):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and low <= x <= high
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):
@@ -371,10 +507,20 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
         raise UserError(f"checkpoint {path}: its class list ({len(ckpt['classes'])}) does not "
                         f"match its model ({args.get('num_classes')} outputs); the file was "
                         f"altered, train again")
-    model = build_model(pretrained=False, **args)
+    if args["arch"] not in LITE_ARCHS and args["arch"] not in torchvision_arch_names():
+        raise UserError(f"checkpoint {path}: unknown backbone {args['arch']!r}; the file was "
+                        f"altered or comes from a newer version of this tool")
+    # The head's sizes must be those of the stored weights before anything is allocated: a
+    # tampered hidden_units of a billion would otherwise exhaust memory.
+    wanted = [u for u in args["hidden_units"] if u > 0] + [args["num_classes"]]
+    if _stored_head_widths(ckpt["state_dict"]) != wanted:
+        raise UserError(f"checkpoint {path}: its head weights do not match its model arguments "
+                        f"(hidden_units {args['hidden_units']}, {args['num_classes']} classes); "
+                        f"the file was altered, train again")
     try:
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError, TypeError) as err:
+        model = build_model(pretrained=False, **args)
+        model.load_state_dict(ckpt["state_dict"], assign=True)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise UserError(f"checkpoint {path}: its weights do not fit its model ({_short(err)}); "
                         f"the file was altered, train again") from None
     return model.eval()

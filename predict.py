@@ -35,7 +35,8 @@ def build_parser():
     p.add_argument("image", nargs="+", metavar="IMAGE",
                    help="a photo, several photos, a folder (searched recursively) or a quoted "
                         "glob such as 'photos/*.jpg'")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pth written by train.py")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="checkpoint.pth written by train.py, or model.onnx from export.py")
     p.add_argument("--top_k", type=int, default=5, metavar="K",
                    help="how many of the most likely classes to show (default: 5)")
     p.add_argument("--category_names", metavar="JSON",
@@ -296,6 +297,8 @@ def read_image(item, preprocess):
         return None, f"image {path}: no such file; give the path of a photo"
     if os.path.isdir(path):
         return None, f"image {path}: is a folder; give the path of a photo"
+    if not os.path.isfile(path):  # a pipe or a device: reading it would block or never end
+        return None, f"image {path}: not a regular file; give the path of a photo"
     try:
         img = data_utils.load_rgb(path)
     except UnidentifiedImageError:
@@ -373,8 +376,8 @@ def top_k(probs, k):
     return top.tolist(), probs[top].tolist()
 
 
-def format_top_k(names, indices, probs):
-    width = max(len(names[i]) for i in indices)
+def format_top_k(names, indices, probs, width=None):
+    width = width or max(len(names[i]) for i in indices)
     return [f"{rank:>2}. {names[i]:<{width}}  {100 * p:5.1f}%"
             for rank, (i, p) in enumerate(zip(indices, probs), 1)]
 
@@ -383,11 +386,12 @@ def print_human(results, tops, names, single):
     if single:
         print("\n".join(format_top_k(names, *tops[0])))
         return
+    width = max(len(name) for name in names)  # one column of percentages for all images
     for result, top in zip(results, tops):
         if result.error:
             continue  # reported on stderr
         print(result.path)
-        print("\n".join("  " + line for line in format_top_k(names, *top)))
+        print("\n".join("  " + line for line in format_top_k(names, *top, width=width)))
 
 
 def json_document(results, tops, classes, names):

@@ -142,18 +142,26 @@ def summary_lines(summary):
     return lines
 
 
-def write_training_report(save_dir, model, scan, names, preprocess, device, history):
+def write_training_report(save_dir, model, scan, names, preprocess, device, history,
+                          test_probs=None):
     """End of a completed training run: the training curves and, when there is a test split,
-    the report on it, predicted by the trained network from the photos, in SAVE_DIR/report."""
+    the report on it, in SAVE_DIR/report. test_probs (in the order of scan.samples["test"]),
+    when training already computed them, spare a second pass over the photos."""
     out_dir = os.path.join(save_dir, "report")
     if "test" not in scan.samples:
         os.makedirs(out_dir, exist_ok=True)
         plot_curves(history, os.path.join(out_dir, REPORT_FILES["curves"]))
         print(f"report: {out_dir}/ (curves.png; no test split to evaluate)")
         return
-    import predict  # its batched, overlapped image reading
     started = time.monotonic()
     display = [names[c] for c in scan.classes]
+    if test_probs is not None:
+        paths, labels = zip(*scan.samples["test"])
+        summary = write_report(out_dir, test_probs, list(labels), scan.classes, display,
+                               list(paths), history)
+        _print_summary(summary, started)
+        return
+    import predict  # its batched, overlapped image reading
     predictor = predict.TorchPredictor.from_model(model, scan.classes, display, preprocess,
                                                   device)
     label_of = dict(scan.samples["test"])
@@ -162,6 +170,10 @@ def write_training_report(save_dir, model, scan, names, preprocess, device, hist
     summary = write_report(out_dir, np.stack([r.probs for r in results]),
                            [label_of[r.path] for r in results], scan.classes, display,
                            [r.path for r in results], history)
+    _print_summary(summary, started)
+
+
+def _print_summary(summary, started):
     lines = summary_lines(summary)
     lines[0] = lines[0].replace("evaluated", "test split:", 1)
     print("\n".join(lines) + f"  [{time.monotonic() - started:.1f}s]")
@@ -197,7 +209,11 @@ def _wrap(text, width):
 
 
 def _shorten(text, width):
-    return text if len(text) <= width else "..." + text[-(width - 3):]
+    """At most width characters, cut in the middle: both ends of a path say the most."""
+    if len(text) <= width:
+        return text
+    head = (width - 3) // 2
+    return text[:head] + "..." + text[-(width - 3 - head):]
 
 
 def _tail(path):
@@ -280,7 +296,7 @@ def plot_mistakes(path, mistakes, wrong, total):
         ax.imshow(_picture(image_path, square=240))
         ax.set_title(f"predicted: {_wrap(predicted, 24)} ({100 * prob:.0f}%)", fontsize=9,
                      color="#b00020")
-        ax.set_xlabel(f"true: {_wrap(true, 24)}\n{_shorten(_tail(image_path), 30)}",
+        ax.set_xlabel(f"true: {_wrap(true, 24)}\n{_shorten(os.path.basename(image_path), 32)}",
                       fontsize=9, color="#1b5e20")
     fig.suptitle(f"The {len(mistakes)} most confident mistakes ({wrong} wrong of {total} "
                  f"images)", fontsize=13)
@@ -330,7 +346,7 @@ def plot_predictions(path, shown):
         photo = fig.add_subplot(grid[row, 2 * col])
         photo.imshow(_picture(image_path))
         photo.axis("off")
-        photo.set_title(_shorten(_tail(image_path), 36), fontsize=10)
+        photo.set_title(_shorten(_tail(image_path), 40), fontsize=10)
         _bars(fig.add_subplot(grid[row, 2 * col + 1]), names, probs)
     _save(fig, path)
 

@@ -8,6 +8,7 @@ classifier head on the stored features for many epochs in seconds. --finetune al
 backbone's last stages, with augmentation on the fly.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,21 +16,35 @@ import math
 import os
 import platform
 import random
+import shlex
 import signal
 import sys
+import tempfile
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-import data_utils
-import distributed
-import feature_files
-import model_utils
-import report
-from data_utils import UserError
+def _stop_while_starting(signum, frame):
+    os.write(2, f"\n{signal.Signals(signum).name}: stopped\n".encode())
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    # Until main() takes over (torch takes seconds to import), a Ctrl-C or SIGTERM ends the
+    # program quietly, without a traceback: nothing has been written yet.
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, _stop_while_starting)
+
+import numpy as np  # noqa: E402 (after the signal handlers above)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import data_utils  # noqa: E402
+import distributed  # noqa: E402
+import feature_files  # noqa: E402
+import model_utils  # noqa: E402
+import report  # noqa: E402
+from data_utils import UserError  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -98,9 +113,9 @@ def build_parser():
                        help="label smoothing (default: 0.1)")
     train.add_argument("--batch_size", type=int, default=64, metavar="N",
                        help="images per batch (default: 64)")
-    train.add_argument("--aug_views", type=int, default=2, metavar="N",
+    train.add_argument("--aug_views", type=int, default=1, metavar="N",
                        help="augmented views stored per training image, besides the plain one "
-                            "(default: 2)")
+                            "(default: 1)")
     train.add_argument("--finetune", action="store_true",
                        help="also train the backbone's last stages (slower, more accurate)")
     train.add_argument("--patience", type=int, default=10, metavar="N",
@@ -128,12 +143,21 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signals = StopSignals()
     try:
-        return run(args)
+        with signals:
+            return run(args)
     except UserError as err:
         if distributed.error_line(err):  # [distributed] not the same line from every rank
             print(distributed.error_line(err), file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(stop, file=sys.stderr)
+        return signals.exit_status
+    except KeyboardInterrupt:  # a second stop signal: the atomic writes left nothing half done
+        print(f"{signal.Signals(signals.second or signal.SIGINT).name} again: stopped at once; "
+              f"this run saved no checkpoint, files saved before are intact", file=sys.stderr)
+        return 128 + (signals.second or signal.SIGINT)
     except distributed.PeerFailed as err:  # [distributed] another process's error is the one
         if str(err):
             print(str(err), file=sys.stderr)
@@ -151,6 +175,8 @@ def run(args):
         args.data_dir = args.data_dir or data_utils.write_digits(os.path.join(DEMO_DIR, "digits"))
         if args.save_dir == ".":
             args.save_dir = DEMO_DIR
+    if not args.check:
+        check_save_dir(args.save_dir)
     resume = load_resume(args)
     cache_dir = args.cache_dir or os.path.join(args.save_dir, "cache")
     scan = job.on_main(lambda: data_utils.scan_dataset(  # [distributed] rank 0 scans, all share
@@ -178,15 +204,43 @@ def run(args):
     job.wait_for_main("rank 0's checkpoint")  # [distributed] the others may exit now
     if result.interrupted:
         print(f"interrupted after epoch {result.epoch}: saved {path}\n"
-              f"resume with: python train.py {args.data_dir} --resume {path}"
-              f"{' --finetune' if args.finetune else ''}", file=sys.stderr)
+              f"resume with: {resume_command(args, path)}", file=sys.stderr)
         return result.interrupted
+    if StopSignals.active and StopSignals.active.signum:  # it came after the last epoch
+        print(f"{signal.Signals(StopSignals.active.signum).name} after the last epoch: saved "
+              f"{path}, complete", file=sys.stderr)
+        return StopSignals.active.exit_status
     if "test_acc" in result.metrics:
         print(f"test acc {100 * result.metrics['test_acc']:.1f}%")
     report.write_training_report(args.save_dir, model, scan, names, preprocess, device,
-                                 result.history)
+                                 result.history, result.test_probs)
     print(f"saved {path}  ({time.monotonic() - started:.1f}s in all)")
     return 0
+
+
+def resume_command(args, path):
+    """The command that continues this run: its options, then --resume PATH."""
+    words = ["python", "train.py", args.data_dir]
+    for action in build_parser()._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest in ("help", "demo", "resume") or \
+                value is None or value == action.default:
+            continue
+        words.append(action.option_strings[0])
+        if action.nargs != 0:  # not a switch like --balance
+            words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return shlex.join(words + ["--resume", path])
+
+
+def check_save_dir(save_dir):
+    """Fail now, not after hours of training, when the checkpoint could not be written."""
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=save_dir):
+            pass
+    except OSError as err:
+        raise UserError(f"--save_dir {save_dir}: cannot write there ({err.strerror}); choose a "
+                        f"folder you can write to") from None
 
 
 def check_options(args):
@@ -232,7 +286,7 @@ def load_resume(args):
         raise UserError(f"--resume {args.resume}: holds no training state to continue from; "
                         f"train again without --resume")
     saved = ckpt["args"]
-    for key in ("arch", "finetune", "hidden_units", "seed"):
+    for key in ("arch", "finetune", "hidden_units", "seed", "image_size"):
         if saved.get(key) != getattr(args, key):
             raise UserError(f"--resume {args.resume}: was trained with --{key} {saved.get(key)}, "
                             f"this run asks for {getattr(args, key)}; use the same options")
@@ -247,33 +301,116 @@ class Result:
         self.history, self.metrics = [], {}
         self.epoch, self.best_epoch, self.interrupted = 0, 0, 0
         self.train_state = None
+        self.test_probs = None  # numpy (test images, classes), in scan order
 
 
 class StopSignals:
-    """Turn SIGINT/SIGTERM into a request to stop at the next safe point; a second one stops
-    at once (the atomic save means nothing is left half written)."""
+    """SIGINT/SIGTERM stop the run cleanly. Before training (scan, features) stopping at once
+    loses nothing, so the first signal raises Stopped; once training runs (after defer()) it
+    asks the loop to stop at the next safe point, and a second one stops at once (the atomic
+    save leaves nothing half written). One is active at a time: entering another (a trainer
+    inside main) gives the active one. The scan's forked workers ignore SIGINT (a terminal's
+    Ctrl-C reaches them too; the main process decides) and die of SIGTERM (how a process pool
+    ends them)."""
+    active = None
 
     def __init__(self):
-        self.signum = 0
+        self.signum = self.second = 0
+        self.deferred = False
+        self.pid = os.getpid()
 
     def __enter__(self):
+        if StopSignals.active:
+            return StopSignals.active
+        StopSignals.active = self
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous_unraisablehook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def __exit__(self, *exc):
+        if StopSignals.active is not self:
+            return
+        StopSignals.active = None
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = self.previous_unraisablehook
+
+    def defer(self):
+        """From now on a first signal asks to stop at the next safe point. A signal that came
+        before, but whose Stopped was swallowed (see _unraisable), stops the run here."""
+        self.check()
+        self.deferred = True
+
+    @contextlib.contextmanager
+    def step_by_step(self):
+        """Within: a first signal stops at the next check(), not at once, so that the data
+        loader's workers are never left halfway through handing over a batch."""
+        deferred, self.deferred = self.deferred, True
+        try:
+            yield self
+        finally:
+            self.deferred = deferred
+
+    def check(self):
+        """A safe point before training: stop here if a signal came."""
+        if self.signum:
+            raise self._stopped()
+
+    def _stopped(self):
+        return Stopped(f"{signal.Signals(self.signum).name}: stopped before training began; "
+                       f"nothing to save yet: run the same command again (the finished data "
+                       f"scan and features are reused)")
+
+    def _unraisable(self, unraisable):
+        # Python drops an exception raised where it cannot propagate (an at-fork hook that a
+        # signal interrupted, say) and prints it: ours are not errors, and defer() acts on them.
+        if not isinstance(unraisable.exc_value, (Stopped, KeyboardInterrupt)):
+            self.previous_unraisablehook(unraisable)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked worker
+            if signum == signal.SIGTERM:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
         if self.signum:
+            self.second = signum
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step; press Ctrl-C again "
-              f"to stop at once", file=sys.stderr)
+        if not self.deferred:
+            raise self._stopped()
+        _say_now(f"\n{signal.Signals(signum).name}: stopping after this step; press Ctrl-C "
+                 f"again to stop at once\n")
 
     @property
     def exit_status(self):
         return 128 + self.signum if self.signum else 0
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Head batches are tiny matrix products: one thread runs them 4x faster than two on a
+    busy 2-core CPU (measured), where threads mostly wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Stopped(BaseException):
+    """A stop signal before training: nothing to save. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` takes it for an error of its own."""
+
+
+def _say_now(text):
+    """Write from a signal handler: os.write takes no lock, so it cannot collide with the
+    print that the signal interrupted."""
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (AttributeError, ValueError, OSError):  # a stream without a file, as under pytest
+        print(text, end="", file=sys.stderr)
 
 
 def cosine_lr(step, total_steps, peak, warmup_steps):
@@ -332,11 +469,11 @@ def evaluate_logits(logits, labels):
     return loss, acc
 
 
-def evaluate_rows(head, features, labels, device, chunk=1024):
+def evaluate_rows(head, features, labels, device, chunk=1024, keep_probs=False):
     """Loss and accuracy of the head over stored features, read a chunk at a time so memory
-    does not grow with the data."""
+    does not grow with the data; with keep_probs, also the probabilities (rows, classes)."""
     head.eval()
-    total_loss, correct = 0.0, 0
+    total_loss, correct, probs = 0.0, 0, []
     with torch.no_grad():
         for start in range(0, len(labels), chunk):
             x = torch.from_numpy(features[start:start + chunk]).float().to(device)
@@ -344,7 +481,10 @@ def evaluate_rows(head, features, labels, device, chunk=1024):
             logits = head(x)
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
-    return total_loss / len(labels), correct / len(labels)
+            if keep_probs:
+                probs.append(torch.softmax(logits, 1).cpu().numpy())
+    loss, acc = total_loss / len(labels), correct / len(labels)
+    return (loss, acc, np.concatenate(probs)) if keep_probs else (loss, acc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,8 +528,9 @@ class FeatureTrainer:
             set_rng_state(self.resume["rng"], generator)
             stopper = EarlyStopping(args.patience, self.resume["early_stopping"])
             result.history = list(self.resume["history"])
-            start_epoch = self.resume["epoch"]
-        with StopSignals() as signals:
+            start_epoch = result.epoch = self.resume["epoch"]
+        with StopSignals() as signals, single_thread():
+            signals.defer()
             for epoch in range(start_epoch, args.epochs):
                 t0 = time.monotonic()
                 head.train()
@@ -422,7 +563,7 @@ class FeatureTrainer:
                         print(f"early stop: valid loss has not improved for {args.patience} "
                               f"epochs; keeping epoch {stopper.best_epoch}")
                     break
-                if signals.signum:
+                if signals.signum and epoch + 1 < args.epochs:
                     result.interrupted = signals.exit_status
                     break
         result.train_state = dict(head={k: v.clone() for k, v in head.state_dict().items()},
@@ -434,7 +575,8 @@ class FeatureTrainer:
         head.eval()
         _, result.metrics["valid_acc"] = evaluate_rows(head, valid_x, valid_y, self.device)
         if "test" in features:
-            _, result.metrics["test_acc"] = evaluate_rows(head, *features["test"], self.device)
+            _, result.metrics["test_acc"], result.test_probs = evaluate_rows(
+                head, *features["test"], self.device, keep_probs=True)
         self.model.head = head.cpu()
         return result
 
@@ -449,9 +591,12 @@ class FeatureTrainer:
             print(f"features: {split} from the cache {path}")
             return feature_files.Rows(path), np.load(label_path)
         samples = self.scan.samples[split]
-        return extract_features(backbone, samples, self.preprocess, views, self.args.seed,
-                                self.device, self.args.workers, path, label_path, split,
-                                self.job)
+        # The data loader draws from the global random stream: keep that stream as it was, so
+        # training goes the same whether the features came from the cache or not.
+        with torch.random.fork_rng(devices=[]):
+            return extract_features(backbone, samples, self.preprocess, views, self.args.seed,
+                                    self.device, self.args.workers, path, label_path, split,
+                                    self.job)
 
     def cache_key(self, split, views):
         parts = dict(version=FEATURE_CACHE_VERSION, arch=self.args.arch,
@@ -511,8 +656,8 @@ def extract_features(backbone, samples, preprocess, views, seed, device, workers
     batch = model_utils.CPU_INFERENCE_BATCH if device.type == "cpu" else 128
     rows = job.shard(len(dataset), batch)  # [distributed] all rows in a single process
     loader = make_loader(torch.utils.data.Subset(dataset, rows), batch, workers, shuffle=False)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = job.part_path(path)
+    label_tmp = f"{label_path}.tmp-{os.getpid()}.npy"
     # Row i is view i % (1 + views) of image i // (1 + views), as in ViewDataset.
     labels = np.repeat(np.array([label for _, label in samples], dtype=np.int64), 1 + views)
     forward = model_utils.fast_forward(backbone, device)
@@ -520,20 +665,35 @@ def extract_features(backbone, samples, preprocess, views, seed, device, workers
     if job.world_size > 1:
         desc += f" [rank 0's share of {job.world_size}]"
     progress = data_utils.Progress(len(rows), desc, stream=job.progress_stream)
+    signals = StopSignals.active or StopSignals()  # called on its own: nothing sets a signal
     try:
-        with feature_files.RowWriter(tmp, len(rows), backbone.num_features) as out:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        for done in (path, label_path):  # what a killed run left
+            model_utils.remove_stale_temporaries(os.path.dirname(done),
+                                                 os.path.basename(done) + ".tmp-")
+        with signals.step_by_step(), \
+                feature_files.RowWriter(tmp, len(rows), backbone.num_features) as out:
             for x, _ in loader:
                 out.write(forward(x).numpy())
                 progress.update(len(x))
+                signals.check()
         if job.is_main:
-            np.save(label_path, labels)
+            np.save(label_tmp, labels)
+            os.replace(label_tmp, label_path)
         job.join_parts(tmp, path, len(dataset))  # [distributed] rank 0 joins the shares
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as err:
+        for leftover in (tmp, label_tmp):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        if isinstance(err, OSError) and err.errno in CACHE_WRITE_ERRNOS:
+            raise UserError(f"cannot write the feature cache {path}: {err.strerror}; free some "
+                            f"disk space or pass --cache_dir DIR on another disk") from None
         raise
     progress.close()
     return feature_files.Rows(path) if job.is_main else None, labels
+
+
+CACHE_WRITE_ERRNOS = model_utils.DISK_FULL_ERRNOS | model_utils.NOT_WRITABLE_ERRNOS
 
 
 def make_loader(dataset, batch_size, workers, shuffle, generator=None, sampler=None):
@@ -541,7 +701,16 @@ def make_loader(dataset, batch_size, workers, shuffle, generator=None, sampler=N
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=workers, generator=generator, persistent_workers=False,
-        prefetch_factor=4 if workers else None, collate_fn=_collate)
+        prefetch_factor=4 if workers else None, collate_fn=_collate,
+        worker_init_fn=_leave_signals_to_main if workers else None)
+
+
+def _leave_signals_to_main(worker_id):
+    """Loader workers ignore stop signals: the main process ends them cleanly when it stops.
+    (A worker killed by a SIGTERM sent to the whole process group, as by a cluster's job
+    scheduler, would make the loader raise in the main process.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def default_workers():
@@ -700,7 +869,9 @@ class FinetuneTrainer:
         result.best_epoch = stopper.best_epoch
         _, result.metrics["valid_acc"] = self.evaluate(model, "valid")
         if "test" in self.scan.samples:
-            _, result.metrics["test_acc"] = self.evaluate(model, "test")
+            _, result.metrics["test_acc"], logits = self.evaluate(model, "test", keep=True)
+            if logits is not None:
+                result.test_probs = torch.softmax(logits, 1).numpy()
         self.model = model.cpu().to(memory_format=torch.contiguous_format)
         return result
 
@@ -716,22 +887,26 @@ class FinetuneTrainer:
         self.job.wait_for_main("rank 0's linear probe")  # [distributed] the head, on rank 0
         print("fine-tune step 2: the backbone's last stages and the head, on augmented images")
 
-    def evaluate(self, model, split):
-        """Loss and accuracy over a split; under torchrun each rank takes a share (no padding)
-        and the sums are added up over the ranks."""
+    def evaluate(self, model, split, keep=False):
+        """Loss and accuracy over a split (and, with keep in one process, the logits); under
+        torchrun each rank takes a share (no padding) and the sums are added up."""
         samples = self.scan.samples[split]
         share = [samples[i] for i in self.job.shard(len(samples))]
         loader = make_loader(EvalDataset(share, self.preprocess),
                              model_utils.CPU_INFERENCE_BATCH if self.device.type == "cpu" else 128,
                              self.args.workers, shuffle=False)
         forward = model_utils.fast_forward(model, self.device)
-        loss_sum, correct = 0.0, 0
+        loss_sum, correct, kept = 0.0, 0, []
         for x, y in loader:
             logits = forward(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
+            kept.append(logits)
         loss_sum, correct = self.job.sum([loss_sum, correct])
-        return loss_sum / len(samples), correct / len(samples)
+        loss, acc = loss_sum / len(samples), correct / len(samples)
+        if not keep:
+            return loss, acc
+        return loss, acc, torch.cat(kept) if self.job.world_size == 1 else None
 
 
 def unfreeze_tail(backbone, fraction):

@@ -8,13 +8,14 @@
 (b) throughput on DIR: predict's batch path (reading, decoding and preprocessing in threads,
     the whole network, softmax) against the bare backbone forward pass on the same preprocessed
     batches, already in memory (goal: within 10%). Serial decoding is timed too, to show what
-    the reading threads buy. Passes alternate; each figure is the best of --repeats.
+    the reading threads buy. Passes alternate; each figure is the median of --rounds.
 
-Other programs running on the machine make single timings noisy: compare the figures of one
-run, which were taken side by side.
+Other programs running on the machine make wall times noisy: compare the figures of one run,
+which were taken side by side. CPU times (user + system, all threads) are steadier under load.
 """
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,39 +34,55 @@ def build_parser():
                    "no throughput run)")
     p.add_argument("--runs", type=int, default=5, metavar="N",
                    help="timed start-ups of each command, after a warm-up (default: 5)")
-    p.add_argument("--repeats", type=int, default=2, metavar="N",
-                   help="throughput passes of each kind; the best counts (default: 2)")
-    p.add_argument("--limit", type=int, default=400, metavar="N",
-                   help="images of --folder used, to bound memory and time (default: 400)")
+    p.add_argument("--rounds", type=int, default=5, metavar="N",
+                   help="throughput rounds, each one pass of every kind in turn; the median "
+                        "counts (default: 5)")
+    p.add_argument("--limit", type=int, default=96, metavar="N",
+                   help="images of --folder used, to bound memory and time (default: 96)")
     p.add_argument("--skip_startup", action="store_true", help="only the throughput run")
     return p
 
 
-def wall(cmd):
+def timed(cmd):
+    """(wall seconds, CPU seconds of the child: user + system) of one run of cmd."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    cwd=ROOT)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def startup(checkpoint, image, runs):
-    predict_cmd = [sys.executable, os.path.join(ROOT, "predict.py"), image, checkpoint]
-    import_cmd = [sys.executable, "-c", "import torch, torchvision"]
-    wall(predict_cmd), wall(import_cmd)  # warm-up: files into the page cache
-    times = {"predict": [], "import": []}
+    commands = {
+        "python predict.py ONE.jpg CHECKPOINT": [
+            sys.executable, os.path.join(ROOT, "predict.py"), os.path.abspath(image),
+            os.path.abspath(checkpoint)],
+        "python -c 'import torch, torchvision'": [
+            sys.executable, "-c", "import torch, torchvision"],
+    }
+    for cmd in commands.values():  # warm-up: files into the page cache
+        timed(cmd)
+    times = {name: [] for name in commands}
     for _ in range(runs):
-        times["predict"].append(wall(predict_cmd))
-        times["import"].append(wall(import_cmd))
-    p, i = statistics.median(times["predict"]), statistics.median(times["import"])
-    print(f"start-up, median of {runs} (runs alternate):")
-    print(f"  python predict.py ONE.jpg CHECKPOINT    {p:6.2f} s   "
-          f"(all: {', '.join(f'{t:.2f}' for t in times['predict'])})")
-    print(f"  python -c 'import torch, torchvision'   {i:6.2f} s   "
-          f"(all: {', '.join(f'{t:.2f}' for t in times['import'])})")
-    print(f"  ratio predict / import: {p / i:.2f}  (goal: 1.0 or less)")
+        for name, cmd in commands.items():
+            times[name].append(timed(cmd))
+    print(f"start-up, median of {runs} runs after a warm-up (the two commands alternate):")
+    medians = {}
+    for name, pairs in times.items():
+        walls, cpus = zip(*pairs)
+        medians[name] = statistics.median(walls), statistics.median(cpus)
+        print(f"  {name:<38} wall {medians[name][0]:5.2f} s  CPU {medians[name][1]:5.2f} s   "
+              f"(walls: {', '.join(f'{t:.2f}' for t in walls)})")
+    (p_wall, p_cpu), (i_wall, i_cpu) = medians.values()
+    print(f"  ratio predict / import: wall {p_wall / i_wall:.2f}, CPU {p_cpu / i_cpu:.2f}  "
+          f"(goal: 1.0 or less)")
 
 
-def throughput(checkpoint, folder, repeats, limit):
+def throughput(checkpoint, folder, rounds, limit):
+    import contextlib
+    import io
     import numpy as np
     import torch
     import model_utils
@@ -84,20 +101,24 @@ def throughput(checkpoint, folder, repeats, limit):
         "predict batch path (serial reading)":
             lambda: predict.predict_paths(predictor, items, threads=0),
     }
-    best = {name: float("inf") for name in passes}
-    for name, fn in passes.items():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in passes.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    bare = best["bare backbone forward (batches in memory)"]
+    names = list(passes)
+    times = {name: [] for name in passes}
+    with contextlib.redirect_stderr(io.StringIO()):  # predict's progress bars
+        for name in names:  # warm-up
+            passes[name]()
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
+                wall, cpu = time.perf_counter(), time.process_time()
+                passes[name]()
+                times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
     print(f"throughput on {len(items)} images of {folder}, batch {size}, "
-          f"{torch.get_num_threads()} torch threads, best of {repeats}:")
-    for name, seconds in best.items():
-        print(f"  {name:<44} {len(items) / seconds:6.1f} images/s  "
-              f"({seconds / bare:.2f}x the bare backbone's time)")
+          f"{torch.get_num_threads()} torch threads, median of {rounds} rounds:")
+    bare_wall, bare_cpu = (statistics.median(x) for x in zip(*times[names[0]]))
+    for name in names:
+        wall, cpu = (statistics.median(x) for x in zip(*times[name]))
+        print(f"  {name:<42} {len(items) / wall:6.1f} images/s ({wall / bare_wall:.2f}x the "
+              f"bare time)  CPU {1000 * cpu / len(items):5.1f} ms/image "
+              f"({cpu / bare_cpu:.2f}x)")
 
 
 def main(argv=None):
@@ -111,7 +132,7 @@ def main(argv=None):
             sys.exit("error: give --image or --folder for the start-up run")
         startup(args.checkpoint, image, args.runs)
     if args.folder:
-        throughput(args.checkpoint, args.folder, args.repeats, args.limit)
+        throughput(args.checkpoint, args.folder, args.rounds, args.limit)
     return 0
 
 

@@ -13,6 +13,8 @@ import http.client
 import io
 import json
 import os
+import select
+import socket
 import sys
 import threading
 import time
@@ -30,6 +32,7 @@ import serve  # noqa: E402
 
 BAD_KINDS = ("not an image", "truncated", "empty", "oversize")
 MAX_UPLOAD_MB = 1.0  # small, so that "oversize" uploads stay cheap to send
+EXPECT_CONTINUE_OVER = 64 * 1024  # bodies larger than this wait for the server's go-ahead
 
 
 def build_parser():
@@ -137,7 +140,44 @@ class Client:
                 f"filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n").encode() + \
             data + f"\r\n--{boundary}--\r\n".encode()
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        if len(body) > EXPECT_CONTINUE_OVER:
+            return self.request_expecting_continue(path, body, headers)
         return self.request("POST", path, body, headers)
+
+    def request_expecting_continue(self, path, body, headers):
+        """POST with "Expect: 100-continue": send the body only once the server asks for it.
+        A server that refuses the upload from its headers (413) answers at once and closes;
+        without this, a client still sending would see a broken pipe instead of the 413."""
+        self.close()
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            self.conn.putrequest("POST", path)
+            for key, value in {**headers, "Content-Length": str(len(body)),
+                               "Expect": "100-continue"}.items():
+                self.conn.putheader(key, value)
+            self.conn.endheaders()
+            if self._wait_for_continue():
+                self.conn.send(body)
+            response = self.conn.getresponse()
+            raw = response.read()
+        except (ConnectionError, http.client.HTTPException, OSError) as err:
+            self.close()
+            return type(err).__name__, None
+        self.close()
+        return response.status, json.loads(raw) if raw else None
+
+    def _wait_for_continue(self, timeout=5.0):
+        """True if the server said 100 Continue (consumed here) or said nothing in time;
+        False if its final answer is already there."""
+        sock = self.conn.sock
+        if not select.select([sock], [], [], timeout)[0]:
+            return True
+        if not sock.recv(13, socket.MSG_PEEK).startswith(b"HTTP/1.1 100"):
+            return False
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            interim += sock.recv(1)
+        return True
 
     def request(self, method, path, body=None, headers=None):
         while True:

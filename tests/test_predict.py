@@ -186,6 +186,18 @@ def test_evaluate_writes_the_report(trained, test_dir, tmp_path, capsys):
     assert f"{100 * metrics['accuracy']:.1f}%" in out
 
 
+def test_evaluate_reports_bad_images_and_scores_the_rest(trained, test_dir, tmp_path, capsys):
+    folder = tmp_path / "labelled"
+    shutil.copytree(test_dir, folder)
+    (folder / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    status, out, err = run_predict(capsys, folder, trained["checkpoint"], "--evaluate",
+                                   "--report_dir", tmp_path / "rep")
+    assert status == 1
+    assert out.startswith("evaluated 12 images: ")
+    assert f"error: image {folder / 'cat' / 'broken.jpg'}: cannot be read: " in err
+    assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["images"] == 12
+
+
 def test_evaluate_names_unknown_classes(trained, test_dir, tmp_path, capsys):
     folder = tmp_path / "labelled"
     shutil.copytree(test_dir, folder)

@@ -92,6 +92,17 @@ def test_answer_matches_the_predictor(server, client):
     assert abs(answer["predictions"][0]["probability"] - float(probs.max())) < 1e-5
 
 
+def test_large_photo_under_the_limit_is_sent_after_100_continue(server, client):
+    from PIL import Image
+    noise = np.random.default_rng(0).integers(0, 256, size=(250, 250, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG")
+    assert 100_000 < len(buf.getvalue()) < LIMIT
+    status, answer = client.post_file("/predict", "noise.png", buf.getvalue(),
+                                      content_type="image/png")
+    assert status == 200 and answer["image"] == "noise.png"
+
+
 def test_file_name_is_only_echoed_never_a_path(server, client):
     _, data = photo_bytes(server)
     status, answer = client.post_file("/predict", "../../etc/passwd", data)
