@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import export
 import predict
@@ -210,6 +211,7 @@ def test_without_the_optional_packages_export_says_what_to_install(monkeypatch, 
 
 def test_without_onnxruntime_predict_says_what_to_install(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "photo.jpg")
     assert predict.main([str(tmp_path / "photo.jpg"), str(tmp_path / "model.onnx")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1
