@@ -10,7 +10,6 @@ import model_utils
 import predict
 import train
 from conftest import FAST
-from data_utils import UserError
 
 
 def test_checkpoint_describes_itself(trained):

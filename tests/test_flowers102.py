@@ -4,7 +4,6 @@ import hashlib
 import io
 import os
 import shutil
-import sys
 import tarfile
 import time
 
