@@ -463,12 +463,6 @@ class EarlyStopping:
                     bad_epochs=self.bad_epochs, best_weights=self.best_weights)
 
 
-def evaluate_logits(logits, labels):
-    loss = F.cross_entropy(logits, labels).item()
-    acc = (logits.argmax(1) == labels).float().mean().item()
-    return loss, acc
-
-
 def evaluate_rows(head, features, labels, device, chunk=1024, keep_probs=False):
     """Loss and accuracy of the head over stored features, read a chunk at a time so memory
     does not grow with the data; with keep_probs, also the probabilities (rows, classes)."""
