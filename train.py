@@ -25,7 +25,9 @@ import time
 
 def _stop_while_starting(signum, frame):
     os.write(2, f"\n{signal.Signals(signum).name}: stopped\n".encode())
-    raise SystemExit(128 + signum)
+    # Exit at once: an exception raised inside torch's import can abort the interpreter, and
+    # nothing has been written yet that would need cleaning up.
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":

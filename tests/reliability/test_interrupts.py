@@ -83,7 +83,7 @@ def test_stop_signals_at_random_moments(tmp_path, tiny_data, reference, tally):
     phases = {"before start-up": 0, "before training": 0, "during training": 0,
               "after the last epoch": 0}
     missed, i = 0, -1
-    while stops.tried < 20 and i < 40:
+    while stops.tried < 20 and i < 100:  # on a fast machine many signals land after the run
         i += 1
         signum = signal.SIGINT if i % 4 < 2 else signal.SIGTERM
         save = tmp_path / f"save{i}"
