@@ -348,8 +348,7 @@ def check_files(paths, cache, workers):
             todo.append(path)
     if todo:
         progress = Progress(len(todo), "checking images")
-        for path, check in zip(todo, _map_checks(todo, workers, progress)):
-            results[path] = check
+        results.update(zip(todo, _map_checks(todo, workers, progress)))
         kinds = Counter("usable" if c.ok else "not images" if c.litter else "unusable"
                         for c in (results[p] for p in todo))
         progress.close("  " + ", ".join(f"{n} {k}" for k, n in kinds.items()))
@@ -357,18 +356,28 @@ def check_files(paths, cache, workers):
 
 
 def _map_checks(paths, workers, progress):
+    """[check_file(path) for path in paths], in worker processes when there are many."""
+    checks = []
     if workers <= 1 or len(paths) < 64:
         for path in paths:
-            check = check_file(path)
+            checks.append(check_file(path))
             progress.update()
-            yield check
-        return
+        return checks
     import multiprocessing as mp
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers) as pool:
+    pool = ctx.Pool(workers)
+    try:
         for check in pool.imap(check_file, paths, chunksize=16):
+            checks.append(check)
             progress.update()
-            yield check
+    except BaseException:  # an error or a stop signal: end the workers now
+        pool.terminate()
+        raise
+    # Not terminate() (what `with Pool()` calls): it can hang forever when the workers are idle
+    # (CPython issue 78178). After close() the workers exit of themselves.
+    pool.close()
+    pool.join()
+    return checks
 
 
 def _scan_cache_path(cache_dir, root):

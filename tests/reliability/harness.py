@@ -9,6 +9,7 @@ signal handlers, stdout and stderr to files, the exit status of SystemExit, a tr
 with one compute thread (see _one_thread).
 real_run() starts the real interpreter, for the few checks that concern start-up itself.
 """
+import faulthandler
 import io
 import multiprocessing
 import os
@@ -54,9 +55,12 @@ class Run:
         """The exit status as subprocess gives it (-N: killed by signal N); kills on timeout."""
         self.process.join(timeout)
         if self.process.exitcode is None:
+            self.signal(signal.SIGUSR1)  # faulthandler (see _child) writes where it hangs
+            time.sleep(1)
             self.signal(signal.SIGKILL)
             self.process.join()
-            raise TimeoutError(f"still running after {timeout}s: see {self.err_path}")
+            raise TimeoutError(f"still running after {timeout}s; its stderr ends:\n"
+                               f"{self.stderr[-3000:]}")
         self.returncode = self.process.exitcode
         return self.returncode
 
@@ -108,6 +112,7 @@ def _child(script, argv, out_path, err_path, file_size_limit):
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
     sys.stdin = open(os.devnull)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # Run.wait's report of a hang
     sys.argv = [script] + argv
     multiprocessing.set_start_method(None, force=True)  # the platform's default, not the server's
     signal.signal(signal.SIGINT, signal.default_int_handler)
