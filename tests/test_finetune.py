@@ -1,0 +1,82 @@
+"""--finetune: what it trains, its micro-batched steps, and resuming it."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import model_utils
+import predict
+import train
+from conftest import FAST
+from test_checkpoint import interrupt_after_epoch
+
+FINETUNE = [*FAST, "--finetune", "--epochs", "3", "--patience", "0"]
+
+
+def _model_and_batch(seed=0):
+    torch.manual_seed(seed)
+    model = model_utils.build_model("efficientnet_lite0", 3, [0], dropout=0.0)
+    train.unfreeze_tail(model.backbone, train.FinetuneTrainer.TRAINABLE_FRACTION)
+    model.train()
+    train.freeze_batchnorm(model)
+    x = torch.randn(10, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1, 0])
+    return model, x, y
+
+
+@pytest.mark.parametrize("weight", [None, torch.tensor([0.5, 1.0, 3.0])])
+def test_micro_batches_take_the_same_step_as_one_batch(weight):
+    """Gradients of micro-batches of 4, 4 and 2 images add up to the whole batch's, also for a
+    class-weighted loss with label smoothing (a weighted mean over the batch)."""
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)
+    model, x, y = _model_and_batch()
+    other = copy.deepcopy(model)
+    steps = []
+    for net, micro in ((model, len(y)), (other, 4)):
+        optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+        logits = train.train_step(net, optimizer, criterion, x, y, None, micro)
+        assert logits.shape == (len(y), 3) and not logits.requires_grad
+        steps.append(net.state_dict())
+    changed = [k for k in steps[0] if not torch.equal(steps[0][k], _model_and_batch()[0]
+                                                      .state_dict()[k])]
+    assert changed, "the step changed no weight"
+    for key in steps[0]:
+        torch.testing.assert_close(steps[0][key], steps[1][key], rtol=1e-5, atol=1e-6,
+                                   msg=key)
+
+
+def test_finetune_trains_the_last_stages_and_predict_uses_it(tmp_path, image_folder, capsys):
+    assert train.main([image_folder, "--save_dir", str(tmp_path), *FINETUNE]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tune step 2" in out and "epoch 3/3  train loss " in out and "test acc " in out
+    ckpt = model_utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert ckpt["finetuned"] is True
+    pretrained = model_utils.build_model("efficientnet_lite0", 3).state_dict()
+    tuned = ckpt["state_dict"]
+    assert torch.equal(tuned["backbone._conv_stem.weight"],
+                       pretrained["backbone._conv_stem.weight"])  # the early layers stay frozen
+    assert not torch.equal(tuned["backbone._conv_head.weight"],
+                           pretrained["backbone._conv_head.weight"])
+    image = os.path.join(image_folder, "test", "fox", "000.jpg")
+    assert predict.main([image, str(tmp_path / "checkpoint.pth"), "--top_k", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_finetune_resume_ends_like_an_uninterrupted_run(tmp_path, image_folder, monkeypatch,
+                                                        capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    cache = ["--cache_dir", str(tmp_path / "cache")]
+    assert train.main([image_folder, "--save_dir", str(full), *FINETUNE, *cache]) == 0
+    with monkeypatch.context() as m:
+        interrupt_after_epoch(m, 1)
+        assert train.main([image_folder, "--save_dir", str(part), *FINETUNE, *cache]) == 130
+    assert "resume with: python train.py" in capsys.readouterr().err
+    assert train.main([image_folder, "--save_dir", str(part), *FINETUNE, *cache,
+                       "--resume", str(part / "checkpoint.pth")]) == 0
+    a = torch.load(full / "checkpoint.pth", weights_only=True)
+    b = torch.load(part / "checkpoint.pth", weights_only=True)
+    assert a["metrics"] == b["metrics"] and a["history"] == b["history"]
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
