@@ -697,8 +697,7 @@ def extract_features(backbone, samples, preprocess, views, seed, device, workers
 CACHE_WRITE_ERRNOS = model_utils.DISK_FULL_ERRNOS | model_utils.NOT_WRITABLE_ERRNOS
 
 
-def make_loader(dataset, batch_size, workers, shuffle, generator=None, sampler=None,
-                device=None):
+def make_loader(dataset, batch_size, workers, shuffle, device, generator=None, sampler=None):
     workers = default_workers(device) if workers is None else workers
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
@@ -715,13 +714,13 @@ def _leave_signals_to_main(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def default_workers(device=None):
+def default_workers(device):
     """Decoding processes of one training process. On a CPU they take cores from the backbone:
     decoding and augmenting an image costs about a fifth of its backbone step (2.7 ms against
     12-16 ms), and on 2 cores one worker ran the feature pass 1.1x and fine-tuning 1.2x faster
     than two (measured), so one worker per four cores. An accelerator wants all it can get."""
     cores = distributed.local_share(os.cpu_count() or 1)  # [distributed] per process
-    if device is None or device.type == "cpu":
+    if device.type == "cpu":
         return max(1, cores // 4)
     return min(8, cores)
 
