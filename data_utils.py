@@ -139,13 +139,17 @@ IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionB
                 Image.DecompressionBombWarning, UnidentifiedImageError)
 
 
-def resize_and_crop(img, size, crop_pct):
-    """Resize the shorter side to size / crop_pct, then crop the centre size x size."""
+RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def resize_and_crop(img, size, crop_pct, upscale="bicubic"):
+    """Resize the shorter side to size / crop_pct, then crop the centre size x size. Shrinking
+    is bicubic; enlarging uses the `upscale` filter."""
     short = int(round(size / crop_pct))
     w, h = img.size
     scale = short / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.BICUBIC)
+    img = img.resize((new_w, new_h), RESIZE_FILTERS[upscale if scale > 1 else "bicubic"])
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return img.crop((left, top, left + size, top + size))
 
@@ -159,7 +163,9 @@ def to_normalized_array(img, mean, std):
 
 def eval_array(img, preprocess):
     """The evaluation preprocessing shared by training (valid/test) and prediction."""
-    img = resize_and_crop(img, preprocess["size"], preprocess["crop_pct"])
+    # Checkpoints from before "upscale" was stored were trained with bicubic throughout.
+    img = resize_and_crop(img, preprocess["size"], preprocess["crop_pct"],
+                          preprocess.get("upscale", "bicubic"))
     return to_normalized_array(img, preprocess["mean"], preprocess["std"])
 
 

