@@ -54,14 +54,33 @@ def test_finetune_trains_the_last_stages_and_predict_uses_it(tmp_path, image_fol
     ckpt = model_utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))
     assert ckpt["finetuned"] is True
     pretrained = model_utils.build_model("efficientnet_lite0", 3).state_dict()
-    tuned = ckpt["state_dict"]
-    assert torch.equal(tuned["backbone._conv_stem.weight"],
+    last = ckpt["train_state"]["model"]  # the last epoch's weights
+    assert torch.equal(last["backbone._conv_stem.weight"],
                        pretrained["backbone._conv_stem.weight"])  # the early layers stay frozen
-    assert not torch.equal(tuned["backbone._conv_head.weight"],
+    assert not torch.equal(last["backbone._conv_head.weight"],
                            pretrained["backbone._conv_head.weight"])
+    # The checkpoint holds the best epoch: a fine-tuned one, or the linear probe (epoch 0)
+    kept = ckpt["state_dict"]["backbone._conv_head.weight"]
+    assert torch.equal(kept, pretrained["backbone._conv_head.weight"]) == (ckpt["epoch"] == 0)
     image = os.path.join(image_folder, "test", "fox", "000.jpg")
     assert predict.main([image, str(tmp_path / "checkpoint.pth"), "--top_k", "3"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_finetune_that_does_worse_than_the_linear_probe_keeps_the_probe(tmp_path, image_folder,
+                                                                     monkeypatch, capsys):
+    monkeypatch.setattr(train.FinetuneTrainer, "BACKBONE_LR_SCALE", 1e4)  # wrecks the backbone
+    assert train.main([image_folder, "--save_dir", str(tmp_path), *FINETUNE]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning did not lower the valid loss of the linear probe" in out
+    ckpt = model_utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    pretrained = model_utils.build_model("efficientnet_lite0", 3).state_dict()
+    assert ckpt["epoch"] == 0 and ckpt["epochs_run"] == 3
+    for key, value in pretrained.items():
+        if key.startswith("backbone."):
+            assert torch.equal(ckpt["state_dict"][key], value), key
+    best_finetuned = min(h["valid_loss"] for h in ckpt["history"])
+    assert ckpt["train_state"]["early_stopping"]["best_loss"] < best_finetuned  # the probe's
 
 
 def test_finetune_resume_ends_like_an_uninterrupted_run(tmp_path, image_folder, monkeypatch,
