@@ -123,6 +123,8 @@ def tampered_files(folder, good_path, marker):
                  lambda c: c["model_args"].update(weights_path="/etc/passwd"))
     save_altered("image size of a million", lambda c: c["preprocess"].update(size=10 ** 6))
     save_altered("crop_pct 0", lambda c: c["preprocess"].update(crop_pct=0))
+    save_altered("an unknown upscale filter", lambda c: c["preprocess"].update(upscale="lanczos"))
+    save_altered("upscale a list", lambda c: c["preprocess"].update(upscale=["bilinear"]))
     save_altered("std of zeros", lambda c: c["preprocess"].update(std=[0, 0, 0]))
     save_altered("mean of two numbers", lambda c: c["preprocess"].update(mean=[0.5, 0.5]))
     files["a bare state dict"] = _torch_save(good["state_dict"], folder, "bare-state-dict")
