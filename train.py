@@ -360,7 +360,9 @@ class StopSignals:
             return
         StopSignals.active = None
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            # After the run, while the process exits, the start-up handler's os._exit would
+            # drop output still buffered and report a finished run as stopped: ignore instead.
+            signal.signal(s, signal.SIG_IGN if handler is _stop_while_starting else handler)
         sys.unraisablehook = self.previous_unraisablehook
 
     def defer(self):

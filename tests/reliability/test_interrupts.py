@@ -80,8 +80,8 @@ def test_stop_signals_at_random_moments(tmp_path, tiny_data, reference, tally):
     resumes = tally("resume equivalence (random stops)", "the resumed (or rerun) run ends with "
                     "the same metrics, history and head weights as an uninterrupted one")
     rng = random.Random(3)
-    phases = {"before start-up": 0, "before training": 0, "during training": 0,
-              "after the last epoch": 0}
+    phases = {"before start-up": 0, "during start-up": 0, "before training": 0,
+              "during training": 0, "after the last epoch": 0}
     missed, i = 0, -1
     while stops.tried < 20 and i < 100:  # on a fast machine many signals land after the run
         i += 1
@@ -110,6 +110,11 @@ def test_stop_signals_at_random_moments(tmp_path, tiny_data, reference, tally):
             # as a shell's 128 + N): nothing was written.
             phase = "before start-up"
             ok = not save.exists()
+        elif err == f"\n{name}: stopped\n" and not run.stdout:
+            # train.py's own start-up handler (before main() takes over): nothing written.
+            phase = "during start-up"
+            ok = ok and not save.exists()
+            resume_args = args
         elif re.search(rf"^{name}: stopped before training began; nothing to save yet: run "
                        rf"the same command again", err, re.M):
             phase = "before training"
@@ -288,3 +293,21 @@ def test_resume_refuses_other_options(tmp_path, tiny_data, stop_at_epochs, capsy
     other = [a if a != "32" else "40" for a in args]
     assert train.main(other + ["--resume", str(tmp_path / "checkpoint.pth")]) == 2
     assert "--image_size" in capsys.readouterr().err
+
+
+def test_signal_after_the_run_is_ignored():
+    """Once main() has ended, the start-up handler is not put back: its os._exit would drop
+    buffered output and turn a finished run's status 0 into 130/143."""
+    previous = {s: signal.signal(s, train._stop_while_starting)
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with train.StopSignals():
+            assert signal.getsignal(signal.SIGINT) is not train._stop_while_starting
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        with train.StopSignals():  # any other handler is put back as it was
+            pass
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
