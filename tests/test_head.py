@@ -60,13 +60,13 @@ def test_the_head_trains_on_augmented_views_only_where_they_lower_the_valid_loss
         views_like_valid, expected):
     trainer = feature_trainer(aug_views=1)
     train_rows, valid = synthetic_features(views_like_valid)
-    assert trainer.choose_views(trainer.model.head, train_rows, valid) == expected
+    assert trainer.choose_views(train_rows, valid) == expected
 
 
 def test_always_augment_keeps_the_augmented_views():
     trainer = feature_trainer(aug_views=1, always_augment=True)
     train_rows, valid = synthetic_features(views_like_valid=False)
-    assert trainer.choose_views(trainer.model.head, train_rows, valid) == 1
+    assert trainer.choose_views(train_rows, valid) == 1
 
 
 def test_train_py_says_which_views_the_head_used_and_resume_keeps_them(tmp_path, image_folder,
