@@ -313,7 +313,7 @@ def load_resume(args):
             raise UserError(f"--resume {args.resume}: was trained with --{key} {saved.get(key)}, "
                             f"this run asks for {getattr(args, key)}; use the same options")
     # Checkpoints from before the choice of views trained on all the stored views.
-    views = state.setdefault("views_used", args.aug_views)
+    views = state.setdefault("views_used", saved.get("aug_views", args.aug_views))
     if not args.finetune and not (type(views) is int and 0 <= views <= args.aug_views):
         raise UserError(f"--resume {args.resume}: its head trained on {views} augmented views, "
                         f"this run stores {args.aug_views}; use --aug_views "

@@ -95,6 +95,21 @@ def test_resume_refuses_a_view_count_this_run_does_not_store(tmp_path, image_fol
     assert "augmented views" in err and "--aug_views 1" in err and err.count("\n") == 1
 
 
+def test_resume_of_a_checkpoint_from_before_the_choice_refuses_fewer_views(tmp_path,
+                                                                         image_folder, capsys):
+    # Such checkpoints have no views_used: their head trained on all the views they stored
+    assert train.main([image_folder, *FAST, "--always_augment", "--save_dir", str(tmp_path)]) == 0
+    path = tmp_path / "checkpoint.pth"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["train_state"]["views_used"]
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    assert train.main([image_folder, *FAST, "--aug_views", "0", "--epochs", "5",
+                       "--save_dir", str(tmp_path), "--resume", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "augmented views" in err and "--aug_views 1" in err and err.count("\n") == 1
+
+
 def sharp_edge_image(size=16, dark=50, light=200):
     arr = np.full((size, size, 3), dark, dtype=np.uint8)
     arr[:, size // 2:] = light
