@@ -142,7 +142,7 @@ IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionB
 RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
-def resize_and_crop(img, size, crop_pct, upscale="bicubic"):
+def resize_and_crop(img, size, crop_pct, upscale):
     """Resize the shorter side to size / crop_pct, then crop the centre size x size. Shrinking
     is bicubic; enlarging uses the `upscale` filter."""
     short = int(round(size / crop_pct))
@@ -161,11 +161,15 @@ def to_normalized_array(img, mean, std):
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def upscale_filter(preprocess):
+    # Checkpoints from before "upscale" was stored were trained with bicubic throughout.
+    return preprocess.get("upscale", "bicubic")
+
+
 def eval_array(img, preprocess):
     """The evaluation preprocessing shared by training (valid/test) and prediction."""
-    # Checkpoints from before "upscale" was stored were trained with bicubic throughout.
     img = resize_and_crop(img, preprocess["size"], preprocess["crop_pct"],
-                          preprocess.get("upscale", "bicubic"))
+                          upscale_filter(preprocess))
     return to_normalized_array(img, preprocess["mean"], preprocess["std"])
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_utils import RESIZE_FILTERS, UserError
+from data_utils import RESIZE_FILTERS, UserError, upscale_filter
 
 log = logging.getLogger(__name__)
 
@@ -478,8 +478,7 @@ def _valid_model_args(args):
 def _valid_preprocess(pre):
     return (isinstance(pre, dict) and _number(pre.get("size"), 8, 4096)
             and _number(pre.get("crop_pct"), 0.05, 1.0)
-            and isinstance(pre.get("upscale", "bicubic"), str)
-            and pre.get("upscale", "bicubic") in RESIZE_FILTERS
+            and isinstance(upscale_filter(pre), str) and upscale_filter(pre) in RESIZE_FILTERS
             and all(_list_of(pre.get(k), (int, float)) and len(pre[k]) == 3
                     for k in ("mean", "std"))
             and all(_number(x, -10, 10) for x in pre["mean"])
