@@ -1,17 +1,22 @@
-"""Training benchmark: our modes against a plain linear probe and fastai, on one data set.
+"""Training benchmark panel: our modes against a plain linear probe, on several data sets.
 
-    python bench/train_bench.py DATA_DIR [--seeds 1] [--skip finetune fastai]
+    python bench/train_bench.py SET [SET ...] [--seeds N] [--skip finetune]
 
 Each contender runs as its own process, one after another, on the same data and backbone
-(EfficientNet-Lite0), with empty caches, and the table gives test accuracy, wall seconds (the
-whole process: imports, scan, features, training) and the ratio to the reference's wall time.
+(EfficientNet-Lite0), with empty caches. Per set, the table gives test accuracy and wall
+seconds (the whole process: imports, scan, features, training) of:
 
 1. reference: frozen backbone features of the plain images (fp32, as a straightforward script
-   computes them), then scikit-learn's LogisticRegression;
+   computes them), then scikit-learn's LogisticRegression, with C=1 (its default) and with C
+   chosen on the valid split (one process, one feature pass, two fits);
 2. train.py with default options;
 3. train.py --finetune;
-4. fastai's vision_learner(...).fine_tune(3) with the same backbone weights (skipped with a
-   note when fastai is not installed).
+4. fastai's vision_learner(...).fine_tune(3) with the same backbone weights (only with
+   --fastai; a note when fastai is not installed).
+
+Sets whose test split has fewer than 500 photos run --seeds seeds of our modes (default 3),
+larger ones one: the table shows the mean. The reference has no randomness and runs once.
+Make few-shot copies of a set with bench/few_shot.py.
 """
 import argparse
 import os
@@ -24,49 +29,76 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The reference's grid of C when it is chosen on the valid split.
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+FEW_TEST_PHOTOS = 500  # below this, our modes run several seeds
+NOT_INSTALLED = 3  # the exit status of a contender whose library is missing
+SKIP_NOTES = {"fastai": "fastai is not installed (pip install fastai)",
+              "reference": "scikit-learn is not installed"}
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("data_dir", metavar="DATA_DIR", help="folder with train/ valid/ test/")
-    p.add_argument("--seeds", type=int, default=1, metavar="N",
-                   help="seeds per contender; the table shows the mean (default: 1)")
+    p.add_argument("sets", nargs="+", metavar="SET",
+                   help="folders with train/ valid/ test/ class folders")
+    p.add_argument("--seeds", type=int, default=3, metavar="N",
+                   help=f"seeds of our modes on sets whose test split has fewer than "
+                        f"{FEW_TEST_PHOTOS} photos; the table shows the mean (default: 3)")
     p.add_argument("--skip", nargs="*", default=[], metavar="NAME",
-                   choices=["reference", "default", "finetune", "fastai"],
+                   choices=["reference", "default", "finetune"],
                    help="contenders to leave out")
+    p.add_argument("--fastai", action="store_true",
+                   help="also run fastai's fine_tune(3) (at --fastai_size px)")
     p.add_argument("--size", type=int, default=224, metavar="PX",
                    help="input size of the reference (default: 224, as train.py)")
     p.add_argument("--fastai_size", type=int, default=128, metavar="PX",
-                   help="input size of fastai (default: 128, the setting of the figure in the "
-                        "issue that asked for this benchmark)")
+                   help="input size of fastai (default: 128)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    rows = []
-    for name in ("reference", "default", "finetune", "fastai"):
-        if name in args.skip:
-            continue
-        size = args.fastai_size if name == "fastai" else args.size
-        runs = [run_contender(name, args.data_dir, seed, size) for seed in range(args.seeds)]
-        done = [r for r in runs if not isinstance(r, str)]
-        if not done:
-            rows.append(dict(name=name, note=runs[0]))
-            continue
-        rows.append(dict(name=name, seeds=len(done), acc=statistics.mean(a for a, _ in done),
-                         wall=statistics.mean(w for _, w in done)))
-    print_table(rows)
+    contenders = [c for c in ("reference", "default", "finetune") if c not in args.skip]
+    contenders += ["fastai"] if args.fastai else []
+    rows = [bench_set(data_dir, contenders, args) for data_dir in args.sets]
+    print()
+    print_table(rows, contenders)
     return 0
 
 
-NOT_INSTALLED = 3  # the exit status of a contender whose library is missing
-SKIP_NOTES = {"fastai": "skipped: fastai is not installed (pip install fastai)",
-              "reference": "skipped: scikit-learn is not installed"}
+def bench_set(data_dir, contenders, args):
+    counts = {s: count_photos(os.path.join(data_dir, s)) for s in ("train", "valid", "test")}
+    classes = len(os.listdir(os.path.join(data_dir, "train")))
+    seeds = args.seeds if counts["test"] < FEW_TEST_PHOTOS else 1
+    row = dict(set=os.path.basename(os.path.normpath(data_dir)), classes=classes,
+               regime=regime(counts, classes), seeds=seeds, acc={}, wall={})
+    for name in contenders:
+        size = args.fastai_size if name == "fastai" else args.size
+        runs = [run_contender(name, data_dir, seed, size)
+                for seed in range(1 if name == "reference" else seeds)]
+        done = [r for r in runs if not isinstance(r, str)]
+        if not done:
+            row["acc"][name] = runs[0]
+            continue
+        for key in done[0][0]:
+            row["acc"][key] = statistics.mean(accs[key] for accs, _ in done)
+        row["wall"][name] = statistics.mean(w for _, w in done)
+    return row
+
+
+def count_photos(folder):
+    return sum(len(files) for _, _, files in os.walk(folder)) if os.path.isdir(folder) else 0
+
+
+def regime(counts, classes):
+    per_class = counts["train"] / classes
+    return (f"{counts['train']}/{counts['valid']}/{counts['test']}, "
+            f"~{per_class:.0f} train a class")
 
 
 def run_contender(name, data_dir, seed, size):
-    """(test accuracy in percent, wall seconds), or a note saying why there is none."""
+    """({result name: test accuracy in percent}, wall seconds), or a note saying why there is
+    none. The reference reports two results: C=1 and C tuned on valid."""
     work = tempfile.mkdtemp(prefix=f"bench-{name}-")
     try:
         if name == "reference":
@@ -81,37 +113,63 @@ def run_contender(name, data_dir, seed, size):
         wall = time.monotonic() - start
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    found = re.search(r"^test acc (\d+(?:\.\d+)?)%$", done.stdout, re.M)
     if done.returncode == NOT_INSTALLED and name in SKIP_NOTES:
         return SKIP_NOTES[name]
+    found = dict(re.findall(r"^test acc(?: \((.*?)\))? (\d+(?:\.\d+)?)%", done.stdout, re.M))
     if done.returncode != 0 or not found:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         print(f"{name} (seed {seed}): no result: {tail[0]}", file=sys.stderr)
-        return f"failed (exit status {done.returncode}): {tail[0][:80]}"
-    print(f"{name} (seed {seed}): test acc {found.group(1)}%  {wall:.1f}s", file=sys.stderr)
-    return float(found.group(1)), wall
+        return f"failed (exit status {done.returncode}): {tail[0][:60]}"
+    accs = {f"{name} {key}".strip(): float(acc) for key, acc in found.items()}
+    print(f"{os.path.basename(os.path.normpath(data_dir))} {name} (seed {seed}): "
+          f"{accs}  {wall:.1f}s", file=sys.stderr, flush=True)
+    return accs, wall
 
 
-def print_table(rows):
-    """One row per contender; wall time also as a ratio to the reference's and fastai's."""
-    walls = {r["name"]: r["wall"] for r in rows if "wall" in r}
-    print(f"{'contender':<12}{'seeds':>6}{'test acc':>10}{'wall s':>9}{'x reference':>13}"
-          f"{'x fastai':>10}")
+def print_table(rows, contenders):
+    """One row per set: accuracies, then wall seconds and their ratio to the reference's; a
+    last row with the mean accuracy over the sets."""
+    acc_cols = [k for k in ("reference C=1", "reference C tuned", "default", "finetune",
+                            "fastai") if any(k in r["acc"] for r in rows)]
+    wall_cols = [c for c in contenders if c != "reference"]
+    head = f"{'set':<14}{'train/valid/test, regime':<32}{'seeds':>6}"
+    head += "".join(f"{short(k):>10}" for k in acc_cols)
+    head += f"{'ref s':>8}" + "".join(f"{c + ' s':>12}{'x ref':>7}" for c in wall_cols)
+    print(head)
     for r in rows:
-        if "note" in r:
-            print(f"{r['name']:<12}  {r['note']}")
-            continue
-        ratios = [f"{r['wall'] / walls[b]:.2f}" if b in walls else "-"
-                  for b in ("reference", "fastai")]
-        print(f"{r['name']:<12}{r['seeds']:>6}{r['acc']:>9.1f}%{r['wall']:>9.1f}{ratios[0]:>13}"
-              f"{ratios[1]:>10}")
+        line = f"{r['set']:<14}{r['regime']:<32}{r['seeds']:>6}"
+        line += "".join(f"{cell(r['acc'].get(k)):>10}" for k in acc_cols)
+        ref = r["wall"].get("reference")
+        line += f"{ref:>8.0f}" if ref else f"{'-':>8}"
+        for c in wall_cols:
+            wall = r["wall"].get(c)
+            line += f"{wall:>12.0f}" if wall else f"{'-':>12}"
+            line += f"{wall / ref:>7.2f}" if wall and ref else f"{'-':>7}"
+        print(line)
+    means = [statistics.mean(r["acc"][k] for r in rows)
+             if all(isinstance(r["acc"].get(k), float) for r in rows) else None
+             for k in acc_cols]
+    print(f"{'mean':<52}" + "".join(f"{cell(m):>10}" for m in means))
+    for r in rows:
+        for k, v in r["acc"].items():
+            if isinstance(v, str):
+                print(f"{r['set']} {k}: {v}")
+
+
+def short(key):
+    return {"reference C=1": "ref C=1", "reference C tuned": "ref tuned"}.get(key, key)
+
+
+def cell(value):
+    return f"{value:.1f}%" if isinstance(value, float) else "-"
 
 
 # ---------------------------------------------------------------------------------------------
 # The contenders that are not train.py, each run in its own process
 # ---------------------------------------------------------------------------------------------
 def reference(data_dir, seed, size):
-    """Plain linear probe: fp32 features of the centre crops, then LogisticRegression."""
+    """Plain linear probe: fp32 features of the centre crops, then LogisticRegression with C=1
+    and with C chosen by accuracy on the valid split (fit on train alone)."""
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError:
@@ -137,10 +195,15 @@ def reference(data_dir, seed, size):
                 ys.append(y.numpy())
         return np.concatenate(xs), np.concatenate(ys)
 
-    train_x, train_y = features("train")
-    test_x, test_y = features("test")
-    clf = LogisticRegression(max_iter=2000, random_state=seed).fit(train_x, train_y)
-    print(f"test acc {100 * clf.score(test_x, test_y):.1f}%")
+    def fit(train, c):
+        return LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(*train)
+
+    train, valid, test = features("train"), features("valid"), features("test")
+    print(f"test acc (reference C=1) {100 * fit(train, 1.0).score(*test):.1f}%")
+    # max() keeps the first of equals: the smallest C, the strongest regularisation
+    best_c = max(C_GRID, key=lambda c: fit(train, c).score(*valid))
+    print(f"test acc (reference C tuned) {100 * fit(train, best_c).score(*test):.1f}%  "
+          f"(C={best_c:g})")
     return 0
 
 
