@@ -192,6 +192,9 @@ def train_augment(preprocess, strength="default"):
 # ---------------------------------------------------------------------------------------------
 # Progress
 # ---------------------------------------------------------------------------------------------
+CLEAR_LINE_END = "\033[K"  # a shorter redraw leaves no characters of the longer one
+
+
 class Progress:
     """A one-line progress bar on stderr; on a non-terminal only the final line is written."""
 
@@ -211,13 +214,24 @@ class Progress:
     def _draw(self, now, suffix="", end=""):
         frac = self.done / self.total if self.total else 1.0
         bar = "#" * int(frac * 24)
-        rate = self.done / max(now - self.start, 1e-9)
+        elapsed = now - self.start
+        rate = self.done / max(elapsed, 1e-9)
+        left = f" {clock(max(0, self.total - self.done) / rate)} left" if 0 < frac < 1 else ""
         self.stream.write(f"\r{self.desc} [{bar:<24}] {self.done}/{self.total} "
-                          f"{now - self.start:5.1f}s {rate:6.1f}/s{suffix}{end}")
+                          f"{clock(elapsed)} {rate:6.1f}/s{left}{suffix}{CLEAR_LINE_END * self.live}{end}")
         self.stream.flush()
 
     def close(self, suffix=""):
         self._draw(time.monotonic(), suffix, end="\n")
+
+
+def clock(seconds):
+    """5.2s, 3:07 or 1:02:09: short for a progress bar, exact enough to plan a coffee."""
+    if seconds < 60:
+        return f"{seconds:4.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 # ---------------------------------------------------------------------------------------------
