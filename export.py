@@ -15,7 +15,7 @@ Every export is checked before the file is written: on real photos (the test ima
 the checkpoint was trained on, or --check_images DIR; generated images where neither is there)
 ONNX Runtime's probabilities must match PyTorch's within 1e-4 and name the same top class.
 
-Needs the optional packages of requirements-export.txt (onnx, onnxruntime).
+Needs the optional packages of the export extra (onnx, onnxruntime): pip install -e '.[export]'.
 """
 import argparse
 import json
@@ -30,12 +30,13 @@ import numpy as np
 
 import data_utils
 from data_utils import UserError
+from version import __version__
 
 ONNX_FORMAT = "image-classifier-onnx"
 ONNX_FORMAT_VERSION = 1
 OPSET = 17
 PARITY_ATOL = 1e-4          # the largest |probability difference| a float export may show
-INSTALL_HINT = "pip install -r requirements-export.txt"
+INSTALL_HINT = "pip install -e '.[export]'"
 
 
 class CheckFailed(Exception):
@@ -47,6 +48,7 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="Export a checkpoint from train.py to an ONNX model (softmax included, "
                     "class names and preprocessing in its metadata), checked against PyTorch.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pth written by train.py")
     p.add_argument("--out", metavar="PATH",
                    help="the .onnx file to write (default: model.onnx beside the checkpoint, "

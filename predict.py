@@ -21,6 +21,7 @@ from PIL import UnidentifiedImageError
 
 import data_utils
 from data_utils import UserError
+from version import __version__
 
 # Images drawn in one --plot grid: beyond this a grid is too small to read.
 PLOT_LIMIT = 24
@@ -32,6 +33,7 @@ IMAGE_FIX = "give a JPEG, PNG, WebP, BMP, TIFF or GIF photo"
 def build_parser():
     p = argparse.ArgumentParser(
         description="Predict the class of images with a checkpoint from train.py.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("image", nargs="+", metavar="IMAGE",
                    help="a photo, several photos, a folder (searched recursively) or a quoted "
                         "glob such as 'photos/*.jpg'")
@@ -186,7 +188,7 @@ class OnnxPredictor:
             import onnxruntime as ort
         except ImportError:
             raise UserError(f"model {path}: an ONNX model needs onnxruntime: "
-                            f"pip install -r requirements-export.txt") from None
+                            f"pip install -e '.[export]'") from None
         if not os.path.isfile(path):
             raise UserError(f"model {path}: no such file; give the .onnx file written by "
                             f"export.py")

@@ -20,8 +20,8 @@ file name is only echoed back, never used as a path; an upload stalled for a min
 past --max_concurrent requests in progress the answer is 503. Model and images go through predict.load_predictor and
 data_utils.load_rgb/eval_array, so answers are those of predict.py.
 
-Needs the optional packages of requirements-export.txt (fastapi, uvicorn, python-multipart; and
-onnxruntime for an .onnx model).
+Needs the optional packages of the serve extra (fastapi, uvicorn, python-multipart:
+pip install -e '.[serve]'; and those of the export extra for an .onnx model).
 """
 import argparse
 import base64
@@ -41,9 +41,10 @@ import numpy as np
 import data_utils
 import predict
 from data_utils import UserError
+from version import __version__
 
 log = logging.getLogger("serve")
-INSTALL_HINT = "pip install -r requirements-export.txt"
+INSTALL_HINT = "pip install -e '.[serve]'"
 # Room for the multipart boundaries and headers around the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
 UPLOAD_TIMEOUT_S = 60
@@ -56,6 +57,7 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="Serve a model from train.py (checkpoint) or export.py (.onnx) as a web "
                     "page and a JSON API.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("model", metavar="CHECKPOINT_OR_ONNX",
                    help="checkpoint.pth written by train.py, or model.onnx written by export.py")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR",

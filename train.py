@@ -48,6 +48,7 @@ import feature_files  # noqa: E402
 import model_utils  # noqa: E402
 import report  # noqa: E402
 from data_utils import UserError  # noqa: E402
+from version import __version__  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -76,6 +77,7 @@ def build_parser():
                "  python train.py photos --split 0.8 0.1 0.1        # one folder of classes\n"
                "  python train.py flowers --check                   # the data report only\n"
                "  python train.py --demo                            # handwritten digits, offline")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     data = p.add_argument_group("Dataset")
     data.add_argument("data_dir", nargs="?", metavar="DATA_DIR",
                       help="folder with train/ and valid/ (or val/) and optional test/ class "

@@ -19,7 +19,7 @@ from conftest import FLOWERS5, ROOT, needs_flowers5
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx and onnxruntime are not installed "
-                                "(optional: pip install -r requirements-export.txt)")
+                                "(optional: pip install -e '.[export]')")
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_without_the_optional_packages_export_says_what_to_install(monkeypatch, 
     err = capsys.readouterr().err
     # It names the first of the two that is missing (both are, where neither is installed).
     assert re.fullmatch(r"error: export needs the optional package onnx(runtime)?: "
-                        r"pip install -r requirements-export.txt\n", err)
+                        r"pip install -e '\.\[export\]'\n", err)
     if HAVE_ONNX:
         assert f"package {missing}:" in err
 
@@ -215,4 +215,4 @@ def test_without_onnxruntime_predict_says_what_to_install(monkeypatch, capsys, t
     assert predict.main([str(tmp_path / "photo.jpg"), str(tmp_path / "model.onnx")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1
-    assert "needs onnxruntime: pip install -r requirements-export.txt" in err
+    assert "needs onnxruntime: pip install -e '.[export]'" in err

@@ -21,7 +21,7 @@ MISSING = [p for m, p in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"),
                           ("python_multipart", "python-multipart"))
            if importlib.util.find_spec(m) is None]
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"{', '.join(MISSING)} not installed "
-                                "(optional: pip install -r requirements-export.txt)")
+                                "(optional: pip install -e '.[serve]')")
 
 LIMIT = 300_000  # a small upload limit keeps the oversize cases cheap
 
@@ -250,7 +250,7 @@ def test_without_fastapi_serve_says_what_to_install(monkeypatch, capsys, tmp_pat
                         lambda name, *a: None if name == "fastapi" else real(name, *a))
     assert serve.main([str(tmp_path / "model.onnx")]) == 2
     assert capsys.readouterr().err == ("error: serve.py needs the optional package fastapi: "
-                                       "pip install -r requirements-export.txt\n")
+                                       "pip install -e '.[serve]'\n")
 
 
 # ---------------------------------------------------------------------------------------------

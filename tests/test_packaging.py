@@ -1,0 +1,104 @@
+"""The installed package: every script in it, the commands, --version, and the version floors.
+
+pyproject.toml maps the project folder to the package imgclf, so every top-level .py file is
+installed as imgclf/NAME.py without a list to keep up to date; these tests build the wheel from
+a copy of the project's files and check what lands in it.
+"""
+import glob
+import os
+import re
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = ("train", "predict", "export", "serve")
+
+
+def top_level_modules():
+    return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
+
+
+def pyproject():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def normalize(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The wheel setuptools builds from a copy of the project's top-level files."""
+    pytest.importorskip("setuptools", reason="building the wheel needs setuptools")
+    src = tmp_path_factory.mktemp("src")
+    for name in os.listdir(ROOT):
+        if name.endswith((".py", ".toml", ".md", ".json")):
+            with open(os.path.join(ROOT, name), "rb") as f:
+                (src / name).write_bytes(f.read())
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
+                    "--no-build-isolation", "-w", str(out), str(src)], check=True)
+    [path] = out.glob("imgclf-*.whl")
+    return path
+
+
+def test_every_top_level_module_is_in_the_package_and_nothing_else_at_the_top(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    packaged = sorted(n[len("imgclf/"):-3] for n in names
+                      if n.startswith("imgclf/") and n.endswith(".py"))
+    assert packaged == top_level_modules()
+    assert {n.split("/")[0] for n in names} == {"imgclf", wheel.name.split("-py3")[0] + ".dist-info"}
+
+
+def test_no_module_shadows_the_standard_library():
+    # The commands put the package folder first on sys.path (cli.py), so a module named like
+    # one of the standard library's would replace it.
+    assert not set(top_level_modules()) & sys.stdlib_module_names
+
+
+def test_the_installed_commands_run_the_scripts(wheel, tmp_path):
+    scripts = pyproject()["project"]["scripts"]
+    assert sorted(scripts) == sorted(f"imgclf-{s}" for s in SCRIPTS)
+    assert all(target == f"imgclf.cli:{command[len('imgclf-'):]}"
+               for command, target in scripts.items())
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    # Run from an empty folder with only the unpacked wheel on the path: the flat imports
+    # (predict.py's `import data_utils`) must resolve inside the package.
+    code = ("import sys; from imgclf import cli; sys.argv = ['imgclf-predict', '--version']; "
+            "cli.predict()")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"imgclf-predict {version()}\n", "")
+
+
+def version():
+    with open(os.path.join(ROOT, "version.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_prints_its_version(script, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--version"])
+    assert stop.value.code == 0
+    assert re.fullmatch(r"\S+ (\S+)\n", capsys.readouterr().out).group(1) == version()
+
+
+def test_version_floors_are_the_versions_ci_installs():
+    project = pyproject()["project"]
+    requirements = project["dependencies"] + [
+        r for extra in project["optional-dependencies"].values() for r in extra]
+    with open(os.path.join(ROOT, "requirements-lock.txt")) as f:
+        lock = dict(line.strip().split("==") for line in f
+                    if "==" in line and not line.startswith("#"))
+    lock = {normalize(k): v for k, v in lock.items()}
+    for requirement in requirements:
+        name, floor = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][^,;\s]*)", requirement).groups()
+        assert lock.get(normalize(name)) == floor, f"{name}: floor {floor}, lock {lock.get(name)}"
