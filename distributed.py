@@ -25,7 +25,7 @@ from torch import nn
 
 import feature_files
 import model_utils
-from data_utils import UserError
+from errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 
@@ -17,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_utils import RESIZE_FILTERS, UserError, upscale_filter
+import atomic
+from data_utils import RESIZE_FILTERS, upscale_filter
+from errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -298,21 +299,12 @@ def save_checkpoint(checkpoint, path):
     A crash at any moment leaves either the old file or the new one, never half of one; the
     temporary files of runs that were killed are removed by the next save."""
     folder = os.path.dirname(os.path.abspath(path))
-    prefix = f".tmp-{os.path.basename(path)}-"
     try:
         os.makedirs(folder, exist_ok=True)
-        remove_stale_temporaries(folder, prefix)
-        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
-    except OSError as err:
-        raise _write_error(path, err) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        remove_stale_temporaries(folder, f".tmp-{os.path.basename(path)}-")
+        with atomic.AtomicFile(path) as f:  # named .tmp-NAME-PID-...
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as err:
-        _remove_quietly(tmp)
         # torch.save reports an exception raised in a write (the OSError of a full disk, the
         # KeyboardInterrupt of a second Ctrl-C) as a RuntimeError whose context is the real one.
         while isinstance(err, RuntimeError) and err.__context__ is not None:
@@ -320,7 +312,6 @@ def save_checkpoint(checkpoint, path):
         if isinstance(err, OSError):
             raise _write_error(path, err) from None
         raise err
-    _fsync_dir(folder)
 
 
 # Errors of a full disk or a folder we may not write: the user's to fix, not a bug.
@@ -357,7 +348,7 @@ def remove_stale_temporaries(folder, prefix):
         except OSError:
             continue
         if stale or (pid and not _process_alive(int(pid))):
-            _remove_quietly(entry.path)
+            atomic.remove_quietly(entry.path)
 
 
 def _process_alive(pid):
@@ -370,24 +361,6 @@ def _process_alive(pid):
     return True
 
 
-def _remove_quietly(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 MODEL_ARG_KEYS = {"arch", "num_classes", "hidden_units", "dropout"}

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import UnidentifiedImageError
 
 import data_utils
-from data_utils import UserError
+from errors import UserError
 
 # Images drawn in one --plot grid: beyond this a grid is too small to read.
 PLOT_LIMIT = 24

@@ -40,7 +40,7 @@ import numpy as np
 
 import data_utils
 import predict
-from data_utils import UserError
+from errors import UserError
 
 log = logging.getLogger("serve")
 INSTALL_HINT = "pip install -r requirements-export.txt"
