@@ -547,11 +547,18 @@ def _cpu_flag(fragment):
 
 
 def autocast_dtype(device):
+    """The reduced precision of inference and fine-tuning on device (None: float32): bf16 on
+    CPUs with native bf16 (measured several times faster, same accuracy), bf16/fp16 on CUDA."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return None
+
+
+def precision_name(device):
+    """autocast_dtype(device) as a short name: "bf16", "fp16" or "fp32"."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[autocast_dtype(device)]
 
 
 def keep_freed_memory():
@@ -571,6 +578,12 @@ def keep_freed_memory():
 # keep activations in cache (measured on a 2-core CPU: 8-16 images per batch ran 1.5-2x faster
 # than 64 for inference, 1.3-1.45x for fine-tuning steps).
 CPU_INFERENCE_BATCH = 16
+GPU_INFERENCE_BATCH = 128
+
+
+def inference_batch_size(device):
+    """Images per inference batch: small on a CPU, where they stay in cache (measured)."""
+    return CPU_INFERENCE_BATCH if device.type == "cpu" else GPU_INFERENCE_BATCH
 
 
 def fast_forward(model, device):

@@ -162,11 +162,12 @@ def write_training_report(save_dir, model, scan, names, preprocess, device, hist
                                list(paths), history)
         _print_summary(summary, started)
         return
-    import predict  # its batched, overlapped image reading
-    predictor = predict.TorchPredictor.from_model(model, scan.classes, display, preprocess,
-                                                  device)
+    import inference  # its batched, overlapped image reading
+    predictor = inference.TorchPredictor.from_model(model, scan.classes, display, preprocess,
+                                                    device)
     label_of = dict(scan.samples["test"])
-    results = [r for r in predict.predict_paths(predictor, [predict.Item(p) for p in label_of])
+    results = [r for r in inference.predict_paths(predictor,
+                                                  [inference.Item(p) for p in label_of])
                if r.error is None]
     summary = write_report(out_dir, np.stack([r.probs for r in results]),
                            [label_of[r.path] for r in results], scan.classes, display,
