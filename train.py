@@ -36,9 +36,8 @@ import report  # noqa: E402
 import training  # noqa: E402
 from errors import UserError  # noqa: E402
 from stopping import StopSignals, Stopped  # noqa: E402
-from training import FINETUNE_LR, HEAD_EPOCHS, HEAD_LR, HEAD_MIN_STEPS  # noqa: E402
-
-log = logging.getLogger("train")
+from training import (FINETUNE_EPOCHS, FINETUNE_LR, HEAD_EPOCHS, HEAD_LR,  # noqa: E402
+                      HEAD_MIN_STEPS)
 
 DEMO_DIR = "demo"
 
@@ -98,8 +97,8 @@ def build_parser():
     train = p.add_argument_group("Training")
     train.add_argument("--epochs", type=int, default=None, metavar="N",
                        help=f"epochs (default over stored features: {HEAD_EPOCHS}, or more to "
-                            f"make {HEAD_MIN_STEPS} optimizer steps on a small data set; 5 with "
-                            f"--finetune)")
+                            f"make {HEAD_MIN_STEPS} optimizer steps on a small data set; "
+                            f"{FINETUNE_EPOCHS} with --finetune)")
     train.add_argument("--learning_rate", type=float, default=None, metavar="LR",
                        help=f"peak learning rate of the head, cosine schedule (default: "
                             f"{HEAD_LR:g}; {FINETUNE_LR:g} with --finetune)")

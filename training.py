@@ -110,7 +110,8 @@ def run_epochs(mode, epochs, patience, signals=None, resume=None, verbose=True):
     resume state; optimizer; generator (its random stream is saved); train_epoch(epoch,
     signals) -> mean loss, or None where a stop signal cut the epoch short; evaluate() -> valid
     (loss, accuracy); stop_requested(signals); probe_is_epoch_0: the weights before training
-    are a result of their own (the linear probe) that later epochs must beat."""
+    are a result of their own (the linear probe) that later epochs must beat (not on resume:
+    the resume state holds the epochs to beat)."""
     result, stopper, start = Result(), EarlyStopping(patience), 0
     if resume:
         mode.module.load_state_dict(resume[mode.state_key])
@@ -388,14 +389,13 @@ class FinetuneTrainer:
     # Share of the backbone's weights, counted from the output end, that fine-tuning trains.
     TRAINABLE_FRACTION = 0.5
     BACKBONE_LR_SCALE = 0.1
-    state_key = "model"
+    # The linear probe is epoch 0: fine-tuning is kept only where it beats it (on handwritten
+    # digits, flips and crops on the fly made it worse than the probe).
+    state_key, probe_is_epoch_0 = "model", True
 
     def __init__(self, config, scan, model, preprocess, job, cache_dir=None, resume=None):
         self.config, self.scan, self.model, self.preprocess = config, scan, model, preprocess
         self.job, self.device, self.cache_dir, self.resume = job, job.device, cache_dir, resume
-        # The linear probe is epoch 0: fine-tuning is kept only where it beats it (on
-        # handwritten digits, flips and crops on the fly made it worse than the probe).
-        self.probe_is_epoch_0 = not resume
 
     def fit(self):
         config, job = self.config, self.job
