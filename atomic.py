@@ -2,7 +2,9 @@
 target, then the folder fsynced. A crash at any moment leaves either the old file or the new
 one, never half of one; an error removes the temporary file."""
 import os
+import re
 import tempfile
+import time
 
 
 class AtomicFile:
@@ -10,8 +12,8 @@ class AtomicFile:
     without an error. The temporary file is created here, so an OSError of an unwritable
     folder comes from the constructor, before anything is written.
 
-    name: the temporary file's name in path's folder (default: a fresh one starting with
-    prefix, by default ".tmp-NAME-PID-", which model_utils.remove_stale_temporaries knows)."""
+    name: the temporary file's name in path's folder; or a fresh name starting with prefix;
+    by default a fresh ".tmp-NAME-PID-...", and the ones of dead writers are removed first."""
 
     def __init__(self, path, mode="wb", name=None, prefix=None, suffix=""):
         self.path = path
@@ -21,7 +23,9 @@ class AtomicFile:
             self.tmp = os.path.join(folder, name)
             self.file = open(self.tmp, mode)
         else:
-            prefix = prefix or f".tmp-{os.path.basename(path)}-{os.getpid()}-"
+            if not prefix:  # the default names: those that killed runs left go first
+                remove_stale_temporaries(folder, f".tmp-{os.path.basename(path)}-")
+                prefix = f".tmp-{os.path.basename(path)}-{os.getpid()}-"
             fd, self.tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
             self.file = os.fdopen(fd, mode)
 
@@ -41,6 +45,36 @@ class AtomicFile:
             raise
         if exc_type is not None:
             remove_quietly(self.tmp)
+
+
+# A temporary file nobody has written to for this long belongs to a dead run, even when its
+# process id has been reused since.
+STALE_TEMPORARY_SECONDS = 3600
+
+
+def remove_stale_temporaries(folder, prefix):
+    """Remove the temporary files PREFIX<pid>... that killed runs left in folder: those whose
+    writer (the process id in the name) is gone. A concurrent run's file is left alone."""
+    for entry in os.scandir(folder):
+        if not entry.name.startswith(prefix):
+            continue
+        pid = re.match(r"\d*", entry.name[len(prefix):]).group()
+        try:
+            stale = time.time() - entry.stat().st_mtime > STALE_TEMPORARY_SECONDS
+        except OSError:
+            continue
+        if stale or (pid and not _process_alive(int(pid))):
+            remove_quietly(entry.path)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # alive, owned by someone else
+    return True
 
 
 def replace(tmp, path):

@@ -128,8 +128,8 @@ def extract_features(backbone, samples, preprocess, views, seed, workers, path, 
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         for done in (path, label_path):  # what a killed run left
-            model_utils.remove_stale_temporaries(os.path.dirname(done),
-                                                 os.path.basename(done) + ".tmp-")
+            atomic.remove_stale_temporaries(os.path.dirname(done),
+                                            os.path.basename(done) + ".tmp-")
         with signals.step_by_step(), \
                 feature_files.RowWriter(tmp, len(rows), backbone.num_features) as out:
             for x, _ in loader:

@@ -8,8 +8,6 @@ import errno
 import logging
 import math
 import os
-import re
-import time
 import warnings
 
 import torch
@@ -301,8 +299,7 @@ def save_checkpoint(checkpoint, path):
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        remove_stale_temporaries(folder, f".tmp-{os.path.basename(path)}-")
-        with atomic.AtomicFile(path) as f:  # named .tmp-NAME-PID-...
+        with atomic.AtomicFile(path) as f:  # also removes what killed saves left
             torch.save(checkpoint, f)
     except BaseException as err:
         # torch.save reports an exception raised in a write (the OSError of a full disk, the
@@ -329,36 +326,6 @@ def _write_error(path, err):
         return err
     return UserError(f"cannot write the checkpoint {path}: {err.strerror}; {fix} (any "
                      f"earlier {os.path.basename(path)} there is unchanged)")
-
-
-# A temporary file nobody has written to for this long belongs to a dead run, even when its
-# process id has been reused since.
-STALE_TEMPORARY_SECONDS = 3600
-
-
-def remove_stale_temporaries(folder, prefix):
-    """Remove the temporary files PREFIX<pid>... that killed runs left in folder: those whose
-    writer (the process id in the name) is gone. A concurrent run's file is left alone."""
-    for entry in os.scandir(folder):
-        if not entry.name.startswith(prefix):
-            continue
-        pid = re.match(r"\d*", entry.name[len(prefix):]).group()
-        try:
-            stale = time.time() - entry.stat().st_mtime > STALE_TEMPORARY_SECONDS
-        except OSError:
-            continue
-        if stale or (pid and not _process_alive(int(pid))):
-            atomic.remove_quietly(entry.path)
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # alive, owned by someone else
-    return True
 
 
 
