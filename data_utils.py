@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+import atomic
+from errors import UserError  # noqa: F401 (data_utils.UserError, as before)
+
 log = logging.getLogger(__name__)
 
 SPLIT_ALIASES = {
@@ -38,8 +41,6 @@ MAX_PIXELS = 64_000_000
 SCAN_CACHE_VERSION = 2
 
 
-class UserError(Exception):
-    """A mistake the user can fix; its message is one line naming the thing and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def eval_array(img, preprocess):
     return to_normalized_array(img, preprocess["mean"], preprocess["std"])
 
 
-def train_augment(preprocess, strength="default"):
+def train_augment(preprocess):
     """Random crop, flip and a little colour change, as a function PIL image -> CHW array."""
     import torchvision.transforms.v2 as T
     size = preprocess["size"]
@@ -439,19 +440,8 @@ def save_scan_cache(cache_dir, root, checks):
 
 
 def write_text_atomic(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic.AtomicFile(path, "w") as f:
+        f.write(text)
 
 
 def scan_dataset(root, split=(0.7, 0.1, 0.2), seed=0, cache_dir=None, workers=None):

@@ -13,6 +13,7 @@ Failures: a process that dies closes its connections, and the others, waiting on
 once; torchrun then stops the rest. A process that hangs is caught by the collective timeout
 (TRAIN_DIST_TIMEOUT minutes, default 30).
 """
+import contextlib
 import datetime
 import logging
 import os
@@ -23,9 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import atomic
 import feature_files
 import model_utils
-from data_utils import UserError
+from errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +74,6 @@ def error_line(err):
     if isinstance(err, NodeError) or dist.is_initialized():
         return f"error: rank {env[0]}: {err}"
     return None
-
-
-def local_share(count):
-    """count divided among the processes of this machine (at least 1): CPU workers per rank."""
-    env = torchrun_env()
-    return max(1, count // env[3]) if env else count
 
 
 def shard_range(n, rank, world, block=1):
@@ -169,7 +165,7 @@ class Single:
         return f"{path}.tmp-{os.getpid()}.npy"
 
     def join_parts(self, part, path, rows):
-        os.replace(part, path)
+        atomic.replace(part, path)
 
     def check_visible(self, path, what):
         pass
@@ -185,6 +181,19 @@ class Single:
     def train_sampler(self, dataset, seed):
         """None: the loader shuffles (with its generator) as in one process."""
         return None
+
+    def real_count(self, n):
+        """How many of this process's share of n training samples are real (not padding)."""
+        return n
+
+    def local_share(self, count):
+        """count (CPU cores, say) divided among the processes of this machine, at least 1."""
+        return count
+
+    def no_sync(self, net):
+        """Within: backward() adds up gradients without exchanging them (all but the last
+        micro-batch of a step)."""
+        return contextlib.nullcontext()
 
     def wrap(self, model):
         """The model to train: DistributedDataParallel when there are several processes."""
@@ -301,6 +310,15 @@ class Group(Single):
         shares are padded to equal length, see real_count()."""
         return torch.utils.data.distributed.DistributedSampler(
             dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed)
+
+    def real_count(self, n):
+        return real_count(n, self.rank, self.world_size)
+
+    def local_share(self, count):
+        return max(1, count // self.local_world_size)
+
+    def no_sync(self, net):
+        return net.no_sync()
 
     def wrap(self, model):
         # Batch norm needs no SyncBatchNorm here: fine-tuning keeps it in eval mode (frozen

@@ -28,8 +28,9 @@ from collections import Counter
 
 import numpy as np
 
+import atomic
 import data_utils
-from data_utils import UserError
+from errors import UserError
 from version import __version__
 
 ONNX_FORMAT = "image-classifier-onnx"
@@ -197,22 +198,12 @@ def add_metadata(onnx, path, ckpt, quantized):
 def write_file_atomic(src, dest):
     """Copy src over dest through a temporary file in dest's folder, then rename."""
     import shutil
-    folder = os.path.dirname(os.path.abspath(dest))
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(dest) + "-", dir=folder)
+        out = atomic.AtomicFile(dest)
     except OSError as err:
         raise UserError(f"--out {dest}: cannot write there ({err.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f, open(src, "rb") as s:
-            shutil.copyfileobj(s, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with out as f, open(src, "rb") as s:
+        shutil.copyfileobj(s, f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,12 +297,12 @@ def load_check_images(folder, ckpt, count):
         found = find_images(folder, classes, splits=("test", "valid", None))
         if not found[0]:
             raise UserError(f"--check_images {folder}: no image files found in it")
-        return preprocess_images(*found, ckpt["preprocess"], count, f"images of {folder}")
+        return preprocess_images(*found[:2], ckpt["preprocess"], count, f"images of {folder}")
     root = (ckpt.get("data") or {}).get("root")
     if root and os.path.isdir(root):
         found = find_images(root, classes, splits=("test", "valid"), data=ckpt.get("data"))
         if found[0]:
-            return preprocess_images(*found, ckpt["preprocess"], count,
+            return preprocess_images(*found[:2], ckpt["preprocess"], count,
                                      f"{found[2]} images of {root}")
     return generated_images(ckpt["preprocess"], n=8)
 
@@ -323,7 +314,7 @@ def load_calibration_images(ckpt, check, count=64):
     if root and os.path.isdir(root):
         found = find_images(root, list(ckpt["classes"]), splits=("train",), data=ckpt.get("data"))
         if found[0]:
-            return preprocess_images(*found, ckpt["preprocess"], count, f"train images of {root}")
+            return preprocess_images(*found[:2], ckpt["preprocess"], count, f"train images of {root}")
     return ImageSet(check.arrays, None, "check images (the training data is not here)")
 
 
@@ -359,7 +350,7 @@ def labelled_files(folder, classes):
     return paths, None
 
 
-def preprocess_images(paths, labels, _split, preprocess, count, source):
+def preprocess_images(paths, labels, preprocess, count, source):
     """Decode and preprocess up to count of the files (0: all), spread evenly over the list."""
     picks = range(len(paths))
     if count and len(paths) > count:

@@ -11,6 +11,8 @@ import shutil
 
 import numpy as np
 
+import atomic
+
 _READ_HEADER = {(1, 0): np.lib.format.read_array_header_1_0,
                 (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -129,19 +131,11 @@ def concatenate(parts, path, chunk_bytes=64 << 20):
     if any(s[1] != width or d != dtype for s, d in shapes):
         raise ValueError(f"{path}: parts of different widths or types: {shapes}")
     rows = sum(s[0] for s, _ in shapes)
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    try:
-        with open(tmp, "wb") as out:
-            np.lib.format.write_array_header_1_0(out, _header((rows, width), dtype))
-            for part in parts:
-                with open(part, "rb") as f:
-                    read_header(f)
-                    shutil.copyfileobj(f, out, chunk_bytes)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # Named like a feature file being written, so that train.py's clean-up finds it.
+    with atomic.AtomicFile(path, name=f"{os.path.basename(path)}.tmp-{os.getpid()}.npy") as out:
+        np.lib.format.write_array_header_1_0(out, _header((rows, width), dtype))
+        for part in parts:
+            with open(part, "rb") as f:
+                read_header(f)
+                shutil.copyfileobj(f, out, chunk_bytes)
     return rows

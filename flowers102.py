@@ -9,14 +9,13 @@ import re
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path, PurePosixPath
 
-
-from data_utils import UserError
+import atomic
+from errors import UserError
 
 
 # The address and checksums torchvision.datasets.Flowers102 uses.
@@ -50,29 +49,24 @@ def _by_hand_hint(raw_dir):
             "and run the same command again.")
 
 
-def _fetch(url, target, timeout, progress):
-    """Stream url into a temp file next to target; return (temp path, md5)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+def _fetch(url, out, timeout, progress):
+    """Stream url into the open file out; return its md5."""
     digest, done = hashlib.md5(), 0
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            total = int(resp.headers.get("Content-Length") or 0)
-            if progress:
-                size = f" ({total / 1e6:.0f} MB)" if total else ""
-                print(f"Downloading {url}{size}", file=sys.stderr, flush=True)
-            for chunk in iter(lambda: resp.read(_CHUNK), b""):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                # Redrawing one line only makes sense on a terminal; logs get start/end lines.
-                if progress and total and sys.stderr.isatty():
-                    print(f"\r  {done / 1e6:.0f}/{total / 1e6:.0f} MB", end="", file=sys.stderr, flush=True)
-        if progress and total and sys.stderr.isatty():
-            print(file=sys.stderr)
-        return tmp, digest.hexdigest()
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        total = int(resp.headers.get("Content-Length") or 0)
+        if progress:
+            size = f" ({total / 1e6:.0f} MB)" if total else ""
+            print(f"Downloading {url}{size}", file=sys.stderr, flush=True)
+        for chunk in iter(lambda: resp.read(_CHUNK), b""):
+            out.write(chunk)
+            digest.update(chunk)
+            done += len(chunk)
+            # Redrawing one line only makes sense on a terminal; logs get start/end lines.
+            if progress and total and sys.stderr.isatty():
+                print(f"\r  {done / 1e6:.0f}/{total / 1e6:.0f} MB", end="", file=sys.stderr, flush=True)
+    if progress and total and sys.stderr.isatty():
+        print(file=sys.stderr)
+    return digest.hexdigest()
 
 
 def download_flowers102(dest, urls=FLOWERS102_URLS, progress=True, timeout=30, md5s=FLOWERS102_MD5):
@@ -84,7 +78,12 @@ def download_flowers102(dest, urls=FLOWERS102_URLS, progress=True, timeout=30, m
         if target.is_file() and (expected is None or _md5(target) == expected):
             continue
         try:
-            tmp, got = _fetch(url, target, timeout, progress)
+            # A download is renamed into place only once its checksum is right.
+            with atomic.AtomicFile(target, prefix=f".{target.name}.", suffix=".part") as out:
+                got = _fetch(url, out, timeout, progress)
+                if expected is not None and got != expected:
+                    raise UserError(f"download of {url} is corrupt (md5 {got}, expected "
+                                    f"{expected}); run the same command again.")
         except urllib.error.HTTPError as e:
             # HTTPError is a URLError, but here the network works and the server refused.
             raise UserError(f"cannot download Oxford Flowers-102 from {url}: HTTP {e.code} {e.reason}. "
@@ -93,11 +92,6 @@ def download_flowers102(dest, urls=FLOWERS102_URLS, progress=True, timeout=30, m
             reason = getattr(e, "reason", None) or str(e) or type(e).__name__
             raise UserError(f"cannot download Oxford Flowers-102 from {url}: no network ({reason}). "
                             + _by_hand_hint(raw_dir)) from None
-        if expected is not None and got != expected:
-            os.unlink(tmp)
-            raise UserError(f"download of {url} is corrupt (md5 {got}, expected {expected}); "
-                            "run the same command again.")
-        os.replace(tmp, target)
     return raw_dir
 
 
@@ -219,9 +213,8 @@ def layout_flowers102(raw_dir, dest):
         finally:
             shutil.rmtree(work, ignore_errors=True)
     counts = {split: len(wanted) for split, wanted in plan.items()}
-    tmp = dest / (_MARKER + ".tmp")
-    tmp.write_text(json.dumps(counts))
-    os.replace(tmp, dest / _MARKER)
+    with atomic.AtomicFile(dest / _MARKER, "w", name=_MARKER + ".tmp") as f:
+        f.write(json.dumps(counts))
     return counts
 
 

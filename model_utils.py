@@ -8,16 +8,15 @@ import errno
 import logging
 import math
 import os
-import re
-import tempfile
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_utils import RESIZE_FILTERS, UserError, upscale_filter
+import atomic
+from data_utils import RESIZE_FILTERS, upscale_filter
+from errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -298,21 +297,11 @@ def save_checkpoint(checkpoint, path):
     A crash at any moment leaves either the old file or the new one, never half of one; the
     temporary files of runs that were killed are removed by the next save."""
     folder = os.path.dirname(os.path.abspath(path))
-    prefix = f".tmp-{os.path.basename(path)}-"
     try:
         os.makedirs(folder, exist_ok=True)
-        remove_stale_temporaries(folder, prefix)
-        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
-    except OSError as err:
-        raise _write_error(path, err) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic.AtomicFile(path) as f:  # also removes what killed saves left
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as err:
-        _remove_quietly(tmp)
         # torch.save reports an exception raised in a write (the OSError of a full disk, the
         # KeyboardInterrupt of a second Ctrl-C) as a RuntimeError whose context is the real one.
         while isinstance(err, RuntimeError) and err.__context__ is not None:
@@ -320,7 +309,6 @@ def save_checkpoint(checkpoint, path):
         if isinstance(err, OSError):
             raise _write_error(path, err) from None
         raise err
-    _fsync_dir(folder)
 
 
 # Errors of a full disk or a folder we may not write: the user's to fix, not a bug.
@@ -340,54 +328,6 @@ def _write_error(path, err):
                      f"earlier {os.path.basename(path)} there is unchanged)")
 
 
-# A temporary file nobody has written to for this long belongs to a dead run, even when its
-# process id has been reused since.
-STALE_TEMPORARY_SECONDS = 3600
-
-
-def remove_stale_temporaries(folder, prefix):
-    """Remove the temporary files PREFIX<pid>... that killed runs left in folder: those whose
-    writer (the process id in the name) is gone. A concurrent run's file is left alone."""
-    for entry in os.scandir(folder):
-        if not entry.name.startswith(prefix):
-            continue
-        pid = re.match(r"\d*", entry.name[len(prefix):]).group()
-        try:
-            stale = time.time() - entry.stat().st_mtime > STALE_TEMPORARY_SECONDS
-        except OSError:
-            continue
-        if stale or (pid and not _process_alive(int(pid))):
-            _remove_quietly(entry.path)
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # alive, owned by someone else
-    return True
-
-
-def _remove_quietly(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 MODEL_ARG_KEYS = {"arch", "num_classes", "hidden_units", "dropout"}
@@ -574,11 +514,18 @@ def _cpu_flag(fragment):
 
 
 def autocast_dtype(device):
+    """The reduced precision of inference and fine-tuning on device (None: float32): bf16 on
+    CPUs with native bf16 (measured several times faster, same accuracy), bf16/fp16 on CUDA."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return None
+
+
+def precision_name(device):
+    """autocast_dtype(device) as a short name: "bf16", "fp16" or "fp32"."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[autocast_dtype(device)]
 
 
 def keep_freed_memory():
@@ -598,6 +545,12 @@ def keep_freed_memory():
 # keep activations in cache (measured on a 2-core CPU: 8-16 images per batch ran 1.5-2x faster
 # than 64 for inference, 1.3-1.45x for fine-tuning steps).
 CPU_INFERENCE_BATCH = 16
+GPU_INFERENCE_BATCH = 128
+
+
+def inference_batch_size(device):
+    """Images per inference batch: small on a CPU, where they stay in cache (measured)."""
+    return CPU_INFERENCE_BATCH if device.type == "cpu" else GPU_INFERENCE_BATCH
 
 
 def fast_forward(model, device):

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+import atomic
 import data_utils
 
 MISTAKES_SHOWN = 24
@@ -161,11 +162,12 @@ def write_training_report(save_dir, model, scan, names, preprocess, device, hist
                                list(paths), history)
         _print_summary(summary, started)
         return
-    import predict  # its batched, overlapped image reading
-    predictor = predict.TorchPredictor.from_model(model, scan.classes, display, preprocess,
-                                                  device)
+    import inference  # its batched, overlapped image reading
+    predictor = inference.TorchPredictor.from_model(model, scan.classes, display, preprocess,
+                                                    device)
     label_of = dict(scan.samples["test"])
-    results = [r for r in predict.predict_paths(predictor, [predict.Item(p) for p in label_of])
+    results = [r for r in inference.predict_paths(predictor,
+                                                  [inference.Item(p) for p in label_of])
                if r.error is None]
     summary = write_report(out_dir, np.stack([r.probs for r in results]),
                            [label_of[r.path] for r in results], scan.classes, display,
@@ -192,16 +194,11 @@ def _pyplot():
 def _save(fig, path, dpi=100):
     """Write the figure atomically, with everything drawn kept inside it."""
     plt = _pyplot()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.15)
-        os.replace(tmp, path)
+        with atomic.AtomicFile(path) as f:
+            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.15)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _wrap(text, width):
@@ -314,9 +311,6 @@ def plot_curves(history, path):
     loss_ax.plot(epochs, valid_loss, "o-", ms=3, label="valid loss")
     acc_ax.plot(epochs, [100 * h["valid_acc"] for h in history], "o-", ms=3, color="C2",
                 label="valid accuracy")
-    if all("train_acc" in h for h in history):
-        acc_ax.plot(epochs, [100 * h["train_acc"] for h in history], "o-", ms=3, color="C0",
-                    label="train accuracy")
     best = epochs[int(np.argmin(valid_loss))]
     for ax, ylabel in ((loss_ax, "loss"), (acc_ax, "accuracy (%)")):
         ax.axvline(best, color="grey", linestyle="--", linewidth=1,

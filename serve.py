@@ -17,15 +17,15 @@ Safe to leave running: binds to 127.0.0.1 unless --host says otherwise; an uploa
 --max_upload_mb gets 413 as soon as its Content-Length (or the bytes read so far) pass the limit,
 without reading the rest; anything that does not decode as an image gets 415; the upload's
 file name is only echoed back, never used as a path; an upload stalled for a minute gets 408;
-past --max_concurrent requests in progress the answer is 503. Model and images go through predict.load_predictor and
-data_utils.load_rgb/eval_array, so answers are those of predict.py.
+past --max_concurrent requests in progress the answer is 503. Model and images go through
+inference.load_predictor and data_utils.load_rgb/eval_array, and the answer is
+inference.prediction_object, so answers are those of predict.py.
 
 Needs the optional packages of the serve extra (fastapi, uvicorn, python-multipart:
 pip install -e '.[serve]'; and those of the export extra for an .onnx model).
 """
 import argparse
 import base64
-import contextlib
 import hashlib
 import html
 import importlib.util
@@ -34,13 +34,10 @@ import os
 import socket
 import sys
 import threading
-import time
-
-import numpy as np
 
 import data_utils
-import predict
-from data_utils import UserError
+import inference
+from errors import UserError
 from version import __version__
 
 log = logging.getLogger("serve")
@@ -91,7 +88,7 @@ def run(args):
         raise UserError(f"--top_k {args.top_k}: must be 1 or more")
     if args.max_upload_mb <= 0 or args.max_concurrent < 1:
         raise UserError("--max_upload_mb and --max_concurrent must be more than 0")
-    predictor = predict.load_predictor(args.model, args.gpu)
+    predictor = inference.load_predictor(args.model, args.gpu)
     app = create_app(predictor, os.path.basename(args.model), top_k=args.top_k,
                      max_upload_bytes=int(args.max_upload_mb * 1e6),
                      max_concurrent=args.max_concurrent)
@@ -140,26 +137,6 @@ def make_server(app, access_log=True):
     return uvicorn.Server(config)
 
 
-@contextlib.contextmanager
-def background_server(app, host="127.0.0.1"):
-    """Serve app on a free port in a thread, for tests and benchmarks: yields the base URL."""
-    sock = bind(host, 0)
-    server = make_server(app, access_log=False)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # The application
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +147,7 @@ class ApiError(Exception):
 
 
 def create_app(predictor, model_name, top_k=5, max_upload_bytes=10_000_000, max_concurrent=8):
-    """The FastAPI app around a predictor (see predict.load_predictor)."""
+    """The FastAPI app around a predictor (see inference.load_predictor)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -253,10 +230,8 @@ class Model:
             return self.predictor.probabilities(batch)[0]
 
     def answer(self, image_name, probs):
-        top = np.argsort(-probs, kind="stable")[:self.top_k]
-        return {"image": image_name,
-                "predictions": [{"class": self.classes[i], "name": self.names[i],
-                                 "probability": round(float(probs[i]), 6)} for i in top]}
+        return inference.prediction_object(image_name, probs, self.top_k, self.classes,
+                                           self.names)
 
 
 async def read_upload(request, limit):

@@ -27,8 +27,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
 import predict  # noqa: E402
 import serve  # noqa: E402
+import serving  # noqa: E402 (tests/serving.py)
 
 BAD_KINDS = ("not an image", "truncated", "empty", "oversize")
 MAX_UPLOAD_MB = 1.0  # small, so that "oversize" uploads stay cheap to send
@@ -55,7 +58,7 @@ def main(argv=None):
     app = serve.create_app(predictor, os.path.basename(args.model),
                            max_upload_bytes=int(MAX_UPLOAD_MB * 1e6),
                            max_concurrent=args.concurrency)
-    with serve.background_server(app) as url:
+    with serving.background_server(app) as url:
         result = run_load(url, payloads(args.image), args.requests, args.concurrency,
                           args.bad_every)
     for line in report_lines(result):

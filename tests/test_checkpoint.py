@@ -9,6 +9,7 @@ import torch
 import model_utils
 import predict
 import train
+import training
 from conftest import FAST
 
 
@@ -78,13 +79,13 @@ def test_predict_refuses_files_that_are_not_our_checkpoints(tmp_path, trained, c
 
 def interrupt_after_epoch(monkeypatch, stop_epoch):
     """Send this process a real SIGINT while train.py prints the line of stop_epoch."""
-    original = train.epoch_line
+    original = training.epoch_line
 
     def line_then_interrupt(epoch, *rest):
         if epoch == stop_epoch:
             signal.raise_signal(signal.SIGINT)
         return original(epoch, *rest)
-    monkeypatch.setattr(train, "epoch_line", line_then_interrupt)
+    monkeypatch.setattr(training, "epoch_line", line_then_interrupt)
 
 
 def test_resume_ends_like_an_uninterrupted_run(tmp_path, image_folder, monkeypatch, capsys):

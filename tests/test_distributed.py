@@ -131,12 +131,13 @@ def test_torchrun_finetunes_with_ddp(runs, tmp_path):
 FAILING_RANK = """
 import os, sys
 sys.path.insert(0, {root!r})
+import features
 import train
 
 if os.environ["RANK"] == "1":
     def broken(self, i):
         raise OSError("injected failure in rank 1")
-    train.ViewDataset.__getitem__ = broken
+    features.ViewDataset.__getitem__ = broken
 sys.exit(train.main())
 """
 

@@ -9,6 +9,7 @@ from torch import nn
 import model_utils
 import predict
 import train
+import training
 from conftest import FAST
 from test_checkpoint import interrupt_after_epoch
 
@@ -18,9 +19,9 @@ FINETUNE = [*FAST, "--finetune", "--epochs", "3", "--patience", "0"]
 def _model_and_batch(seed=0):
     torch.manual_seed(seed)
     model = model_utils.build_model("efficientnet_lite0", 3, [0], dropout=0.0)
-    train.unfreeze_tail(model.backbone, train.FinetuneTrainer.TRAINABLE_FRACTION)
+    training.unfreeze_tail(model.backbone, training.FinetuneTrainer.TRAINABLE_FRACTION)
     model.train()
-    train.freeze_batchnorm(model)
+    training.freeze_batchnorm(model)
     x = torch.randn(10, 3, 32, 32)
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1, 0])
     return model, x, y
@@ -36,7 +37,7 @@ def test_micro_batches_take_the_same_step_as_one_batch(weight):
     steps = []
     for net, micro in ((model, len(y)), (other, 4)):
         optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
-        logits = train.train_step(net, optimizer, criterion, x, y, None, micro)
+        logits = training.train_step(net, optimizer, criterion, x, y, None, micro)
         assert logits.shape == (len(y), 3) and not logits.requires_grad
         steps.append(net.state_dict())
     changed = [k for k in steps[0] if not torch.equal(steps[0][k], _model_and_batch()[0]
@@ -69,7 +70,7 @@ def test_finetune_trains_the_last_stages_and_predict_uses_it(tmp_path, image_fol
 
 def test_finetune_that_does_worse_than_the_linear_probe_keeps_the_probe(tmp_path, image_folder,
                                                                      monkeypatch, capsys):
-    monkeypatch.setattr(train.FinetuneTrainer, "BACKBONE_LR_SCALE", 1e4)  # wrecks the backbone
+    monkeypatch.setattr(training.FinetuneTrainer, "BACKBONE_LR_SCALE", 1e4)  # wrecks the backbone
     assert train.main([image_folder, "--save_dir", str(tmp_path), *FINETUNE]) == 0
     out = capsys.readouterr().out
     assert "fine-tuning did not lower the valid loss of the linear probe" in out

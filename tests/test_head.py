@@ -8,30 +8,31 @@ import torch
 from PIL import Image
 
 import data_utils
+import distributed
 import model_utils
 import train
+import training
 from conftest import FAST
 
 
 def test_view_rows_takes_the_plain_row_and_the_first_views_of_each_image():
     # 3 images, 2 stored views each: rows are image by image, plain first
-    assert train.view_rows(9, 2, 0).tolist() == [0, 3, 6]
-    assert train.view_rows(9, 2, 1).tolist() == [0, 1, 3, 4, 6, 7]
-    assert train.view_rows(9, 2, 2).tolist() == list(range(9))
+    assert training.view_rows(9, 2, 0).tolist() == [0, 3, 6]
+    assert training.view_rows(9, 2, 1).tolist() == [0, 1, 3, 4, 6, 7]
+    assert training.view_rows(9, 2, 2).tolist() == list(range(9))
 
 
 def test_small_data_sets_get_enough_steps_large_ones_the_usual_epochs():
-    assert train.head_epochs(20) * 20 >= train.HEAD_MIN_STEPS  # 1258 photos: 20 steps an epoch
-    assert train.head_epochs(1000) == train.HEAD_EPOCHS
+    assert training.head_epochs(20) * 20 >= training.HEAD_MIN_STEPS  # 1258 photos: 20 steps an epoch
+    assert training.head_epochs(1000) == training.HEAD_EPOCHS
 
 
 def feature_trainer(aug_views, always_augment=False):
-    args = argparse.Namespace(aug_views=aug_views, always_augment=always_augment, seed=0,
-                              balance=False, label_smoothing=0.1, learning_rate=train.HEAD_LR,
-                              weight_decay=1e-4, batch_size=64, epochs=None, patience=10)
+    config = training.TrainConfig(aug_views=aug_views, always_augment=always_augment)
     scan = argparse.Namespace(classes=["a", "b", "c"])
     model = argparse.Namespace(head=model_utils.build_head(16, [0], 3, 0.2))
-    trainer = train.FeatureTrainer(args, scan, model, None, torch.device("cpu"), None, None)
+    trainer = training.FeatureTrainer(config, scan, model, None,
+                                      distributed.Single(torch.device("cpu")))
     trainer.verbose = False
     return trainer
 

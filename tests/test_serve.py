@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 
+import serving
 from conftest import FLOWERS5, ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -32,7 +33,7 @@ def server(trained):
     import serve
     app = serve.create_app(predict.load_predictor(trained["checkpoint"]), "checkpoint.pth",
                            top_k=5, max_upload_bytes=LIMIT, max_concurrent=8)
-    with serve.background_server(app) as url:
+    with serving.background_server(app) as url:
         yield dict(trained, url=url, port=int(url.rsplit(":", 1)[1]))
 
 
@@ -79,6 +80,7 @@ def test_good_photo_gets_the_predict_json(server, client):
 
 def test_answer_matches_the_predictor(server, client):
     import data_utils
+    import inference
     import predict
     path = os.path.join(server["data"], "test", "fox", "002.jpg")
     with open(path, "rb") as f:
@@ -88,7 +90,9 @@ def test_answer_matches_the_predictor(server, client):
         data_utils.eval_array(data_utils.load_rgb(path), predictor.preprocess)[None])[0]
     assert status == 200
     assert answer["predictions"][0]["class"] == predictor.classes[int(np.argmax(probs))]
-    assert abs(answer["predictions"][0]["probability"] - float(probs.max())) < 1e-5
+    # The object of predict.py --json, rounding included.
+    assert answer == inference.prediction_object("fox.jpg", probs, 5, predictor.classes,
+                                                 predictor.class_names)
 
 
 def test_large_photo_under_the_limit_is_sent_after_100_continue(server, client):
@@ -203,7 +207,7 @@ def test_past_the_concurrency_cap_answers_503(trained):
 
     app = serve.create_app(SlowPredictor(), "slow", max_concurrent=1)
     _, data = photo_bytes(trained)
-    with serve.background_server(app) as url:
+    with serving.background_server(app) as url:
         port = int(url.rsplit(":", 1)[1])
         first = {}
         worker = threading.Thread(target=lambda: first.update(

@@ -1,0 +1,103 @@
+"""Atomic file writes: a temporary file in the target's folder, fsynced, renamed over the
+target, then the folder fsynced. A crash at any moment leaves either the old file or the new
+one, never half of one; an error removes the temporary file."""
+import os
+import re
+import tempfile
+import time
+
+
+class AtomicFile:
+    """with AtomicFile(path) as f: write to f; the file appears at path when the block ends
+    without an error. The temporary file is created here, so an OSError of an unwritable
+    folder comes from the constructor, before anything is written.
+
+    name: the temporary file's name in path's folder; or a fresh name starting with prefix;
+    by default a fresh ".tmp-NAME-PID-...", and the ones of dead writers are removed first."""
+
+    def __init__(self, path, mode="wb", name=None, prefix=None, suffix=""):
+        self.path = path
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        if name:
+            self.tmp = os.path.join(folder, name)
+            self.file = open(self.tmp, mode)
+        else:
+            if not prefix:  # the default names: those that killed runs left go first
+                remove_stale_temporaries(folder, f".tmp-{os.path.basename(path)}-")
+                prefix = f".tmp-{os.path.basename(path)}-{os.getpid()}-"
+            fd, self.tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+            self.file = os.fdopen(fd, mode)
+
+    def __enter__(self):
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if exc_type is None:
+                replace(self.tmp, self.path)
+        except BaseException:
+            remove_quietly(self.tmp)
+            raise
+        if exc_type is not None:
+            remove_quietly(self.tmp)
+
+
+# A temporary file nobody has written to for this long belongs to a dead run, even when its
+# process id has been reused since.
+STALE_TEMPORARY_SECONDS = 3600
+
+
+def remove_stale_temporaries(folder, prefix):
+    """Remove the temporary files PREFIX<pid>... that killed runs left in folder: those whose
+    writer (the process id in the name) is gone. A concurrent run's file is left alone."""
+    for entry in os.scandir(folder):
+        if not entry.name.startswith(prefix):
+            continue
+        pid = re.match(r"\d*", entry.name[len(prefix):]).group()
+        try:
+            stale = time.time() - entry.stat().st_mtime > STALE_TEMPORARY_SECONDS
+        except OSError:
+            continue
+        if stale or (pid and not _process_alive(int(pid))):
+            remove_quietly(entry.path)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def replace(tmp, path):
+    """Rename the finished file tmp over path, and make the rename itself durable."""
+    os.replace(tmp, path)
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_folder(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass

@@ -1,0 +1,228 @@
+"""Inference, shared by predict.py, serve.py and train.py's report: a model file -> a
+predictor (classes, preprocessing, batch -> probabilities), images read in overlapped batches,
+the top K, and the JSON object of one prediction.
+
+Start-up matters here: only what a run needs is imported (torch and model_utils for a
+checkpoint, onnxruntime for an .onnx file).
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import UnidentifiedImageError
+
+import data_utils
+from errors import UserError
+
+# Decoding threads that prepare the next batches while the model runs the current one.
+DECODE_THREADS = 2
+IMAGE_FIX = "give a JPEG, PNG, WebP, BMP, TIFF or GIF photo"
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictors: a checkpoint -> classes, preprocessing, and batch -> probabilities
+# ---------------------------------------------------------------------------------------------
+class TorchPredictor:
+    """A checkpoint from train.py: classes, preprocessing, and batch -> probabilities."""
+
+    def __init__(self, path, gpu=None):
+        import model_utils
+        device = model_utils.resolve_device(gpu)
+        ckpt = model_utils.load_checkpoint(path)
+        model = model_utils.model_from_checkpoint(ckpt, path)
+        self._setup(model, ckpt["classes"], ckpt.get("class_names"), ckpt["preprocess"], device)
+
+    @classmethod
+    def from_model(cls, model, classes, class_names, preprocess, device):
+        """A predictor for a model in memory (train.py's report on its test split)."""
+        self = cls.__new__(cls)
+        self._setup(model, classes, class_names, preprocess, device)
+        return self
+
+    def _setup(self, model, classes, class_names, preprocess, device):
+        import torch
+        import model_utils
+        self.classes = list(classes)
+        self.class_names = list(class_names or self.classes)
+        self.preprocess = preprocess
+        self.model = model
+        self.batch_size = model_utils.inference_batch_size(device)
+        self._forward = model_utils.fast_forward(model, device)
+        self._torch = torch
+
+    def probabilities(self, batch):
+        """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""
+        logits = self._forward(self._torch.from_numpy(np.ascontiguousarray(batch)))
+        return self._torch.softmax(logits, dim=1).numpy()
+
+
+class OnnxPredictor:
+    """A model file from export.py, run by ONNX Runtime: the same interface as TorchPredictor,
+    and no torch import (the softmax is inside the model; classes and preprocessing are in its
+    metadata)."""
+
+    def __init__(self, path, gpu=None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError(f"model {path}: an ONNX model needs onnxruntime: "
+                            f"pip install -e '.[export]'") from None
+        if not os.path.isfile(path):
+            raise UserError(f"model {path}: no such file; give the .onnx file written by "
+                            f"export.py")
+        providers = ["CPUExecutionProvider"]
+        if gpu is not None and gpu != "cpu":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError(f"--gpu {gpu}: this onnxruntime has no CUDA support; drop "
+                                f"--gpu, or install onnxruntime-gpu")
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(path, providers=providers)
+        except Exception as err:  # onnxruntime raises its own types for a damaged file
+            raise UserError(f"model {path}: not a loadable ONNX model "
+                            f"({str(err).strip().splitlines()[0][:160]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.classes = json.loads(meta["classes"])
+            self.class_names = json.loads(meta.get("class_names", "null")) or self.classes
+            self.preprocess = json.loads(meta["preprocess"])
+        except (KeyError, ValueError):
+            raise UserError(f"model {path}: has no class names and preprocessing in its "
+                            f"metadata; export it with export.py") from None
+        self._input = self.session.get_inputs()[0].name
+
+    def probabilities(self, batch):
+        """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.session.run(None, {self._input: batch})[0]
+
+
+def load_predictor(path, gpu=None):
+    """The predictor for a model file: ONNX Runtime for .onnx, PyTorch for a checkpoint."""
+    if path.lower().endswith(".onnx"):
+        return OnnxPredictor(path, gpu)
+    try:
+        return TorchPredictor(path, gpu)
+    except ModuleNotFoundError as err:
+        if err.name != "torch":
+            raise
+        raise UserError(f"checkpoint {path}: needs PyTorch, which is not installed here; "
+                        f"install torch, or predict with the .onnx file that export.py "
+                        f"makes of it") from None
+
+
+def display_names(classes, stored_names, category_names=None):
+    if category_names:
+        names = data_utils.read_category_names(category_names)
+        return list(data_utils.check_category_names(names, classes, category_names).values())
+    return list(stored_names or classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading images in batches
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Item:
+    path: str
+    found: bool = False  # found in a folder, not named: a file that is not an image is litter
+
+
+@dataclass
+class Result:
+    path: str
+    probs: np.ndarray = None
+    error: str = None
+
+
+def read_image(item, preprocess):
+    """(preprocessed array, None), or (None, a one-line error), or (None, None) for litter."""
+    path = item.path
+    if not os.path.exists(path):
+        return None, f"image {path}: no such file; give the path of a photo"
+    if os.path.isdir(path):
+        return None, f"image {path}: is a folder; give the path of a photo"
+    if not os.path.isfile(path):  # a pipe or a device: reading it would block or never end
+        return None, f"image {path}: not a regular file; give the path of a photo"
+    try:
+        img = data_utils.load_rgb(path)
+    except UnidentifiedImageError:
+        if item.found and not path.lower().endswith(data_utils.IMAGE_EXTENSIONS):
+            return None, None  # a stray file in a folder of photos, as in training
+        return None, f"image {path}: cannot be read: not an image (unknown format); {IMAGE_FIX}"
+    except data_utils.IMAGE_ERRORS as err:
+        return None, (f"image {path}: cannot be read: {data_utils.describe_image_error(err)}; "
+                      f"{IMAGE_FIX}")
+    return data_utils.eval_array(img, preprocess), None
+
+
+def load_image(path, preprocess):
+    """One photo, preprocessed; a UserError if it cannot be read."""
+    array, error = read_image(Item(path), preprocess)
+    if error:
+        raise UserError(error)
+    return array
+
+
+def read_batches(items, preprocess, batch_size, threads=DECODE_THREADS):
+    """Yield (items, [(array, error)]) batch by batch, in order. Threads decode the next
+    batches while the caller runs the model on this one (PIL and numpy release the GIL)."""
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    if len(chunks) <= 1 or threads <= 0:
+        for chunk in chunks:
+            yield chunk, [read_image(item, preprocess) for item in chunk]
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append((chunk, [pool.submit(read_image, item, preprocess) for item in chunk]))
+            if len(pending) > 2:  # two batches ahead: enough to hide decoding, little memory
+                done, futures = pending.popleft()
+                yield done, [f.result() for f in futures]
+        while pending:
+            done, futures = pending.popleft()
+            yield done, [f.result() for f in futures]
+
+
+def predict_paths(predictor, items, tta=False, threads=DECODE_THREADS):
+    """A Result per item (litter left out): probabilities, or the reason it failed."""
+    batch_size = getattr(predictor, "batch_size", 16)
+    progress = data_utils.Progress(len(items), "predicting") if len(items) > batch_size else None
+    results = []
+    for chunk, decoded in read_batches(items, predictor.preprocess, batch_size, threads):
+        good = [array for array, error in decoded if array is not None]
+        probs = iter(batch_probabilities(predictor, np.stack(good), tta) if good else [])
+        for item, (array, error) in zip(chunk, decoded):
+            if array is not None:
+                results.append(Result(item.path, next(probs)))
+            elif error:
+                results.append(Result(item.path, error=error))
+        if progress:
+            progress.update(len(chunk))
+    if progress:
+        progress.close()
+    return results
+
+
+def batch_probabilities(predictor, batch, tta=False):
+    probs = predictor.probabilities(batch)
+    if tta:  # the mirror image: flowers, animals and most objects look the same mirrored
+        probs = (probs + predictor.probabilities(np.ascontiguousarray(batch[..., ::-1]))) / 2
+    return probs
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+def top_k(probs, k):
+    top = np.argsort(-probs, kind="stable")[:k]
+    return top.tolist(), probs[top].tolist()
+
+
+def prediction_object(image, probs, k, classes, names):
+    """The JSON object of one image's prediction, as predict.py --json and serve.py give it."""
+    return {"image": image, "predictions": [
+        {"class": classes[i], "name": names[i], "probability": round(float(p), 4)}
+        for i, p in zip(*top_k(probs, k))]}
