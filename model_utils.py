@@ -241,13 +241,20 @@ def build_head(in_features, hidden_units, num_classes, dropout):
 
 
 class ImageClassifier(nn.Module):
-    def __init__(self, backbone, head):
+    """backbone, then head. With flip_tta the logits are the mean of the photo's and its mirror
+    image's: the default head is fitted, where cross-validation chose so, to predict that way."""
+
+    def __init__(self, backbone, head, flip_tta=False):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.flip_tta = flip_tta
 
     def forward(self, x):
-        return self.head(self.backbone(x))
+        if not self.flip_tta:
+            return self.head(self.backbone(x))
+        both = self.head(self.backbone(torch.cat([x, x.flip(-1)])))
+        return (both[:len(x)] + both[len(x):]) / 2
 
 
 def default_preprocessing(arch):
@@ -272,7 +279,7 @@ def build_backbone(arch, weights_path=None, pretrained=True):
 
 
 def build_model(arch, num_classes, hidden_units=(), dropout=0.0, weights_path=None,
-                pretrained=True):
+                pretrained=True, flip_tta=False):
     """The whole network. pretrained=False skips loading backbone weights: use it when a
     checkpoint's state dict will overwrite them anyway."""
     if arch in LITE_ARCHS and not pretrained:
@@ -280,7 +287,7 @@ def build_model(arch, num_classes, hidden_units=(), dropout=0.0, weights_path=No
     else:
         backbone = build_backbone(arch, weights_path, pretrained)
     head = build_head(backbone.num_features, list(hidden_units), num_classes, dropout)
-    return ImageClassifier(backbone, head)
+    return ImageClassifier(backbone, head, flip_tta)
 
 
 def freeze(module):
@@ -393,7 +400,8 @@ def _inconsistency(ckpt):
     not make us build a giant model, divide by zero or mislabel the classes."""
     args, classes, pre = ckpt["model_args"], ckpt["classes"], ckpt["preprocess"]
     if not _valid_model_args(args):
-        return "its model arguments (arch, num_classes, hidden_units, dropout) are not valid"
+        return ("its model arguments (arch, num_classes, hidden_units, dropout, flip_tta) are "
+                "not valid")
     if not _list_of(classes, str) or args["num_classes"] != len(classes):
         return f"its class list does not match its model ({args['num_classes']} outputs)"
     if ckpt["class_to_idx"] != {c: i for i, c in enumerate(classes)}:
@@ -409,7 +417,9 @@ def _inconsistency(ckpt):
 
 
 def _valid_model_args(args):
-    return (isinstance(args, dict) and set(args) == MODEL_ARG_KEYS
+    # flip_tta is absent from checkpoints written before the logistic head
+    return (isinstance(args, dict) and set(args) - {"flip_tta"} == MODEL_ARG_KEYS
+            and isinstance(args.get("flip_tta", False), bool)
             and isinstance(args["arch"], str) and _number(args["num_classes"], 1, 1 << 20)
             and _number(args["dropout"], 0.0, 0.999) and _list_of(args["hidden_units"], int)
             and all(_number(u, -1, 1 << 20) for u in args["hidden_units"]))

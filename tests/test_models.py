@@ -108,3 +108,17 @@ def test_weights_flag_rejects_a_state_dict_of_another_arch(torch_home, tmp_path)
 def test_unknown_arch_lists_the_known_ones():
     with pytest.raises(UserError, match="unknown --arch 'resnet9000'.*vgg16"):
         model_utils.check_arch("resnet9000")
+
+
+def test_flip_tta_averages_the_logits_of_the_photo_and_its_mirror_image():
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten())
+    head = torch.nn.Linear(4, 3)
+    plain = model_utils.ImageClassifier(backbone, head).eval()
+    mirrored = model_utils.ImageClassifier(backbone, head, flip_tta=True).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = (plain(x) + plain(x.flip(-1))) / 2
+        assert torch.allclose(mirrored(x), expected, atol=1e-6)
+        assert not torch.allclose(plain(x), expected, atol=1e-3)

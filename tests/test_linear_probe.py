@@ -1,0 +1,117 @@
+"""The logistic-regression head: the L-BFGS fit, folds, cross-validation of C and views, the
+fitted head on raw features."""
+import numpy as np
+import pytest
+import torch
+
+import linear_probe as lp
+
+
+def blobs(photos=300, d=16, k=4, views=1, seed=0, spread=1.0):
+    """Features (photos, views, d) of k classes, of very different scales and offsets per
+    feature, as a backbone's are; views are noisy copies of each photo's."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d))
+    y = np.arange(photos) % k
+    x = centers[y][:, None] + spread * rng.normal(size=(photos, views, d))
+    x = x * rng.uniform(0.1, 5, size=d) + rng.normal(size=d)
+    return torch.tensor(x, dtype=torch.float32), y
+
+
+@pytest.mark.parametrize("c", [0.01, 1.0])
+def test_fit_matches_scikit_learn(c):
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x, y = blobs()
+    rows = lp.Standardizer(x[:, 0])(x[:, 0])
+    weight, bias = lp.fit_logistic(rows, torch.as_tensor(y), 4, c)
+    ref = sklearn.LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(rows.numpy(), y)
+    # The same convex optimum, up to our looser stopping tolerance (gradient entries < 1e-4).
+    scale = np.abs(ref.coef_).max()
+    assert np.abs(weight.numpy() - ref.coef_).max() < 0.01 * scale
+    assert np.abs(bias.numpy() - ref.intercept_).max() < 0.01 * scale
+
+
+def test_stronger_regularisation_gives_smaller_weights():
+    x, y = blobs()
+    rows, labels = lp.Standardizer(x[:, 0])(x[:, 0]), torch.as_tensor(y)
+    small, _ = lp.fit_logistic(rows, labels, 4, 0.001)
+    large, _ = lp.fit_logistic(rows, labels, 4, 10.0)
+    assert small.norm() < 0.2 * large.norm()
+
+
+def test_rows_of_weight_zero_take_no_part():
+    x, y = blobs(photos=80)
+    rows, labels = x[:, 0], torch.as_tensor(y)
+    weights = (torch.arange(80) < 60).float()
+    masked = lp.fit_logistic(rows, labels, 4, 0.3, weights)
+    dropped = lp.fit_logistic(rows[:60], labels[:60], 4, 0.3)
+    assert torch.allclose(masked[0], dropped[0], atol=1e-3)
+
+
+def test_each_photo_weighs_one_whatever_its_views():
+    x, y = blobs(photos=10, views=4)
+    rows, labels, weights = lp.training_rows(x, torch.as_tensor(y), lp.augmented(2))
+    assert rows.shape == (40, 16) and labels.tolist() == np.repeat(y, 4).tolist()
+    assert torch.allclose(weights.sum(), torch.tensor(10.0))
+    assert torch.equal(rows[4:8], x[1])  # photo 1's views, in order
+
+
+def test_folds_are_stratified_and_seeded():
+    y = np.repeat(np.arange(3), 10)
+    folds = lp.photo_folds(y, 5, seed=0)
+    for cls in range(3):
+        assert np.bincount(folds[y == cls], minlength=5).tolist() == [2] * 5
+    assert not np.array_equal(folds, lp.photo_folds(y, 5, seed=1))
+
+
+def test_candidates_follow_the_stored_views():
+    assert lp.candidates(1) == [lp.PLAIN]
+    assert lp.candidates(2) == [lp.PLAIN, lp.MIRRORED]
+    assert lp.candidates(8) == [lp.PLAIN, lp.MIRRORED, lp.augmented(6)]
+    assert lp.candidates(8, always_augment=True) == [lp.augmented(6)]
+
+
+def test_cross_validation_prefers_strong_regularisation_on_noise():
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(200, 1, 64)), dtype=torch.float32)
+    y = np.arange(200) % 2  # labels unrelated to the features
+    scores = lp.cross_validate(x, y, 2, [lp.PLAIN])
+    view_set, c = min(scores, key=lambda key: scores[key][0])
+    assert c == min(lp.C_GRID)
+
+
+def test_cross_validation_prefers_weak_regularisation_on_clean_data():
+    x, y = blobs(spread=0.3)
+    scores = lp.cross_validate(x, y, 4, [lp.PLAIN])
+    assert min(scores, key=lambda key: scores[key][0])[1] >= 1.0
+
+
+def test_cross_validation_chooses_the_views_that_predict_better():
+    """Mirrored views that are noise (a mirrored digit is another digit) lose to the plain
+    views; mirrored views like the plain ones (a mirrored flower is a flower) win."""
+    x, y = blobs(photos=200, views=2, spread=0.8)
+    rng = np.random.default_rng(1)
+    noise = x.clone()
+    noise[:, 1] = torch.tensor(rng.normal(size=(200, 16)) * 5, dtype=torch.float32)
+    head, _ = lp.choose_and_fit(noise, y, 4, [lp.PLAIN, lp.MIRRORED])
+    assert head.view_set == lp.PLAIN
+    head, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN, lp.MIRRORED])
+    assert head.view_set == lp.MIRRORED
+
+
+def test_head_on_raw_features_equals_the_standardised_fit():
+    x, y = blobs()
+    scaler = lp.Standardizer(x[:, 0])
+    weight, bias = lp.fit_logistic(scaler(x[:, 0]), torch.as_tensor(y), 4, 0.3)
+    head = lp.fit_head(x, y, 4, lp.PLAIN, 0.3)
+    assert torch.allclose(head.logits(x), scaler(x[:, 0]) @ weight.T + bias, atol=1e-3)
+    accuracy = (head.logits(x).argmax(1).numpy() == y).mean()
+    assert accuracy > 0.9
+
+
+def test_the_choice_is_printed_with_its_reasons():
+    x, y = blobs(photos=100, views=2)
+    head, scores = lp.choose_and_fit(x, y, 4, [lp.PLAIN, lp.MIRRORED])
+    line = lp.choice_line(head, scores)
+    assert line.startswith(f"head: logistic regression on {head.view_set.name}, C=")
+    assert "over 5 folds of train+valid; best of" in line
