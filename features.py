@@ -22,10 +22,12 @@ FEATURE_CACHE_VERSION = 1
 CACHE_WRITE_ERRNOS = model_utils.DISK_FULL_ERRNOS | model_utils.NOT_WRITABLE_ERRNOS
 
 
-def cached_features(backbone, split, views, config, scan, preprocess, job, cache_dir):
-    """Features and labels of one split (views augmented views of each image besides the
-    plain one), from the cache when the same backbone has seen the same data."""
-    key = cache_key(config, scan, preprocess, split, views, job.device)
+def cached_features(backbone, split, views, config, scan, preprocess, job, cache_dir,
+                    mirror=False):
+    """Features and labels of one split (each image's plain view, with mirror its mirror
+    image, then views augmented views), from the cache when the same backbone has seen the
+    same data."""
+    key = cache_key(config, scan, preprocess, split, views, job.device, mirror)
     path = os.path.join(cache_dir, f"features-{split}-{key}.npy")
     label_path = path[:-4] + "-labels.npy"
     # rank 0's look at the cache decides for all ranks
@@ -36,15 +38,17 @@ def cached_features(backbone, split, views, config, scan, preprocess, job, cache
     # training goes the same whether the features came from the cache or not.
     with torch.random.fork_rng(devices=[]):
         return extract_features(backbone, scan.samples[split], preprocess, views, config.seed,
-                                config.workers, path, label_path, split, job)
+                                config.workers, path, label_path, split, job, mirror)
 
 
-def cache_key(config, scan, preprocess, split, views, device):
+def cache_key(config, scan, preprocess, split, views, device, mirror=False):
     parts = dict(version=FEATURE_CACHE_VERSION, arch=config.arch,
                  weights=file_identity(config.weights), preprocess=preprocess,
                  views=views, seed=config.seed if views else None,
                  data=scan.fingerprint, split=split,
                  precision=model_utils.precision_name(device))
+    if mirror:  # absent otherwise, so that the caches of earlier versions stay valid
+        parts["mirror"] = True
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -56,21 +60,29 @@ def file_identity(path):
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """(image, view) pairs: view 0 is the plain evaluation crop, views 1.. are augmented."""
+    """(image, view) pairs: view 0 is the plain evaluation crop, with mirror view 1 is its
+    mirror image, and the views after those are augmented."""
 
-    def __init__(self, samples, preprocess, views, seed):
+    def __init__(self, samples, preprocess, views, seed, mirror=False):
         self.samples, self.preprocess, self.views, self.seed = samples, preprocess, views, seed
+        self.mirror = int(mirror)
         self.augment = data_utils.train_augment(preprocess) if views else None
 
     def __len__(self):
-        return len(self.samples) * (1 + self.views)
+        return len(self.samples) * self.per_image
+
+    @property
+    def per_image(self):
+        return 1 + self.mirror + self.views
 
     def __getitem__(self, i):
-        index, view = divmod(i, 1 + self.views)
+        index, view = divmod(i, self.per_image)
         path, label = self.samples[index]
         img = data_utils.load_rgb(path)
-        if view == 0:
-            return data_utils.eval_array(img, self.preprocess), label
+        if view <= self.mirror:
+            plain = data_utils.eval_array(img, self.preprocess)
+            return (np.ascontiguousarray(plain[..., ::-1]) if view else plain), label
+        view -= self.mirror  # augmented views are numbered 1.. with or without the mirror view
         # Each view's randomness depends only on (seed, image, view): same features for the
         # same seed, whatever the worker count.
         with torch.random.fork_rng(devices=[]):
@@ -109,18 +121,20 @@ class EvalDataset(torch.utils.data.Dataset):
 
 
 def extract_features(backbone, samples, preprocess, views, seed, workers, path, label_path,
-                     split, job):
+                     split, job, mirror=False):
     """One pass of the backbone; features go to a float16 .npy file, read back from disk in
     batches. Under torchrun each process computes a contiguous share of the rows."""
-    dataset = ViewDataset(samples, preprocess, views, seed)
+    dataset = ViewDataset(samples, preprocess, views, seed, mirror)
     batch = model_utils.inference_batch_size(job.device)
     rows = job.shard(len(dataset), batch)  # all rows in a single process
     loader = make_loader(torch.utils.data.Subset(dataset, rows), batch, workers, job)
     tmp = job.part_path(path)
-    # Row i is view i % (1 + views) of image i // (1 + views), as in ViewDataset.
-    labels = np.repeat(np.array([label for _, label in samples], dtype=np.int64), 1 + views)
+    # Row i is view i % per_image of image i // per_image, as in ViewDataset.
+    labels = np.repeat(np.array([label for _, label in samples], dtype=np.int64),
+                       dataset.per_image)
     forward = model_utils.fast_forward(backbone, job.device)
-    desc = f"features {split}" + (f" (+{views} augmented)" if views else "")
+    extra = ["mirrored"] * bool(mirror) + [f"{views} augmented"] * bool(views)
+    desc = f"features {split}" + (f" (+{', '.join(extra)})" if extra else "")
     if job.world_size > 1:
         desc += f" [rank 0's share of {job.world_size}]"
     progress = data_utils.Progress(len(rows), desc, stream=job.progress_stream)

@@ -31,9 +31,13 @@ FOLDS = 5
 # cost least: up to this many train+valid photos (6 more backbone passes of each).
 AUG_MAX_PHOTOS = 1000
 AUG_VIEWS = 6
-# Above this many train+valid photos the rows no longer fit comfortably in memory, and
-# the epoch-trained head, which reads them from disk in batches, takes over.
-MAX_PHOTOS = 50_000
+
+
+def stored_aug_views(photos, requested=None):
+    """Augmented views to store per photo: as requested, else AUG_VIEWS for small sets."""
+    if requested is not None:
+        return requested
+    return AUG_VIEWS if photos <= AUG_MAX_PHOTOS else 0
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ MIRRORED = ViewSet("plain + mirrored views", (0, 1), (0, 1))
 
 
 def augmented(views):
-    return ViewSet(f"plain + mirrored + {views} augmented views", tuple(range(2 + views)), (0, 1))
+    name = f"plain + mirrored + {views} augmented view{'s' * (views > 1)}"
+    return ViewSet(name, tuple(range(2 + views)), (0, 1))
 
 
 def candidates(stored_views, always_augment=False):

@@ -251,10 +251,10 @@ class ImageClassifier(nn.Module):
         self.flip_tta = flip_tta
 
     def forward(self, x):
-        if not self.flip_tta:
-            return self.head(self.backbone(x))
-        both = self.head(self.backbone(torch.cat([x, x.flip(-1)])))
-        return (both[:len(x)] + both[len(x):]) / 2
+        logits = self.head(self.backbone(x))
+        if self.flip_tta:  # two passes, not one of twice the batch: that exports with a free batch
+            logits = (logits + self.head(self.backbone(x.flip(-1)))) / 2
+        return logits
 
 
 def default_preprocessing(arch):

@@ -97,26 +97,34 @@ def build_parser():
                        help="input size in pixels (default: the backbone's own, e.g. 224)")
 
     train = p.add_argument_group("Training")
+    train.add_argument("--head", choices=["logistic", "adamw"], default=None,
+                       help="how the head is fitted on the stored features: logistic "
+                            "regression by L-BFGS, its L2 strength and training views chosen "
+                            "by 5-fold cross-validation over train+valid, then fitted on "
+                            "train+valid (no epochs); or adamw: epochs of AdamW, early-stopped "
+                            "on the valid split, as heads with hidden layers need (default: "
+                            "logistic; adamw with --hidden_units)")
     train.add_argument("--epochs", type=int, default=None, metavar="N",
-                       help=f"epochs (default over stored features: {HEAD_EPOCHS}, or more to "
-                            f"make {HEAD_MIN_STEPS} optimizer steps on a small data set; "
-                            f"{FINETUNE_EPOCHS} with --finetune)")
+                       help=f"epochs of --head adamw (default: {HEAD_EPOCHS}, or more to make "
+                            f"{HEAD_MIN_STEPS} optimizer steps on a small data set) and of "
+                            f"--finetune (default: {FINETUNE_EPOCHS})")
     train.add_argument("--learning_rate", type=float, default=None, metavar="LR",
-                       help=f"peak learning rate of the head, cosine schedule (default: "
-                            f"{HEAD_LR:g}; {FINETUNE_LR:g} with --finetune)")
+                       help=f"peak learning rate of --head adamw and --finetune, cosine "
+                            f"schedule (default: {HEAD_LR:g}; {FINETUNE_LR:g} with --finetune)")
     train.add_argument("--weight_decay", type=float, default=1e-4, metavar="WD",
                        help="AdamW weight decay (default: 0.0001)")
     train.add_argument("--label_smoothing", type=float, default=0.1, metavar="E",
                        help="label smoothing (default: 0.1)")
     train.add_argument("--batch_size", type=int, default=64, metavar="N",
                        help="images per batch (default: 64)")
-    train.add_argument("--aug_views", type=int, default=1, metavar="N",
-                       help="augmented views stored per training image, besides the plain one; "
-                            "the head trains on them if that gives a lower valid loss than the "
-                            "plain views alone (default: 1)")
+    train.add_argument("--aug_views", type=int, default=None, metavar="N",
+                       help="augmented views stored per photo, besides the plain one (and its "
+                            "mirror image, for the logistic head); the head trains on them if "
+                            "they predict better held-out photos (default: 6 where train+valid "
+                            "has at most 1000 photos, else 0; 1 with --head adamw)")
     train.add_argument("--always_augment", action="store_true",
-                       help="train the head on the augmented views even where the plain views "
-                            "give a lower valid loss")
+                       help="train the head on the augmented views even where it predicts "
+                            "held-out photos better without them")
     train.add_argument("--finetune", action="store_true",
                        help="also train the backbone's last stages (slower, more accurate)")
     train.add_argument("--patience", type=int, default=10, metavar="N",
@@ -233,7 +241,7 @@ def recorded_options(args, config):
     demo's folders, --epochs 5 of --finetune and the head's default learning rate filled in
     (--finetune's stays None when not given)."""
     return {**vars(args), "data_dir": config.data_dir, "save_dir": config.save_dir,
-            "epochs": config.epochs,
+            "epochs": config.epochs, "head": config.head, "aug_views": config.aug_views,
             "learning_rate": args.learning_rate if config.finetune else config.learning_rate}
 
 
@@ -274,8 +282,12 @@ def check_options(args):
             raise UserError(f"{flag} {value}: must be greater than 0")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
-    if args.aug_views < 0 or args.patience < 0:
+    if (args.aug_views or 0) < 0 or args.patience < 0:
         raise UserError("--aug_views and --patience must be 0 or more")
+    if args.head == "logistic" and training.has_hidden_layers(args.hidden_units):
+        raise UserError(f"--hidden_units {' '.join(map(str, args.hidden_units))}: a head with "
+                        f"hidden layers trains by epochs; use --head adamw, or drop "
+                        f"--hidden_units for the logistic head")
     if any(x < 0 for x in args.split) or args.split[0] <= 0 or args.split[1] <= 0:
         raise UserError(f"--split {' '.join(map(str, args.split))}: train and valid fractions "
                         f"must be above 0, e.g. --split 0.7 0.1 0.2")
@@ -298,15 +310,17 @@ def load_resume(config):
     if not state:
         raise UserError(f"--resume {config.resume}: holds no training state to continue from; "
                         f"train again without --resume")
-    saved = ckpt["args"]
-    for key in ("arch", "finetune", "hidden_units", "seed", "image_size"):
+    saved = dict(ckpt["args"])
+    saved.setdefault("head", "adamw")  # the only head of checkpoints before --head
+    for key in ("arch", "finetune", "head", "hidden_units", "seed", "image_size"):
         if saved.get(key) != getattr(config, key):
             raise UserError(f"--resume {config.resume}: was trained with --{key} "
                             f"{saved.get(key)}, this run asks for {getattr(config, key)}; use "
                             f"the same options")
     # Checkpoints from before the choice of views trained on all the stored views.
     views = state.setdefault("views_used", saved.get("aug_views", config.aug_views))
-    if not config.finetune and not (type(views) is int and 0 <= views <= config.aug_views):
+    if config.head == "adamw" and not config.finetune and \
+            not (type(views) is int and 0 <= views <= config.aug_views):
         raise UserError(f"--resume {config.resume}: its head trained on {views} augmented "
                         f"views, this run stores {config.aug_views}; use --aug_views "
                         f"{saved.get('aug_views')}")
@@ -321,7 +335,8 @@ def make_checkpoint(config, options, scan, names, preprocess, model, result):
         "format": model_utils.CHECKPOINT_FORMAT,
         "format_version": model_utils.CHECKPOINT_VERSION,
         "model_args": dict(arch=config.arch, num_classes=len(scan.classes),
-                           hidden_units=list(config.hidden_units), dropout=config.dropout),
+                           hidden_units=list(config.hidden_units), dropout=config.dropout,
+                           flip_tta=bool(model.flip_tta)),
         "classes": list(scan.classes),
         "class_to_idx": scan.class_to_idx,
         "class_names": [names[c] for c in scan.classes],

@@ -5,7 +5,9 @@ run_epochs owns what every epoch does alike: the per-epoch history, the epoch li
 stopping, stop signals, the state that --resume continues from, and the best weights. A mode
 supplies what differs: how to train one epoch and how to evaluate.
 - FeatureTrainer (the default): a frozen backbone passes every image through once, its features
-  are stored on disk (features.py), and the head trains on them for many epochs in seconds.
+  are stored on disk (features.py), and the head is fitted on them in seconds: by default a
+  logistic regression whose settings cross-validation chooses (linear_probe.py, no epochs);
+  with --head adamw (hidden layers need it) epochs of AdamW.
 - FinetuneTrainer (--finetune): a linear probe first (a FeatureTrainer), then the backbone's
   last stages and the head train together on images augmented on the fly.
 """
@@ -25,6 +27,7 @@ from torch import nn
 
 import data_utils
 import features
+import linear_probe
 import model_utils
 from stopping import StopSignals
 
@@ -60,7 +63,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     batch_size: int = 64
-    aug_views: int = 1
+    # "logistic" (linear_probe.py) or "adamw" (epochs; heads with hidden layers need it)
+    head: str = "logistic"
+    # None: the logistic head's own rule (linear_probe.stored_aug_views); 1 for adamw
+    aug_views: int = None
     always_augment: bool = False
     finetune: bool = False
     patience: int = 10
@@ -80,15 +86,33 @@ class TrainConfig:
                  if hasattr(options, f.name)}
         config = cls(**given)
         rate = options.learning_rate
+        head = options.head or ("adamw" if has_hidden_layers(options.hidden_units)
+                                else "logistic")
         return dataclasses.replace(
-            config, head_learning_rate=rate or HEAD_LR,
+            config, head=head, head_learning_rate=rate or HEAD_LR,
             learning_rate=rate or (FINETUNE_LR if options.finetune else HEAD_LR),
-            epochs=options.epochs or (FINETUNE_EPOCHS if options.finetune else None))
+            epochs=options.epochs or (FINETUNE_EPOCHS if options.finetune else None),
+            aug_views=options.aug_views if options.aug_views is not None
+            else (1 if head == "adamw" else None))
 
     def probe(self):
-        """The settings of --finetune's linear probe: the head on stored plain views."""
-        return dataclasses.replace(self, aug_views=0, epochs=None, finetune=False,
+        """The settings of --finetune's linear probe: the AdamW head on stored plain views of
+        the train split (the valid split stays held out for fine-tuning's early stopping).
+        Fine-tuning starts from it: the logistic head's weights, fitted on standardised
+        features, gave logits on augmented photos that wrecked the first fine-tuning steps
+        (train loss 6.7 on digits, 10 photos a class)."""
+        return dataclasses.replace(self, head="adamw", aug_views=0, epochs=None,
+                                   finetune=False, learning_rate=self.head_learning_rate)
+
+    def frozen(self):
+        """The settings of the default mode, which --finetune falls back to where fine-tuning
+        does not beat its probe."""
+        return dataclasses.replace(self, epochs=None, finetune=False,
                                    learning_rate=self.head_learning_rate)
+
+
+def has_hidden_layers(hidden_units):
+    return any(units > 0 for units in hidden_units)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +252,64 @@ class FeatureTrainer:
         self.job, self.device, self.cache_dir, self.resume = job, job.device, cache_dir, resume
 
     def fit(self):
+        if self.config.head == "logistic":
+            return self.fit_logistic()
+        return self.fit_by_epochs()
+
+    def fit_logistic(self):
+        """The logistic-regression head (linear_probe.py): features of the plain, mirrored
+        and, for small data sets, augmented views; cross-validation over the fitting photos
+        chooses C and the views; the head is fitted on them all."""
+        config, fit_splits = self.config, ("train", "valid")
+        backbone = model_utils.freeze(self.model.backbone).eval()
+        photos = sum(len(self.scan.samples[s]) for s in fit_splits)
+        aug = linear_probe.stored_aug_views(photos, config.aug_views)
+        stored = {split: self.photo_features(backbone, split, 0 if split == "test" else aug)
+                  for split in self.splits if split in self.scan.samples}
+        if not self.job.is_main:
+            return None  # the head is fitted on rank 0 alone; the others' work ends here
+        x = torch.cat([stored[s][0] for s in fit_splits])
+        y = np.concatenate([stored[s][1] for s in fit_splits])
+        view_sets = linear_probe.candidates(x.shape[1], config.always_augment)
+        # A stop signal ends the fit wherever it is: nothing is written until it is done.
+        with StopSignals(), single_thread():
+            head, scores = linear_probe.choose_and_fit(x, y, len(self.scan.classes), view_sets,
+                                                       config.seed)
+        if self.verbose:
+            print(linear_probe.choice_line(head, scores))
+        result = Result()
+        result.metrics["cv_acc"] = head.cv_acc
+        if "test" in stored:
+            logits = head.logits(stored["test"][0])
+            correct = logits.argmax(1).numpy() == stored["test"][1]
+            result.metrics["test_acc"] = float(correct.mean())
+            result.test_probs = torch.softmax(logits, 1).numpy()
+        self.install(head)
+        return result
+
+    def photo_features(self, backbone, split, aug):
+        """(features (photos, views, dim) float32, labels (photos,)) of one split: the plain
+        view, the mirror image, then aug augmented views of each photo."""
+        rows, labels = features.cached_features(backbone, split, aug, self.config, self.scan,
+                                                self.preprocess, self.job, self.cache_dir,
+                                                mirror=True)
+        if rows is None:  # another rank's: rank 0 holds the joined file
+            return None, None
+        per_photo = 2 + aug
+        x = torch.from_numpy(np.asarray(rows[:len(labels)], dtype=np.float32))
+        return x.reshape(-1, per_photo, x.shape[-1]), labels[::per_photo]
+
+    def install(self, head):
+        """Write the fitted head into the model's last Linear layer; the model predicts as
+        the head was chosen to (averaging the mirror image in, or not)."""
+        linear = self.model.head[-1]
+        with torch.no_grad():
+            linear.weight.copy_(head.weight)
+            linear.bias.copy_(head.bias)
+        self.model.flip_tta = 1 in head.view_set.test
+
+    def fit_by_epochs(self):
+        """The head trained by AdamW epochs (run_epochs), early-stopped on the valid split."""
         backbone = model_utils.freeze(self.model.backbone).eval()
         stored = {split: features.cached_features(
                       backbone, split, self.config.aug_views if split == "train" else 0,
@@ -409,8 +491,11 @@ class FinetuneTrainer:
         model = self.module
         if result.best_epoch == 0 and not result.interrupted:
             print(f"fine-tuning did not lower the valid loss of the linear probe "
-                  f"({result.best_loss:.3f}); keeping the probe: the head on the pretrained "
-                  f"backbone")
+                  f"({result.best_loss:.3f}); keeping the pretrained backbone, with the "
+                  f"default mode's head on it")
+            return self.frozen_result(result)
+        if not result.interrupted:
+            self.choose_flip_averaging()
         _, result.metrics["valid_acc"] = self.evaluate_split("valid")
         if "test" in self.scan.samples:
             _, result.metrics["test_acc"], logits = self.evaluate_split("test", keep=True)
@@ -418,6 +503,27 @@ class FinetuneTrainer:
                 result.test_probs = torch.softmax(logits, 1).numpy()
         self.model = model.cpu().to(memory_format=torch.contiguous_format)
         return result
+
+    def frozen_result(self, tuned):
+        """The default mode's result on the pretrained backbone (to which early stopping went
+        back), with the fine-tuning epochs that did not beat it in its history."""
+        self.model = self.module.cpu().to(memory_format=torch.contiguous_format)
+        frozen = FeatureTrainer(self.config.frozen(), self.scan, self.model, self.preprocess,
+                                self.job, self.cache_dir)
+        result = frozen.fit()
+        if result is not None:
+            result.history, result.epoch = tuned.history, tuned.epoch
+        return result
+
+    def choose_flip_averaging(self):
+        """Average each photo's logits with its mirror image's where that lowers the valid
+        loss (it does for flowers; a mirrored digit is another digit)."""
+        plain, _ = self.evaluate_split("valid")
+        self.module.flip_tta = True
+        mirrored, _ = self.evaluate_split("valid")
+        self.module.flip_tta = mirrored < plain
+        print(f"predicting {'with' if self.module.flip_tta else 'without'} the mirror image "
+              f"averaged in (valid loss {mirrored:.3f} with, {plain:.3f} without)")
 
     def prepare(self):
         """The model, optimizer, data and schedule of the fine-tuning epochs."""
