@@ -499,7 +499,8 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
                         f"the file was altered, train again")
     reference = ckpt.get("backbone_weights")
     # Outside the try below: its errors are UserErrors that say what to install or download
-    backbone = reference and published_backbone(args["arch"], reference, f"checkpoint {path}")
+    backbone = (published_backbone(args["arch"], reference, f"checkpoint {path}")
+                if reference is not None else None)
     try:
         if reference is None:
             model = build_model(pretrained=False, **args)
