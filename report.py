@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 import textwrap
 import time
@@ -126,6 +127,37 @@ def write_predictions_csv(path, probs, labels, names, image_paths):
         writer.writerow([path_i, names[label], names[best], f"{p[best]:.4f}",
                          int(best == label)])
     data_utils.write_text_atomic(path, buf.getvalue())
+
+
+HISTORY_CSV = "history.csv"
+HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_acc")
+# Written where the history has them: the learning rate at the epoch's end, its duration
+HISTORY_OPTIONAL_COLUMNS = ("learning_rate", "seconds")
+
+
+def write_history_csv(save_dir, history):
+    """SAVE_DIR/history.csv: one row per epoch, as Keras' CSVLogger writes. A run without
+    epochs (a head fitted in one go) writes none, and removes the one of an earlier run, which
+    would describe another checkpoint. Returns the path written, or None."""
+    path = os.path.join(save_dir, HISTORY_CSV)
+    if not history:
+        atomic.remove_quietly(path)
+        return None
+    columns = list(HISTORY_COLUMNS) + [c for c in HISTORY_OPTIONAL_COLUMNS
+                                       if any(c in row for row in history)]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in history:  # repr of a float reads back to the same float
+        writer.writerow([_csv_number(row.get(c)) for c in columns])
+    data_utils.write_text_atomic(path, buf.getvalue())
+    return path
+
+
+def _csv_number(value):
+    if value is None:
+        return ""
+    return int(value) if isinstance(value, numbers.Integral) else repr(float(value))
 
 
 def summary_lines(summary):

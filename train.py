@@ -140,6 +140,10 @@ def build_parser():
     out = p.add_argument_group("Output and device")
     out.add_argument("--save_dir", default=".", metavar="DIR",
                      help="where checkpoint.pth and the reports go (default: .)")
+    out.add_argument("--full_checkpoint", action="store_true",
+                     help="store the whole network in the checkpoint, self-contained (default: "
+                          "a frozen backbone with published weights is stored as their name "
+                          "and SHA-256, and loading rebuilds it from them)")
     out.add_argument("--gpu", nargs="?", const="cuda", metavar="DEVICE",
                      help="train on an accelerator: --gpu alone for CUDA, or cuda:1, mps "
                           "(default: the CPU)")
@@ -213,6 +217,7 @@ def run(args):
     checkpoint = make_checkpoint(config, options, scan, names, preprocess, trainer.model, result)
     path = os.path.join(config.save_dir, "checkpoint.pth")
     model_utils.save_checkpoint(checkpoint, path)
+    report.write_history_csv(config.save_dir, result.history)
     job.wait_for_main("rank 0's checkpoint")  # the others may exit now
     return finish(config, options, path, result, scan, names, preprocess, trainer.model, job,
                   started)
@@ -308,8 +313,10 @@ def load_resume(config):
     ckpt = model_utils.load_checkpoint(config.resume)
     state = ckpt.get("train_state")
     if not state:
-        raise UserError(f"--resume {config.resume}: holds no training state to continue from; "
-                        f"train again without --resume")
+        why = "its run is complete; only interrupted runs keep it" if ckpt.get("complete") \
+            else "the file was altered"
+        raise UserError(f"--resume {config.resume}: holds no training state to continue from "
+                        f"({why}); train again without --resume")
     saved = dict(ckpt["args"])
     saved.setdefault("head", "adamw")  # the only head of checkpoints before --head
     for key in ("arch", "finetune", "head", "hidden_units", "seed", "image_size"):
@@ -331,9 +338,10 @@ def load_resume(config):
 # The checkpoint
 # ---------------------------------------------------------------------------------------------
 def make_checkpoint(config, options, scan, names, preprocess, model, result):
-    return {
+    """One copy of the weights (or, for a frozen published backbone, the head's and the name
+    of the backbone's); the state to resume from only where the run was interrupted."""
+    checkpoint = {
         "format": model_utils.CHECKPOINT_FORMAT,
-        "format_version": model_utils.CHECKPOINT_VERSION,
         "model_args": dict(arch=config.arch, num_classes=len(scan.classes),
                            hidden_units=list(config.hidden_units), dropout=config.dropout,
                            flip_tta=bool(model.flip_tta)),
@@ -341,7 +349,8 @@ def make_checkpoint(config, options, scan, names, preprocess, model, result):
         "class_to_idx": scan.class_to_idx,
         "class_names": [names[c] for c in scan.classes],
         "preprocess": preprocess,
-        "state_dict": model.state_dict(),
+        **model_utils.checkpoint_weights(model, config.arch,
+                                         references_published_backbone(config, options)),
         "finetuned": bool(config.finetune),
         "epoch": result.best_epoch,
         "epochs_run": result.epoch,
@@ -354,8 +363,16 @@ def make_checkpoint(config, options, scan, names, preprocess, model, result):
                      counts={s: len(v) for s, v in scan.samples.items()}),
         "versions": dict(torch=str(torch.__version__), python=platform.python_version(),
                          numpy=np.__version__),
-        "train_state": result.train_state,
     }
+    if result.interrupted:
+        checkpoint["train_state"] = result.train_state
+    return checkpoint
+
+
+def references_published_backbone(config, options):
+    """Whether the checkpoint names the backbone's published weights instead of holding them:
+    where they stayed frozen and were not --weights PATH, unless --full_checkpoint."""
+    return not (config.finetune or config.weights or options.get("full_checkpoint"))
 
 
 if __name__ == "__main__":

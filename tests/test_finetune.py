@@ -48,14 +48,27 @@ def test_micro_batches_take_the_same_step_as_one_batch(weight):
                                    msg=key)
 
 
-def test_finetune_trains_the_last_stages_and_predict_uses_it(tmp_path, image_folder, capsys):
+def keep_train_state(monkeypatch):
+    """The run's state to resume from, which a complete checkpoint does not keep."""
+    kept, make = {}, train.make_checkpoint
+
+    def make_and_keep(*args):
+        kept.update(args[-1].train_state)
+        return make(*args)
+    monkeypatch.setattr(train, "make_checkpoint", make_and_keep)
+    return kept
+
+
+def test_finetune_trains_the_last_stages_and_predict_uses_it(tmp_path, image_folder, capsys,
+                                                             monkeypatch):
+    train_state = keep_train_state(monkeypatch)
     assert train.main([image_folder, "--save_dir", str(tmp_path), *FINETUNE]) == 0
     out = capsys.readouterr().out
     assert "fine-tune step 2" in out and "epoch 3/3  train loss " in out and "test acc " in out
     ckpt = model_utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))
     assert ckpt["finetuned"] is True
     pretrained = model_utils.build_model("efficientnet_lite0", 3).state_dict()
-    last = ckpt["train_state"]["model"]  # the last epoch's weights
+    last = train_state["model"]  # the last epoch's weights
     assert torch.equal(last["backbone._conv_stem.weight"],
                        pretrained["backbone._conv_stem.weight"])  # the early layers stay frozen
     assert not torch.equal(last["backbone._conv_head.weight"],
@@ -71,6 +84,7 @@ def test_finetune_trains_the_last_stages_and_predict_uses_it(tmp_path, image_fol
 def test_finetune_that_does_worse_than_the_linear_probe_keeps_the_probe(tmp_path, image_folder,
                                                                      monkeypatch, capsys):
     monkeypatch.setattr(training.FinetuneTrainer, "BACKBONE_LR_SCALE", 1e4)  # wrecks the backbone
+    train_state = keep_train_state(monkeypatch)
     assert train.main([image_folder, "--save_dir", str(tmp_path), *FINETUNE]) == 0
     out = capsys.readouterr().out
     assert "fine-tuning did not lower the valid loss of the linear probe" in out
@@ -81,7 +95,7 @@ def test_finetune_that_does_worse_than_the_linear_probe_keeps_the_probe(tmp_path
         if key.startswith("backbone."):
             assert torch.equal(ckpt["state_dict"][key], value), key
     best_finetuned = min(h["valid_loss"] for h in ckpt["history"])
-    assert ckpt["train_state"]["early_stopping"]["best_loss"] < best_finetuned  # the probe's
+    assert train_state["early_stopping"]["best_loss"] < best_finetuned  # the probe's
 
 
 def test_finetune_resume_ends_like_an_uninterrupted_run(tmp_path, image_folder, monkeypatch,

@@ -13,6 +13,7 @@ import model_utils
 import train
 import training
 from conftest import FAST
+from test_checkpoint import interrupt_after_epoch
 
 
 def test_view_rows_takes_the_plain_row_and_the_first_views_of_each_image():
@@ -70,37 +71,46 @@ def test_always_augment_keeps_the_augmented_views():
     assert trainer.choose_views(train_rows, valid) == 1
 
 
+def interrupted_run(image_folder, save_dir, monkeypatch, *options):
+    """Train with FAST options, stopped by a SIGINT after epoch 2: only an interrupted run's
+    checkpoint keeps the state to resume from."""
+    with monkeypatch.context() as m:
+        interrupt_after_epoch(m, 2)
+        assert train.main([image_folder, *FAST, *options, "--save_dir", str(save_dir)]) == 130
+    return save_dir / "checkpoint.pth"
+
+
 def test_train_py_says_which_views_the_head_used_and_resume_keeps_them(tmp_path, image_folder,
-                                                                        capsys):
-    assert train.main([image_folder, *FAST, "--save_dir", str(tmp_path)]) == 0
+                                                                        capsys, monkeypatch):
+    path = interrupted_run(image_folder, tmp_path, monkeypatch)
     out = capsys.readouterr().out
     assert "head inputs: " in out and "best valid loss" in out
-    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    ckpt = torch.load(path, weights_only=True)
     chosen = ckpt["train_state"]["views_used"]
     assert chosen in (0, 1) and ("plain views (best" in out) == (chosen == 0)
     # A resumed run goes on with the stored choice, without choosing again
     assert train.main([image_folder, *FAST, "--epochs", "5", "--save_dir", str(tmp_path),
-                       "--resume", str(tmp_path / "checkpoint.pth")]) == 0
-    again = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+                       "--resume", str(path)]) == 0
+    again = torch.load(path, weights_only=True)
     assert "head inputs: " not in capsys.readouterr().out
-    assert again["train_state"]["views_used"] == chosen and again["epochs_run"] == 5
+    assert again["epochs_run"] == 5 and "train_state" not in again  # complete: none kept
 
 
-def test_resume_refuses_a_view_count_this_run_does_not_store(tmp_path, image_folder, capsys):
-    assert train.main([image_folder, *FAST, "--always_augment", "--save_dir", str(tmp_path)]) == 0
+def test_resume_refuses_a_view_count_this_run_does_not_store(tmp_path, image_folder, capsys,
+                                                             monkeypatch):
+    path = interrupted_run(image_folder, tmp_path, monkeypatch, "--always_augment")
     capsys.readouterr()
     assert train.main([image_folder, *FAST, "--aug_views", "0", "--epochs", "5",
-                       "--save_dir", str(tmp_path),
-                       "--resume", str(tmp_path / "checkpoint.pth")]) == 2
+                       "--save_dir", str(tmp_path), "--resume", str(path)]) == 2
     err = capsys.readouterr().err
     assert "augmented views" in err and "--aug_views 1" in err and err.count("\n") == 1
 
 
 def test_resume_of_a_checkpoint_from_before_the_choice_refuses_fewer_views(tmp_path,
-                                                                         image_folder, capsys):
+                                                                         image_folder, capsys,
+                                                                         monkeypatch):
     # Such checkpoints have no views_used: their head trained on all the views they stored
-    assert train.main([image_folder, *FAST, "--always_augment", "--save_dir", str(tmp_path)]) == 0
-    path = tmp_path / "checkpoint.pth"
+    path = interrupted_run(image_folder, tmp_path, monkeypatch, "--always_augment")
     ckpt = torch.load(path, weights_only=True)
     del ckpt["train_state"]["views_used"]
     torch.save(ckpt, path)

