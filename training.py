@@ -153,11 +153,15 @@ def run_epochs(mode, epochs, patience, signals=None, resume=None, verbose=True):
             result.interrupted = signals.exit_status or 128 + signal.SIGTERM
             break
         valid_loss, valid_acc = mode.evaluate()
+        seconds = time.monotonic() - t0
+        # The rate at the epoch's end; with --finetune the head's (the backbone's is 0.1x)
         result.history.append(dict(epoch=epoch + 1, train_loss=train_loss,
-                                   valid_loss=valid_loss, valid_acc=valid_acc))
+                                   valid_loss=valid_loss, valid_acc=valid_acc,
+                                   learning_rate=mode.optimizer.param_groups[-1]["lr"],
+                                   seconds=seconds))
         if verbose:
-            print(epoch_line(epoch + 1, epochs, train_loss, valid_loss, valid_acc,
-                             time.monotonic() - t0), flush=True)
+            print(epoch_line(epoch + 1, epochs, train_loss, valid_loss, valid_acc, seconds),
+                  flush=True)
         stop = stopper.update(epoch + 1, valid_loss, mode.module.state_dict())
         result.epoch = epoch + 1
         if stop:
@@ -513,6 +517,7 @@ class FinetuneTrainer:
         result = frozen.fit()
         if result is not None:
             result.history, result.epoch = tuned.history, tuned.epoch
+            result.train_state = tuned.train_state
         return result
 
     def choose_flip_averaging(self):

@@ -120,7 +120,7 @@ def run_contender(name, data_dir, seed, size):
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         print(f"{name} (seed {seed}): no result: {tail[0]}", file=sys.stderr)
         return f"failed (exit status {done.returncode}): {tail[0][:60]}"
-    accs = {f"{name} {key}".strip(): float(acc) for key, acc in found.items()}
+    accs = {key or name: float(acc) for key, acc in found.items()}
     print(f"{os.path.basename(os.path.normpath(data_dir))} {name} (seed {seed}): "
           f"{accs}  {wall:.1f}s", file=sys.stderr, flush=True)
     return accs, wall

@@ -119,11 +119,12 @@ def test_history_csv_has_a_row_per_epoch_as_the_checkpoint(trained):
     ckpt = model_utils.load_checkpoint(trained["checkpoint"])
     with open(os.path.join(trained["save_dir"], "history.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["epoch", "train_loss", "valid_loss", "valid_acc"]
+    assert list(rows[0]) == ["epoch", "train_loss", "valid_loss", "valid_acc", "learning_rate",
+                             "seconds"]
     assert len(rows) == ckpt["epochs_run"] == len(ckpt["history"]) > 0
     for row, epoch in zip(rows, ckpt["history"]):
         assert int(row["epoch"]) == epoch["epoch"]
-        for key in ("train_loss", "valid_loss", "valid_acc"):
+        for key in ("train_loss", "valid_loss", "valid_acc", "learning_rate", "seconds"):
             assert float(row[key]) == epoch[key], key
 
 

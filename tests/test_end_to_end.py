@@ -16,8 +16,9 @@ def test_cli_train_then_predict(tmp_path):
     data = make_image_folder(tmp_path / "data")
     trained = run("train.py", data, "--save_dir", str(tmp_path / "run"), *FAST)
     assert trained.returncode == 0, trained.stderr
-    assert re.search(r"^epoch 4/4  train loss \d\.\d{3}  valid loss \d\.\d{3}  valid acc "
-                     r"\d+\.\d%  \d+\.\ds$", trained.stdout, re.M)
+    assert re.search(r"^head: logistic regression on [a-z0-9 +]+ views?, C=[0-9.e-]+ \(held-out "
+                     r"loss \d\.\d{3}, accuracy \d+\.\d% over 5 folds of train\+valid",
+                     trained.stdout, re.M)
     assert re.search(r"^test acc \d+\.\d%$", trained.stdout, re.M)
     predicted = run("predict.py", os.path.join(data, "test", "fox", "001.jpg"),
                     str(tmp_path / "run" / "checkpoint.pth"), "--top_k", "3")

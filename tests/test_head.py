@@ -13,6 +13,8 @@ import model_utils
 import train
 import training
 from conftest import FAST
+
+HEAD = [*FAST, "--head", "adamw"]  # the view choice and resume of the epoch head
 from test_checkpoint import interrupt_after_epoch
 
 
@@ -76,7 +78,7 @@ def interrupted_run(image_folder, save_dir, monkeypatch, *options):
     checkpoint keeps the state to resume from."""
     with monkeypatch.context() as m:
         interrupt_after_epoch(m, 2)
-        assert train.main([image_folder, *FAST, *options, "--save_dir", str(save_dir)]) == 130
+        assert train.main([image_folder, *HEAD, *options, "--save_dir", str(save_dir)]) == 130
     return save_dir / "checkpoint.pth"
 
 
@@ -89,7 +91,7 @@ def test_train_py_says_which_views_the_head_used_and_resume_keeps_them(tmp_path,
     chosen = ckpt["train_state"]["views_used"]
     assert chosen in (0, 1) and ("plain views (best" in out) == (chosen == 0)
     # A resumed run goes on with the stored choice, without choosing again
-    assert train.main([image_folder, *FAST, "--epochs", "5", "--save_dir", str(tmp_path),
+    assert train.main([image_folder, *HEAD, "--epochs", "5", "--save_dir", str(tmp_path),
                        "--resume", str(path)]) == 0
     again = torch.load(path, weights_only=True)
     assert "head inputs: " not in capsys.readouterr().out
@@ -100,7 +102,7 @@ def test_resume_refuses_a_view_count_this_run_does_not_store(tmp_path, image_fol
                                                              monkeypatch):
     path = interrupted_run(image_folder, tmp_path, monkeypatch, "--always_augment")
     capsys.readouterr()
-    assert train.main([image_folder, *FAST, "--aug_views", "0", "--epochs", "5",
+    assert train.main([image_folder, *HEAD, "--aug_views", "0", "--epochs", "5",
                        "--save_dir", str(tmp_path), "--resume", str(path)]) == 2
     err = capsys.readouterr().err
     assert "augmented views" in err and "--aug_views 1" in err and err.count("\n") == 1
@@ -115,7 +117,7 @@ def test_resume_of_a_checkpoint_from_before_the_choice_refuses_fewer_views(tmp_p
     del ckpt["train_state"]["views_used"]
     torch.save(ckpt, path)
     capsys.readouterr()
-    assert train.main([image_folder, *FAST, "--aug_views", "0", "--epochs", "5",
+    assert train.main([image_folder, *HEAD, "--aug_views", "0", "--epochs", "5",
                        "--save_dir", str(tmp_path), "--resume", str(path)]) == 2
     err = capsys.readouterr().err
     assert "augmented views" in err and "--aug_views 1" in err and err.count("\n") == 1

@@ -54,8 +54,11 @@ def test_config_decides_the_defaults_of_each_mode():
         (None, training.HEAD_LR, training.HEAD_LR)
     tune = training.TrainConfig.from_options(options("--finetune"))
     assert (tune.epochs, tune.learning_rate) == (5, training.FINETUNE_LR)
-    assert tune.probe() == dataclasses.replace(tune, aug_views=0, epochs=None, finetune=False,
-                                               learning_rate=training.HEAD_LR)
+    assert tune.probe() == dataclasses.replace(tune, head="adamw", aug_views=0, epochs=None,
+                                               finetune=False, learning_rate=training.HEAD_LR)
+    assert (head.head, head.aug_views) == ("logistic", None)  # None: linear_probe decides
+    hidden = training.TrainConfig.from_options(options("--hidden_units", "8"))
+    assert (hidden.head, hidden.aug_views) == ("adamw", 1)
     given = training.TrainConfig.from_options(options("--finetune", "--learning_rate", "0.01",
                                                       "--epochs", "2"))
     assert (given.epochs, given.learning_rate, given.probe().learning_rate) == (2, 0.01, 0.01)
@@ -72,7 +75,10 @@ def test_the_checkpoint_records_the_options_as_before():
     default epochs filled in, --finetune's rate None when not given."""
     args = options("--finetune")
     record = train.recorded_options(args, training.TrainConfig.from_options(args))
-    assert record == {**vars(args), "epochs": 5, "learning_rate": None}
+    assert record == {**vars(args), "epochs": 5, "learning_rate": None, "head": "logistic"}
     args = options()
     record = train.recorded_options(args, training.TrainConfig.from_options(args))
-    assert record == {**vars(args), "learning_rate": training.HEAD_LR}
+    assert record == {**vars(args), "learning_rate": training.HEAD_LR, "head": "logistic"}
+    args = options("--head", "adamw")
+    record = train.recorded_options(args, training.TrainConfig.from_options(args))
+    assert record == {**vars(args), "learning_rate": training.HEAD_LR, "aug_views": 1}

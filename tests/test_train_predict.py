@@ -16,9 +16,27 @@ def test_train_then_predict(trained, capsys):
     assert lines[0].endswith("%")
 
 
-def test_train_prints_epochs_and_test_accuracy(tmp_path, image_folder, capsys):
+def test_train_prints_the_head_it_chose_and_test_accuracy(tmp_path, image_folder, capsys):
     assert train.main([image_folder, "--save_dir", str(tmp_path), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "head: logistic regression on " in out and " over 5 folds of train+valid" in out
+    assert "epoch 1/" not in out
+    assert "test acc " in out
+    assert os.path.isfile(tmp_path / "checkpoint.pth")
+    assert not os.path.exists(tmp_path / "history.csv")  # no epochs, no history
+
+
+def test_adamw_head_prints_epochs(tmp_path, image_folder, capsys):
+    assert train.main([image_folder, "--save_dir", str(tmp_path), *FAST, "--head", "adamw"]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/4  train loss " in out and "valid acc " in out
     assert "test acc " in out
-    assert os.path.isfile(tmp_path / "checkpoint.pth")
+    assert os.path.isfile(tmp_path / "history.csv")
+
+
+def test_hidden_layers_train_by_epochs(tmp_path, image_folder, capsys):
+    assert train.main([image_folder, "--save_dir", str(tmp_path), *FAST,
+                       "--hidden_units", "8"]) == 0
+    assert "epoch 1/4  train loss " in capsys.readouterr().out
+    assert train.main([image_folder, *FAST, "--hidden_units", "8", "--head", "logistic"]) == 2
+    assert "use --head adamw" in capsys.readouterr().err

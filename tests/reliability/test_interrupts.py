@@ -36,7 +36,7 @@ def final_state(path):
     """What must match between runs: metrics, history, best epoch and the head's weights."""
     ckpt = model_utils.load_checkpoint(str(path))
     head = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")}
-    history = [{k: v for k, v in h.items()} for h in ckpt["history"]]
+    history = [{k: v for k, v in h.items() if k != "seconds"} for h in ckpt["history"]]
     return dict(metrics=ckpt["metrics"], history=history, epoch=ckpt["epoch"],
                 complete=ckpt["complete"]), head
 
