@@ -57,8 +57,10 @@ def small_data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("reliability") / "data")
 
 
-# Options for the runs that are started many times: 32-pixel inputs make the feature pass short.
-TINY = ["--image_size", "32", "--aug_views", "1", "--workers", "0"]
+# Options for the runs that are started many times: 32-pixel inputs make the feature pass short;
+# the epoch head, whose epochs are where stop signals, resumes and saves under load happen (the
+# default logistic head has no epochs and saves once, at the end).
+TINY = ["--image_size", "32", "--aug_views", "1", "--workers", "0", "--head", "adamw"]
 
 
 @pytest.fixture(scope="session")

@@ -193,7 +193,7 @@ def test_ctrl_c_to_the_process_group_with_workers(tmp_path, tiny_data, tally):
                              per_split={"train": 24, "valid": 6, "test": 6})  # 72: a pool scan
     rng = random.Random(5)
     options = ["--image_size", "32", "--aug_views", "1", "--workers", "2", "--epochs", "60",
-               "--patience", "0"]
+               "--patience", "0", "--head", "adamw"]
     harness.warm_up()
     started = time.monotonic()
     r = harness.run("train.py", [data, "--save_dir", tmp_path / "timed", *options], tmp_path,
