@@ -77,10 +77,10 @@ def test_torchrun_writes_one_checkpoint_like_a_single_process(runs):
     assert two["classes"] == one["classes"] and two["class_to_idx"] == one["class_to_idx"]
     assert list(two["state_dict"]) == list(one["state_dict"])  # no "module." prefixes
     assert abs(two["metrics"]["test_acc"] - one["metrics"]["test_acc"]) <= 0.02
-    # Only rank 0 prints: one summary line, one line per epoch.
+    # Only rank 0 prints: one summary line, one line for the head it fitted.
     lines = proc.stdout.splitlines()
     assert sum(line.startswith("data: ") for line in lines) == 1
-    assert sum(line.startswith("epoch 1/4 ") for line in lines) == 1
+    assert sum(line.startswith("head: logistic regression ") for line in lines) == 1
     assert "test acc" in proc.stdout
 
 
