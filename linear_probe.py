@@ -10,7 +10,7 @@ alone is mostly noise. The final head is then fitted on train+valid, twice the p
 train split in the few-shot case.
 
 Measured on five data sets (flowers and handwritten digits, 10 photos a class to 600; see
-docs/benchmarks.md), against the AdamW head with early stopping this replaced: +3.3 points on
+docs/design.md), against the AdamW head with early stopping this replaced: +3.3 points on
 the mean, +5.2 on the few-shot sets.
 
 Features arrive per photo as an array (photos, views, dim): view 0 is the plain centre crop,
