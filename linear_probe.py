@@ -104,12 +104,17 @@ class Standardizer:
         return weight, bias - weight @ self.mean
 
 
-def training_rows(photos, labels, view_set):
-    """(rows, labels, weights) of the view set: each photo weighs 1 in all, whatever its number
-    of views, so that C means the same for every view set."""
+def training_rows(photos, labels, view_set, class_weight=None):
+    """(rows, labels, weights) of the view set: each photo weighs 1 in all (times its class's
+    weight, with --balance), whatever its number of views, so that C means the same for every
+    view set."""
     views = len(view_set.train)
     rows = photos[:, list(view_set.train)].reshape(-1, photos.shape[-1])
-    return rows, labels.repeat_interleave(views), torch.full((len(rows),), 1.0 / views)
+    row_labels = labels.repeat_interleave(views)
+    weights = torch.full((len(rows),), 1.0 / views)
+    if class_weight is not None:
+        weights = weights * class_weight[row_labels]
+    return rows, row_labels, weights
 
 
 def fit_logistic(x, y, num_classes, c, sample_weight=None, init=None, max_iter=500):
@@ -154,7 +159,7 @@ def photo_folds(labels, k, seed):
 
 
 def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, k=FOLDS,
-                   between_fits=None):
+                   between_fits=None, class_weight=None):
     """Held-out (mean log loss, accuracy) over k folds of photos for each (view set, C). A
     photo's views stay in its fold; held-out photos are predicted as the view set predicts.
     Each view set's rows are standardised once with all their photos' statistics (no labels
@@ -165,7 +170,7 @@ def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, 
     folds = torch.from_numpy(photo_folds(np.asarray(labels), k, seed))
     scores = {}
     for view_set in view_sets:
-        rows, row_labels, row_weights = training_rows(photos, labels_t, view_set)
+        rows, row_labels, row_weights = training_rows(photos, labels_t, view_set, class_weight)
         scaler = Standardizer(rows)
         rows = scaler(rows)
         scaled_photos = scaler(photos)
@@ -190,22 +195,24 @@ def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, 
     return scores
 
 
-def fit_head(photos, labels, num_classes, view_set, c):
+def fit_head(photos, labels, num_classes, view_set, c, class_weight=None):
     """The head fitted on every photo given, with the given view set and C, on raw features."""
     rows, row_labels, row_weights = training_rows(
-        photos, torch.as_tensor(labels, dtype=torch.long), view_set)
+        photos, torch.as_tensor(labels, dtype=torch.long), view_set, class_weight)
     scaler = Standardizer(rows)
     weight, bias = fit_logistic(scaler(rows), row_labels, num_classes, c, row_weights)
     return Head(*scaler.unscaled(weight, bias), view_set, c)
 
 
-def choose_and_fit(photos, labels, num_classes, view_sets, seed=0, between_fits=None):
+def choose_and_fit(photos, labels, num_classes, view_sets, seed=0, between_fits=None,
+                   class_weight=None):
     """Cross-validate, then fit the head with the (view set, C) of the lowest held-out log
-    loss (a tie keeps the earlier view set and the stronger regularisation) on all photos."""
+    loss (a tie keeps the earlier view set and the stronger regularisation) on all photos.
+    class_weight (classes,) weighs each class's photos in the fits (--balance)."""
     scores = cross_validate(photos, labels, num_classes, view_sets, seed,
-                            between_fits=between_fits)
+                            between_fits=between_fits, class_weight=class_weight)
     view_set, c = min(scores, key=lambda key: scores[key][0])
-    head = fit_head(photos, labels, num_classes, view_set, c)
+    head = fit_head(photos, labels, num_classes, view_set, c, class_weight)
     head.cv_loss, head.cv_acc = scores[view_set, c]
     return head, scores
 

@@ -275,10 +275,11 @@ class FeatureTrainer:
         x = torch.cat([stored[s][0] for s in fit_splits])
         y = np.concatenate([stored[s][1] for s in fit_splits])
         view_sets = linear_probe.candidates(x.shape[1], config.always_augment)
+        weight = class_weights(y, len(self.scan.classes)) if config.balance else None
         # A stop signal ends the fit wherever it is: nothing is written until it is done.
         with StopSignals(), single_thread():
             head, scores = linear_probe.choose_and_fit(x, y, len(self.scan.classes), view_sets,
-                                                       config.seed)
+                                                       config.seed, class_weight=weight)
         if self.verbose:
             print(linear_probe.choice_line(head, scores))
         result = Result()

@@ -115,3 +115,17 @@ def test_the_choice_is_printed_with_its_reasons():
     line = lp.choice_line(head, scores)
     assert line.startswith(f"head: logistic regression on {head.view_set.name}, C=")
     assert "over 5 folds of train+valid; best of" in line
+
+
+def test_class_weights_count_like_repeated_photos():
+    """--balance: a class of weight 2 fits as if each of its photos were there twice."""
+    x, y = blobs(photos=60, views=1)
+    weight = torch.tensor([2.0, 1.0, 1.0, 1.0])
+    weighted = lp.fit_head(x, y, 4, lp.PLAIN, 0.3, class_weight=weight)
+    again = np.r_[np.arange(60), np.flatnonzero(y == 0)]
+    repeated = lp.fit_head(x[again], y[again], 4, lp.PLAIN, 0.3)
+    # The same rows' statistics differ (the repeated photos count twice in the mean and
+    # scale), so compare what each predicts rather than the weights.
+    assert (weighted.logits(x).argmax(1) == repeated.logits(x).argmax(1)).float().mean() > 0.95
+    plain = lp.fit_head(x, y, 4, lp.PLAIN, 0.3)
+    assert not torch.allclose(weighted.bias, plain.bias, atol=1e-3)

@@ -1,5 +1,6 @@
 import os
 
+import torch
 
 import predict
 import train
@@ -40,3 +41,17 @@ def test_hidden_layers_train_by_epochs(tmp_path, image_folder, capsys):
     assert "epoch 1/4  train loss " in capsys.readouterr().out
     assert train.main([image_folder, *FAST, "--hidden_units", "8", "--head", "logistic"]) == 2
     assert "use --head adamw" in capsys.readouterr().err
+
+
+def test_balance_weighs_the_logistic_head(tmp_path, image_folder, capsys):
+    cats = sorted(os.listdir(os.path.join(image_folder, "train", "cat")))
+    for name in cats[: len(cats) // 2]:  # half as many cats: the classes differ in weight
+        os.remove(os.path.join(image_folder, "train", "cat", name))
+    assert train.main([image_folder, "--save_dir", str(tmp_path / "a"), *FAST]) == 0
+    assert train.main([image_folder, "--save_dir", str(tmp_path / "b"), *FAST, "--balance",
+                       "--cache_dir", str(tmp_path / "a" / "cache")]) == 0
+    plain = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
+    balanced = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
+    assert balanced["args"]["balance"] is True
+    assert not torch.equal(plain["state_dict"]["head.1.bias"],
+                           balanced["state_dict"]["head.1.bias"])
