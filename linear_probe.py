@@ -159,13 +159,13 @@ def photo_folds(labels, k, seed):
 
 
 def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, k=FOLDS,
-                   between_fits=None, class_weight=None):
+                   class_weight=None):
     """Held-out (mean log loss, accuracy) over k folds of photos for each (view set, C). A
     photo's views stay in its fold; held-out photos are predicted as the view set predicts.
     Each view set's rows are standardised once with all their photos' statistics (no labels
     involved), and a fold's held-out rows get weight 0 rather than a copy of the matrix.
     Folds are fitted from the strongest regularisation to the weakest, each warm-started from
-    the one before. between_fits() runs after each fit (a stop-signal check)."""
+    the one before."""
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     folds = torch.from_numpy(photo_folds(np.asarray(labels), k, seed))
     scores = {}
@@ -188,8 +188,6 @@ def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, 
                 logits = head.logits(scaled_photos[held])
                 loss_sum[c] += F.cross_entropy(logits, labels_t[held], reduction="sum").item()
                 correct[c] += (logits.argmax(1) == labels_t[held]).sum().item()
-                if between_fits:
-                    between_fits()
         for c in grid:
             scores[view_set, c] = (loss_sum[c] / len(labels), correct[c] / len(labels))
     return scores
@@ -204,13 +202,12 @@ def fit_head(photos, labels, num_classes, view_set, c, class_weight=None):
     return Head(*scaler.unscaled(weight, bias), view_set, c)
 
 
-def choose_and_fit(photos, labels, num_classes, view_sets, seed=0, between_fits=None,
-                   class_weight=None):
+def choose_and_fit(photos, labels, num_classes, view_sets, seed=0, class_weight=None):
     """Cross-validate, then fit the head with the (view set, C) of the lowest held-out log
     loss (a tie keeps the earlier view set and the stronger regularisation) on all photos.
     class_weight (classes,) weighs each class's photos in the fits (--balance)."""
     scores = cross_validate(photos, labels, num_classes, view_sets, seed,
-                            between_fits=between_fits, class_weight=class_weight)
+                            class_weight=class_weight)
     view_set, c = min(scores, key=lambda key: scores[key][0])
     head = fit_head(photos, labels, num_classes, view_set, c, class_weight)
     head.cv_loss, head.cv_acc = scores[view_set, c]

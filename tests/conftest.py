@@ -66,6 +66,21 @@ def timeless(history):
 
 
 @pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty torch hub cache and no network: downloads fail as they would offline."""
+    import urllib.error
+
+    import torch
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+
+    def no_network(url, *a, **k):
+        raise urllib.error.URLError("network is unreachable")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "torch"
+
+
+@pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "data")
 

@@ -140,19 +140,6 @@ def test_history_csv_writes_the_columns_the_history_has(tmp_path):
     assert not os.path.exists(path)
 
 
-@pytest.fixture
-def torch_home(tmp_path, monkeypatch):
-    """An empty torch hub cache and no network."""
-    import urllib.error
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
-
-    def no_network(url, *a, **k):
-        raise urllib.error.URLError("network is unreachable")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return tmp_path / "torch"
-
-
 def test_torchvision_reference_is_checked_against_the_torch_cache(torch_home, image_folder,
                                                                    tmp_path, capsys):
     import torchvision.models as tvm

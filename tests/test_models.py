@@ -1,7 +1,6 @@
 """Backbones: the real offline default weights, and torchvision archs offline."""
 import glob
 import os
-import urllib.error
 from collections import Counter
 
 import pytest
@@ -53,18 +52,6 @@ def test_torchvision_heads_are_replaced_per_family(arch, width):
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64 if arch != "alexnet" else 96, 64 if arch != "alexnet"
                                  else 96)).shape == (1, 7)
-
-
-@pytest.fixture
-def torch_home(tmp_path, monkeypatch):
-    """An empty torch hub cache and no network: downloads fail as they would offline."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
-
-    def no_network(url, *a, **k):
-        raise urllib.error.URLError("network is unreachable")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return tmp_path / "torch"
 
 
 def test_torchvision_arch_offline_says_what_to_do(torch_home):
