@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 import data_utils  # noqa: E402
 import distributed  # noqa: E402
+import linear_probe  # noqa: E402
 import model_utils  # noqa: E402
 import report  # noqa: E402
 import training  # noqa: E402
@@ -120,13 +121,16 @@ def build_parser():
     train.add_argument("--aug_views", type=int, default=None, metavar="N",
                        help="augmented views stored per photo, besides the plain one (and its "
                             "mirror image, for the logistic head); the head trains on them if "
-                            "they predict better held-out photos (default: 6 where train+valid "
-                            "has at most 1000 photos, else 0; 1 with --head adamw)")
+                            f"they predict better held-out photos (default: "
+                            f"{linear_probe.AUG_VIEWS} where train+valid has at most "
+                            f"{linear_probe.AUG_MAX_PHOTOS} photos, else 0; 1 with --head adamw)")
     train.add_argument("--always_augment", action="store_true",
                        help="train the head on the augmented views even where it predicts "
                             "held-out photos better without them")
     train.add_argument("--finetune", action="store_true",
-                       help="also train the backbone's last stages (slower, more accurate)")
+                       help="also train the backbone's last stages (slower, more accurate "
+                            "where there are photos enough); kept only where it beats the "
+                            "default head on the valid split")
     train.add_argument("--patience", type=int, default=10, metavar="N",
                        help="stop after N epochs without a better valid loss; 0 never stops "
                             "early (default: 10)")
@@ -251,8 +255,9 @@ def recorded_options(args, config):
 
 
 def resume_command(options, path):
-    """The command that continues this run: its options, then --resume PATH."""
-    words = ["python", "train.py", options["data_dir"]]
+    """The command that continues this run, as it was started (`imgclf-train` or `python
+    train.py`): its options, then --resume PATH."""
+    words = invoked_as() + [options["data_dir"]]
     for action in build_parser()._actions:
         value = options.get(action.dest)
         if not action.option_strings or action.dest in ("help", "demo", "resume") or \
@@ -262,6 +267,12 @@ def resume_command(options, path):
         if action.nargs != 0:  # not a switch like --balance
             words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
     return shlex.join(words + ["--resume", path])
+
+
+def invoked_as():
+    """The words that started this script: the installed command, or python train.py."""
+    program = os.path.basename(sys.argv[0])
+    return [program] if program.startswith("imgclf-") else ["python", "train.py"]
 
 
 def check_save_dir(save_dir):

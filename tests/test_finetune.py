@@ -87,7 +87,7 @@ def test_finetune_that_does_worse_than_the_linear_probe_keeps_the_probe(tmp_path
     train_state = keep_train_state(monkeypatch)
     assert train.main([image_folder, "--save_dir", str(tmp_path), *FINETUNE]) == 0
     out = capsys.readouterr().out
-    assert "fine-tuning did not lower the valid loss of the linear probe" in out
+    assert "fine-tuning did not lower the valid loss below the default mode's head's" in out
     assert "keeping the pretrained backbone, with the default mode's head" in out
     assert "head: logistic regression on " in out  # what train.py without --finetune fits
     ckpt = model_utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))
@@ -98,6 +98,20 @@ def test_finetune_that_does_worse_than_the_linear_probe_keeps_the_probe(tmp_path
             assert torch.equal(ckpt["state_dict"][key], value), key
     best_finetuned = min(h["valid_loss"] for h in ckpt["history"])
     assert train_state["early_stopping"]["best_loss"] < best_finetuned  # the probe's
+
+
+@pytest.mark.parametrize("bar", [0.0, float("inf")])
+def test_finetune_is_kept_only_where_it_beats_the_default_head(tmp_path, image_folder,
+                                                               monkeypatch, capsys, bar):
+    """The default mode's head, fitted on the train split, sets the valid loss that fine-tuning
+    must beat: an unbeatable one keeps the pretrained backbone, an infinite one fine-tunes."""
+    monkeypatch.setattr(training.FeatureTrainer, "valid_loss_of_train_fit", lambda self: bar)
+    assert train.main([image_folder, "--save_dir", str(tmp_path), *FINETUNE]) == 0
+    out = capsys.readouterr().out
+    assert f"the default mode's head, fitted on the train split, has valid loss {bar:.3f}" in out
+    ckpt = model_utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert (ckpt["epoch"] == 0) == (bar == 0.0)
+    assert ("keeping the pretrained backbone" in out) == (bar == 0.0)
 
 
 def test_finetune_resume_ends_like_an_uninterrupted_run(tmp_path, image_folder, monkeypatch,

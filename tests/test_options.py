@@ -1,6 +1,7 @@
 """train.py's options: the range checks of check_options, and the defaults that
 TrainConfig.from_options decides once."""
 import dataclasses
+import sys
 
 import pytest
 
@@ -82,3 +83,13 @@ def test_the_checkpoint_records_the_options_as_before():
     args = options("--head", "adamw")
     record = train.recorded_options(args, training.TrainConfig.from_options(args))
     assert record == {**vars(args), "learning_rate": training.HEAD_LR, "aug_views": 1}
+
+
+@pytest.mark.parametrize("argv0, start", [
+    ("/home/me/.venv/bin/imgclf-train", "imgclf-train data "),
+    ("train.py", "python train.py data "),
+])
+def test_the_resume_command_is_the_one_the_run_was_started_with(monkeypatch, argv0, start):
+    monkeypatch.setattr(sys, "argv", [argv0])
+    command = train.resume_command(vars(options("--epochs", "7")), "out/ckpt.pth")
+    assert command == start + "--epochs 7 --resume out/ckpt.pth"
