@@ -131,7 +131,7 @@ def concatenate(parts, path, chunk_bytes=64 << 20):
     if any(s[1] != width or d != dtype for s, d in shapes):
         raise ValueError(f"{path}: parts of different widths or types: {shapes}")
     rows = sum(s[0] for s, _ in shapes)
-    # Named like a feature file being written, so that train.py's clean-up finds it.
+    # Named like a feature file being written, so that features.py's clean-up finds it.
     with atomic.AtomicFile(path, name=f"{os.path.basename(path)}.tmp-{os.getpid()}.npy") as out:
         np.lib.format.write_array_header_1_0(out, _header((rows, width), dtype))
         for part in parts:

@@ -343,8 +343,6 @@ def _write_error(path, err):
                      f"earlier {os.path.basename(path)} there is unchanged)")
 
 
-
-
 MODEL_ARG_KEYS = {"arch", "num_classes", "hidden_units", "dropout"}
 REQUIRED_KEYS = ("format", "format_version", "model_args", "classes", "class_to_idx",
                  "preprocess", "state_dict")

@@ -106,7 +106,7 @@ class TrainConfig:
 
     def frozen(self):
         """The settings of the default mode, which --finetune falls back to where fine-tuning
-        does not beat its probe."""
+        does not beat the default head's valid loss."""
         return dataclasses.replace(self, epochs=None, finetune=False,
                                    learning_rate=self.head_learning_rate)
 
