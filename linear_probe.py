@@ -379,7 +379,8 @@ def choose_and_fit(photos, labels, num_classes, view_sets, seed=0, class_weight=
     there will be (a path that stops early makes fewer)."""
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     held = holdout(np.asarray(labels), valid, seed)
-    planned = len(view_sets) * len(C_GRID) * (FOLDS if held is None else 1) + 1
+    planned = len(view_sets) * len(C_GRID) * FOLDS + 1 if held is None else \
+        len(C_GRID) + len(view_sets)
     fitted = (lambda: on_fit(planned)) if on_fit else None
     if held is None:
         photos = on_device(torch.as_tensor(photos, dtype=torch.float32), device)
@@ -393,13 +394,17 @@ def choose_and_fit(photos, labels, num_classes, view_sets, seed=0, class_weight=
         held_out = Head.held_out
     else:
         photos = on_device(torch.as_tensor(photos), device)
-        scores, fits, path_fits = {}, {}, None
+        scores, fits, grid, starts = {}, {}, C_GRID, None
         for view_set in view_sets:
             path_scores, path_fits = holdout_path(photos, labels_t, num_classes, view_set, held,
-                                                  class_weight=class_weight, device=device,
-                                                  on_fit=fitted, starts=path_fits)
+                                                  grid, class_weight, device, fitted, starts)
             scores.update({(view_set, c): score for c, score in path_scores.items()})
             fits.update({(view_set, c): fit for c, fit in path_fits.items()})
+            # The other view sets at the first's C alone (each photo weighs 1 whatever its
+            # views, so C means the same for all), warm-started from its fit.
+            if starts is None:
+                best = min(path_scores, key=lambda c: path_scores[c][0])
+                grid, starts = (best,), {best: path_fits[best]}
         view_set, c = min(scores, key=lambda key: scores[key][0])
         head = fit_head(photos, labels_t, num_classes, view_set, c, class_weight,
                         init=fits[view_set, c], device=device, streamed=True)

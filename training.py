@@ -327,6 +327,11 @@ class FeatureTrainer:
         enough); and the scores of the choice. The fits run on the run's device."""
         x = torch.cat([stored[s][0] for s in fit_splits])
         y = np.concatenate([stored[s][1] for s in fit_splits])
+        start = 0
+        for split in fit_splits:  # the splits become views of the joined rows: held once
+            count = len(stored[split][1])
+            stored[split] = (x[start:start + count], stored[split][1])
+            start += count
         valid = len(stored["valid"][1]) if fit_splits[-1] == "valid" else 0
         view_sets = linear_probe.candidates(x.shape[1], self.config.always_augment)
         weight = class_weights(y, len(self.scan.classes)) if self.config.balance else None

@@ -81,21 +81,21 @@ def in_subprocess(what, size, device):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def synthetic(photos, classes, seed, chunk=8192):
+def synthetic(photos, classes, seed, chunk=8192, dim=DIM):
     """(features (photos, 2, DIM) float16, labels): class centres plus noise per photo, the
     mirror view a noisier copy; made a chunk at a time, so memory is the float16 array. The
     seed draws the photos; the classes are the same for every seed."""
     g = torch.Generator().manual_seed(1234)  # the same classes in every split
-    centres = torch.randn(classes, DIM, generator=g) * 0.12
-    scale = torch.rand(DIM, generator=g) * 2 + 0.2
-    offset = torch.rand(DIM, generator=g) * 2
+    centres = torch.randn(classes, dim, generator=g) * 0.12 * (DIM / dim) ** 0.5
+    scale = torch.rand(dim, generator=g) * 2 + 0.2
+    offset = torch.rand(dim, generator=g) * 2
     g.manual_seed(seed)
     labels = torch.randint(classes, (photos,), generator=g)
-    x = torch.empty(photos, VIEWS, DIM, dtype=torch.float16)
+    x = torch.empty(photos, VIEWS, dim, dtype=torch.float16)
     for start in range(0, photos, chunk):
         y = labels[start:start + chunk]
-        plain = centres[y] + torch.randn(len(y), DIM, generator=g)
-        mirror = plain + 0.3 * torch.randn(len(y), DIM, generator=g)
+        plain = centres[y] + torch.randn(len(y), dim, generator=g)
+        mirror = plain + 0.3 * torch.randn(len(y), dim, generator=g)
         x[start:start + chunk] = (torch.stack([plain, mirror], 1) * scale + offset).half()
     return x, labels.numpy()
 
@@ -116,9 +116,11 @@ def run_head(photos, classes, device):
     valid = synthetic(valid_n, classes, seed=1)
     test = synthetic(min(photos // 4, 20000), classes, seed=2)
     started = time.monotonic()
-    # as training.FeatureTrainer.logistic_head: the splits joined, the threads rule
+    # as training.FeatureTrainer.logistic_head: the splits joined (and then held only there),
+    # the threads rule
     x = torch.cat([train[0], valid[0]])
     y = np.concatenate([train[1], valid[1]])
+    del train, valid
     threads = training.single_thread() if x.numel() * classes < \
         linear_probe.MULTITHREAD_VALUES else contextlib.nullcontext()
     with threads:
