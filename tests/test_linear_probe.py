@@ -155,14 +155,19 @@ def test_the_warm_started_path_on_valid_chooses_as_brute_force(monkeypatch):
     assert head.held_out == "the valid split's 60 photos"
     assert head.c == brute_force_choice(x, y, 60, lp.C_GRID)
     assert len(scores) < len(lp.C_GRID)  # the path stopped once the valid loss rose
+    again, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN], valid=60)
+    assert torch.equal(again.weight, head.weight)  # --seed repeats a run exactly
 
 
 def test_small_valid_splits_keep_cross_validation():
-    x, y = blobs(photos=100)
-    head, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN], valid=20)
-    assert head.held_out == "5 folds of train+valid"
-    assert lp.holdout(np.arange(10 * lp.HOLDOUT_MIN_PHOTOS) % 3, 0, seed=0).name.startswith(
-        "a held-out fifth's")
+    few = np.arange(3 * lp.HOLDOUT_MIN_PHOTOS) % 3
+    assert lp.holdout(few, valid=lp.HOLDOUT_MIN_PHOTOS - 1, seed=0) is None
+    held = lp.holdout(few, valid=lp.HOLDOUT_MIN_PHOTOS, seed=0)
+    assert held.fit == 2 * lp.HOLDOUT_MIN_PHOTOS and held.photos[0] == held.fit
+    many = np.arange(5 * lp.HOLDOUT_MIN_PHOTOS) % 3  # a fit on train alone: a stratified fifth
+    held = lp.holdout(many, valid=0, seed=0)
+    assert held.name == f"a held-out fifth's {lp.HOLDOUT_MIN_PHOTOS} photos"
+    assert held.mask.sum() == 4 * lp.HOLDOUT_MIN_PHOTOS and not held.mask[held.photos].any()
 
 
 def test_float16_rows_in_chunks_fit_as_float32_rows_whole(monkeypatch):
@@ -217,13 +222,13 @@ def fallback_trainer(photos, classes=3):
 
 
 def test_past_the_memory_bound_the_epoch_head_trains_instead(monkeypatch, capsys):
-    monkeypatch.setattr(lp, "available_memory", lambda: 200 << 20)
+    monkeypatch.setattr(lp, "available_memory", lambda: 1 << 30)
     trainer = fallback_trainer(photos=100_000)  # 100,000 x 2 views x 1,280 float16: 0.5 GB
-        assert trainer.fit() == "the epoch head"
+    assert trainer.fit() == "the epoch head"
     assert (trainer.config.head, trainer.config.aug_views) == ("adamw", 1)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("head: the logistic head needs about 1.5 GiB "
-                                               "for its 100010 photos' features, 0.2 GiB")
+                                               "for its 100010 photos' features, 1.0 GiB")
     assert out[0].endswith("training the epoch head (--head adamw) instead, which reads them "
                            "from disk")
     small = fallback_trainer(photos=1000)
