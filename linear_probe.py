@@ -110,18 +110,13 @@ class Head:
         photos = torch.as_tensor(photos)
         device = device or self.weight.device
         weight, bias = self.weight.to(device), self.bias.to(device)
-        step = chunk_rows(len(bias), photos.shape[-1])
-        if len(photos) <= step:  # the whole at once, as before chunks
-            return self._logits(photos, weight, bias, device)
         out = torch.empty(len(photos), len(bias), device=device)
+        step = chunk_rows(len(bias), photos.shape[-1])
         for start in range(0, len(photos), step):
-            out[start:start + step] = self._logits(photos[start:start + step], weight, bias,
-                                                   device)
+            part = photos[start:start + step].to(device=device, dtype=torch.float32)
+            out[start:start + step] = torch.stack([part[:, v] @ weight.T + bias
+                                                   for v in self.view_set.test]).mean(0)
         return out
-
-    def _logits(self, photos, weight, bias, device):
-        photos = photos.to(device=device, dtype=torch.float32)
-        return torch.stack([photos[:, v] @ weight.T + bias for v in self.view_set.test]).mean(0)
 
 
 def chunk_rows(num_classes, width):

@@ -5,9 +5,10 @@ run_epochs owns what every epoch does alike: the per-epoch history, the epoch li
 stopping, stop signals, the state that --resume continues from, and the best weights. A mode
 supplies what differs: how to train one epoch and how to evaluate.
 - FeatureTrainer (the default): a frozen backbone passes every image through once, its features
-  are stored on disk (features.py), and the head is fitted on them in seconds: by default a
-  logistic regression whose settings cross-validation chooses (linear_probe.py, no epochs);
-  with --head adamw (hidden layers need it) epochs of AdamW.
+  are stored on disk (features.py), and the head is fitted on them: by default a logistic
+  regression whose settings are chosen on held-out photos (linear_probe.py, no epochs); with
+  --head adamw (hidden layers need it, and data sets too large for memory fall back to it)
+  epochs of AdamW.
 - FinetuneTrainer (--finetune): a linear probe first (a FeatureTrainer), then the backbone's
   last stages and the head train together on images augmented on the fly.
 """
