@@ -3,7 +3,8 @@
 write_report: accuracy, top-5 accuracy and per-class precision/recall/F1 (report.txt and
 metrics.json), every prediction (predictions.csv), the confusion matrix (confusion_matrix.png),
 the most confident mistakes (mistakes.png) and, given a training history, the training curves
-(curves.png). plot_predictions draws predict.py's --plot.
+(curves.png). plot_predictions draws predict.py's --plot; plot_data_issues the suspect labels
+and near-duplicates of data_issues.py.
 
 matplotlib is imported inside the plotting functions only, with the Agg backend (files, no
 window): predicting one photo never pays for it.
@@ -330,6 +331,57 @@ def plot_mistakes(path, mistakes, wrong, total):
     fig.suptitle(f"The {len(mistakes)} most confident mistakes ({wrong} wrong of {total} "
                  f"images)", fontsize=13)
     _save(fig, path)
+
+
+def plot_data_issues(path, findings, names, suspects=12, pairs=6):
+    """The most suspect labels as thumbnails (given class against the class they look like),
+    then the most similar near-duplicate pairs side by side. names maps class folders to
+    display names."""
+    plt = _pyplot()
+    shown_labels, shown_pairs = findings.labels[:suspects], findings.near_duplicates[:pairs]
+    cols = 6
+    label_rows = math.ceil(len(shown_labels) / cols)
+    pair_rows = math.ceil(len(shown_pairs) / (cols // 2))
+    fig, axes = plt.subplots(label_rows + pair_rows, cols, squeeze=False, layout="constrained",
+                             figsize=(cols * 2.5, (label_rows + pair_rows) * 3.3))
+    for ax in axes.flat:
+        ax.axis("off")
+    cells = iter(axes[:label_rows].flat)
+    for (image_path, given, suggested, confidence), ax in zip(shown_labels, cells):
+        _thumbnail(ax, image_path)
+        ax.set_title(f"given: {_wrap(names.get(given, given), 22)}", fontsize=9,
+                     color="#b00020")
+        ax.set_xlabel(f"looks like: {_wrap(names.get(suggested, suggested), 20)}\n"
+                      f"p(given) {100 * confidence:.0f}%  {_shorten(_tail(image_path), 26)}",
+                      fontsize=8, color="#1b5e20")
+    cells = iter(axes[label_rows:].flat)
+    for earlier, later, cosine in shown_pairs:
+        for image_path, ax in ((earlier, next(cells)), (later, next(cells))):
+            _thumbnail(ax, image_path)
+            ax.set_xlabel(_shorten(_split_and_tail(image_path), 30), fontsize=8)
+        ax.set_title(f"cosine {cosine:.3f}", fontsize=9, loc="left", x=-0.55)
+    titles = []
+    if findings.labels:
+        titles.append(f"top {len(shown_labels)} of {len(findings.labels)} photos that look "
+                      f"mislabelled (held-out probability of the given class)")
+    if findings.near_duplicates:
+        titles.append(f"top {len(shown_pairs)} of {len(findings.near_duplicates)} near-duplicate "
+                      f"pairs across splits, side by side")
+    fig.suptitle("\n".join(titles), fontsize=12)
+    _save(fig, path)
+
+
+def _thumbnail(ax, image_path):
+    ax.axis("on")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.imshow(_picture(image_path, square=200))
+
+
+def _split_and_tail(path):
+    """split/class/file: which split a near-duplicate sits in is the point."""
+    split = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    return os.path.join(split, _tail(path))
 
 
 def plot_curves(history, path):
