@@ -134,14 +134,13 @@ def score_duplicates(pairs, planted):
     return hits / len(planted), hits, others
 
 
-def cleanlab_flags(result, scan, data):
-    """Paths cleanlab's find_label_issues flags on the same held-out probabilities; None
-    where cleanlab is not installed."""
+def cleanlab_flags(probs, labels, paths, data):
+    """Paths cleanlab's find_label_issues flags on the same held-out probabilities, relative
+    to data; None where cleanlab is not installed."""
     try:
         from cleanlab.filter import find_label_issues
     except ImportError:
         return None
-    probs, labels, paths = result
     flagged = find_label_issues(labels, probs, filter_by="prune_by_noise_rate",
                                 return_indices_ranked_by="self_confidence")
     return [os.path.relpath(paths[i], data) for i in flagged]
@@ -186,14 +185,14 @@ def main(argv=None):
     print(f"label errors:     recall {recall:.2f} ({hits} of {len(truth['label'])}), precision "
           f"{precision:.2f} ({len(flagged)} flagged; {right_class} of the found with the right "
           f"class suggested)")
-    theirs = cleanlab_flags(held_out["result"], None, data) if "result" in held_out else None
+    theirs = cleanlab_flags(*held_out["result"], data)
     if theirs is not None:
         r, p, h = score_labels(theirs, truth["label"])
         same = len(set(theirs) & set(flagged))
         print(f"  cleanlab:       recall {r:.2f} ({h} of {len(truth['label'])}), precision "
               f"{p:.2f} ({len(theirs)} flagged; {same} in common)")
     else:
-        print("  cleanlab:       not installed (pip install cleanlab) or no label step run")
+        print("  cleanlab:       not installed (pip install cleanlab)")
     share, named, others = score_duplicates(found["near_duplicate"], truth["near_duplicate"])
     print(f"near-duplicates:  {named} of {len(truth['near_duplicate'])} planted pairs named "
           f"({100 * share:.0f}%); {len(found['near_duplicate'])} pairs named in all, {others} "
