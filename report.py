@@ -339,35 +339,35 @@ def plot_data_issues(path, findings, names, suspects=12, pairs=6):
     display names."""
     plt = _pyplot()
     shown_labels, shown_pairs = findings.labels[:suspects], findings.near_duplicates[:pairs]
-    cols = 6
+    cols, pairs_a_row = 6, 3
     label_rows = math.ceil(len(shown_labels) / cols)
-    pair_rows = math.ceil(len(shown_pairs) / (cols // 2))
-    fig, axes = plt.subplots(label_rows + pair_rows, cols, squeeze=False, layout="constrained",
-                             figsize=(cols * 2.5, (label_rows + pair_rows) * 3.3))
-    for ax in axes.flat:
-        ax.axis("off")
-    cells = iter(axes[:label_rows].flat)
-    for (image_path, given, suggested, confidence), ax in zip(shown_labels, cells):
-        _thumbnail(ax, image_path)
-        ax.set_title(f"given: {_wrap(names.get(given, given), 22)}", fontsize=9,
-                     color="#b00020")
-        ax.set_xlabel(f"looks like: {_wrap(names.get(suggested, suggested), 20)}\n"
-                      f"p(given) {100 * confidence:.0f}%  {_shorten(_tail(image_path), 26)}",
-                      fontsize=8, color="#1b5e20")
-    cells = iter(axes[label_rows:].flat)
-    for earlier, later, cosine in shown_pairs:
-        for image_path, ax in ((earlier, next(cells)), (later, next(cells))):
+    pair_rows = math.ceil(len(shown_pairs) / pairs_a_row)
+    fig = plt.figure(figsize=(cols * 2.5, (label_rows + pair_rows) * 3.4 + 0.4),
+                     layout="constrained")
+    parts = fig.subfigures(2, 1, height_ratios=[max(label_rows, 0.01), max(pair_rows, 0.01)])
+    if shown_labels:
+        parts[0].suptitle(f"The {len(shown_labels)} most suspect of {len(findings.labels)} "
+                          f"photos that look mislabelled", fontsize=13)
+        axes = parts[0].subplots(label_rows, cols, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (image_path, given, suggested, confidence) in zip(axes.flat, shown_labels):
             _thumbnail(ax, image_path)
-            ax.set_xlabel(_shorten(_split_and_tail(image_path), 30), fontsize=8)
-        ax.set_title(f"cosine {cosine:.3f}", fontsize=9, loc="left", x=-0.55)
-    titles = []
-    if findings.labels:
-        titles.append(f"top {len(shown_labels)} of {len(findings.labels)} photos that look "
-                      f"mislabelled (held-out probability of the given class)")
-    if findings.near_duplicates:
-        titles.append(f"top {len(shown_pairs)} of {len(findings.near_duplicates)} near-duplicate "
-                      f"pairs across splits, side by side")
-    fig.suptitle("\n".join(titles), fontsize=12)
+            ax.set_title(f"given: {_wrap(names.get(given, given), 22)}", fontsize=9,
+                         color="#b00020")
+            ax.set_xlabel(f"looks like: {_wrap(names.get(suggested, suggested), 22)}\n"
+                          f"held-out p(given) {100 * confidence:.0f}%\n"
+                          f"{_shorten(os.path.basename(image_path), 28)}", fontsize=8,
+                          color="#1b5e20")
+    if shown_pairs:
+        parts[1].suptitle(f"The {len(shown_pairs)} closest of {len(findings.near_duplicates)} "
+                          f"near-duplicate pairs across splits", fontsize=13)
+        cells = parts[1].subfigures(pair_rows, pairs_a_row, squeeze=False).flat
+        for cell, (earlier, later, cosine) in zip(cells, shown_pairs):
+            cell.suptitle(f"cosine similarity {cosine:.3f}", fontsize=9)
+            for ax, image_path in zip(cell.subplots(1, 2), (earlier, later)):
+                _thumbnail(ax, image_path)
+                ax.set_xlabel(_shorten(_split_and_tail(image_path), 28), fontsize=8)
     _save(fig, path)
 
 
