@@ -277,8 +277,9 @@ class FeatureTrainer:
         result = Result()
         result.metrics["cv_acc"] = head.cv_acc
         if self.finds_data_issues:
-            result.data_issues = data_issues.find_issues(stored, self.scan, head.view_set,
-                                                         head.c, self.config.seed)
+            with single_thread():  # k more fits like the head's
+                result.data_issues = data_issues.find_issues(stored, self.scan, head,
+                                                             self.config.seed)
         if "test" in stored:
             logits = head.logits(stored["test"][0])
             correct = logits.argmax(1).numpy() == stored["test"][1]
@@ -361,8 +362,9 @@ class FeatureTrainer:
                                            signals, self.resume)
         result.train_state["views_used"] = views
         if self.finds_data_issues and not result.interrupted:
-            result.data_issues = data_issues.find_issues_in_rows(
-                stored, {"train": self.config.aug_views}, self.scan, self.config.seed)
+            with single_thread():
+                result.data_issues = data_issues.find_issues_in_rows(
+                    stored, {"train": self.config.aug_views}, self.scan, self.config.seed)
         head.eval()
         _, result.metrics["valid_acc"] = evaluate_rows(head, *valid, self.device)
         if "test" in stored:

@@ -62,7 +62,7 @@ def test_nearest_neighbours_in_blocks_find_planted_copies_and_not_distinct_rows(
     distinct = torch.from_numpy(rng.normal(size=(20, 64)).astype(np.float32))
     copies = reference[[3, 50, 17]] * 2.0 + 0.05 * torch.randn(3, 64)  # scaled, a little noise
     queries = torch.cat([distinct, copies])
-    best, cosine = data_issues.nearest_neighbours(queries, reference, block=8)
+    best, cosine = data_issues.nearest_neighbours(queries, reference, block=8)  # uncentred
     unit = torch.nn.functional.normalize
     brute = unit(queries, dim=1) @ unit(reference, dim=1).T
     assert np.array_equal(best, brute.argmax(1).numpy())
