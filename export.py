@@ -30,6 +30,7 @@ import numpy as np
 
 import atomic
 import data_utils
+import errors
 from errors import UserError
 from version import __version__
 
@@ -42,7 +43,12 @@ INSTALL_HINT = "pip install -e '.[export]'"
 
 class CheckFailed(Exception):
     """The exported model does not compute what the checkpoint computes: a bug, not a user
-    mistake, but reported in one line all the same, and the file is not written."""
+    mistake, but reported in one line all the same (exit status 1), and the file is not
+    written."""
+    exit_status = 1
+
+    def __init__(self, why):
+        super().__init__(f"the export failed its check, nothing written: {why}")
 
 
 def build_parser():
@@ -68,15 +74,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except CheckFailed as err:
-        print(f"error: the export failed its check, nothing written: {err}", file=sys.stderr)
-        return 1
+    return errors.run_main(build_parser, run, argv, one_line=(UserError, CheckFailed))
 
 
 def run(args):

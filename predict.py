@@ -19,6 +19,7 @@ import numpy as np
 
 import data_utils
 import inference
+import errors
 from errors import UserError
 # The inference names that predict.py offered before inference.py held them.
 from inference import (IMAGE_FIX, Item, OnnxPredictor, TorchPredictor,  # noqa: F401
@@ -69,12 +70,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return errors.run_main(build_parser, run, argv)
 
 
 def run(args):

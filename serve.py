@@ -37,6 +37,7 @@ import threading
 
 import data_utils
 import inference
+import errors
 from errors import UserError
 from version import __version__
 
@@ -74,12 +75,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return errors.run_main(build_parser, run, argv)
 
 
 def run(args):
