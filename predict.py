@@ -48,6 +48,8 @@ def build_parser():
     p.add_argument("--gpu", nargs="?", const="cuda", metavar="DEVICE",
                    help="run on an accelerator: --gpu alone for CUDA, or cuda:1, mps "
                         "(default: the CPU)")
+    p.add_argument("--precision", choices=inference.PRECISIONS, default="auto",
+                   help=inference.PRECISION_HELP)
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the predictions of each image and its "
                         "mirror image (twice the compute; default: off)")
@@ -64,7 +66,7 @@ def build_parser():
                      help="IMAGE is a folder of class folders named like the checkpoint's "
                           "classes: write the evaluation report (accuracy, per-class scores, "
                           "confusion matrix, confident mistakes) to --report_dir")
-    out.add_argument("--report_dir", default="report", metavar="DIR",
+    out.add_argument("--report_dir", metavar="DIR",
                      help="where --evaluate writes its report (default: report)")
     return p
 
@@ -81,7 +83,8 @@ def run(args):
     single = len(items) == 1 and not items[0].found  # one named photo: today's short output
     if single and not os.path.exists(items[0].path):  # say so before the model loads
         raise UserError(read_image(items[0], None)[1])
-    predictor = load_predictor(args.checkpoint, args.gpu)
+    predictor = load_predictor(args.checkpoint, args.gpu, args.precision)
+    check_tta(args.tta, predictor, args.checkpoint)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
     results = predict_paths(predictor, items, args.tta)
     if not results:
@@ -106,6 +109,9 @@ def check_options(args):
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot}: the picture is written as PNG; give a name ending "
                         f"in .png")
+    if args.report_dir and not args.evaluate:
+        raise UserError(f"--report_dir {args.report_dir}: only --evaluate writes a report; add "
+                        f"--evaluate, or drop --report_dir")
     if args.evaluate:
         others = [flag for flag, on in (("--json", args.json), ("--csv", args.csv),
                                         ("--plot", args.plot)) if on]
@@ -114,6 +120,14 @@ def check_options(args):
         if len(args.image) != 1:
             raise UserError("--evaluate takes one folder of class folders, e.g. "
                             "python predict.py DATA_DIR/test checkpoint.pth --evaluate")
+
+
+def check_tta(tta, predictor, path):
+    """--tta averages each photo with its mirror image: refused for a model that does so
+    already (the head was chosen so in training), where it would change nothing."""
+    if tta and predictor.averages_mirror:
+        raise UserError(f"--tta: {path} averages each photo with its mirror image already (its "
+                        f"head was chosen so in training); drop --tta")
 
 
 def clip_top_k(top_k, num_classes):
@@ -248,7 +262,8 @@ def plot(path, results, tops, names):
 # ---------------------------------------------------------------------------------------------
 def evaluate(args):
     root = args.image[0]
-    predictor = load_predictor(args.checkpoint, args.gpu)
+    predictor = load_predictor(args.checkpoint, args.gpu, args.precision)
+    check_tta(args.tta, predictor, args.checkpoint)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
     items, labels = labelled_images(root, predictor.classes)
     results = predict_paths(predictor, items, args.tta)
@@ -258,7 +273,7 @@ def evaluate(args):
     if not good:
         raise UserError(f"{root}: none of its images could be read; {IMAGE_FIX}")
     import report
-    summary = report.write_report(args.report_dir, np.stack([r.probs for r in good]),
+    summary = report.write_report(args.report_dir or "report", np.stack([r.probs for r in good]),
                                   np.array([label_of[r.path] for r in good]),
                                   predictor.classes, names, [r.path for r in good])
     print("\n".join(report.summary_lines(summary)))

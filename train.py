@@ -205,8 +205,7 @@ def run(args):
     job = distributed.setup(config.gpu)  # torchrun: one process per device
     if config.demo:
         config = dataclasses.replace(
-            config, data_dir=config.data_dir or data_utils.write_digits(
-                os.path.join(DEMO_DIR, "digits")),
+            config, data_dir=data_utils.write_digits(os.path.join(DEMO_DIR, "digits")),
             save_dir=DEMO_DIR if config.save_dir == "." else config.save_dir)
     if not config.check:
         check_save_dir(config.save_dir)
@@ -322,6 +321,9 @@ def check_options(args):
     if not args.data_dir and not args.demo:
         raise UserError("no DATA_DIR given; give a folder of class folders, e.g. python train.py "
                         "flowers, or try python train.py --demo")
+    if args.data_dir and args.demo:
+        raise UserError(f"--demo trains on the bundled handwritten digits, not on {args.data_dir}; "
+                        f"drop DATA_DIR or --demo")
     positive = {"--epochs": args.epochs, "--batch_size": args.batch_size,
                 "--learning_rate": args.learning_rate, "--image_size": args.image_size}
     for flag, value in positive.items():
