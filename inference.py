@@ -33,9 +33,12 @@ PRECISION_HELP = ("auto: bfloat16 where the CPU or GPU computes it natively, sev
 class TorchPredictor:
     """A checkpoint from train.py: classes, preprocessing, and batch -> probabilities."""
 
-    def __init__(self, path, gpu=None, precision="auto"):
+    def __init__(self, path, gpu=None, precision="auto", threads=None):
         import model_utils
         device = model_utils.resolve_device(gpu)
+        if threads and device.type == "cpu":
+            import torch
+            torch.set_num_threads(threads)
         ckpt = model_utils.load_checkpoint(path)
         model = model_utils.model_from_checkpoint(ckpt, path)
         self._setup(model, ckpt["classes"], ckpt.get("class_names"), ckpt["preprocess"], device,
@@ -73,7 +76,7 @@ class OnnxPredictor:
     and no torch import (the softmax is inside the model; classes and preprocessing are in its
     metadata)."""
 
-    def __init__(self, path, gpu=None, precision="auto"):
+    def __init__(self, path, gpu=None, precision="auto", threads=None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -88,8 +91,11 @@ class OnnxPredictor:
                 raise UserError(f"--gpu {gpu}: this onnxruntime has no CUDA support; drop "
                                 f"--gpu, or install onnxruntime-gpu")
             providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(path, providers=providers)
+            self.session = ort.InferenceSession(path, options, providers=providers)
         except Exception as err:  # onnxruntime raises its own types for a damaged file
             raise UserError(f"model {path}: not a loadable ONNX model "
                             f"({str(err).strip().splitlines()[0][:160]})") from None
@@ -116,13 +122,13 @@ class OnnxPredictor:
         return self.session.run(None, {self._input: batch})[0]
 
 
-def load_predictor(path, gpu=None, precision="auto"):
+def load_predictor(path, gpu=None, precision="auto", threads=None):
     """The predictor for a model file: ONNX Runtime for .onnx, PyTorch for a checkpoint;
-    precision one of PRECISIONS."""
+    precision one of PRECISIONS; threads: of the computation on a CPU (None: every core)."""
     if path.lower().endswith(".onnx"):
-        return OnnxPredictor(path, gpu, precision)
+        return OnnxPredictor(path, gpu, precision, threads)
     try:
-        return TorchPredictor(path, gpu, precision)
+        return TorchPredictor(path, gpu, precision, threads)
     except ModuleNotFoundError as err:
         if err.name != "torch":
             raise
