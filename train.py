@@ -199,8 +199,7 @@ def run(args):
     started = time.monotonic()
     check_options(args)
     config = training.TrainConfig.from_options(args)
-    if config.head == "adamw" and not args.head and not config.finetune and \
-            training.epoch_options(args):
+    if training.epoch_options_choosing_the_head(args):
         print(epoch_head_note(args), flush=True)
     job = distributed.setup(config.gpu)  # torchrun: one process per device
     if config.demo:
@@ -264,7 +263,7 @@ def finish(config, options, path, result, scan, names, preprocess, model, job, s
 
 def epoch_head_note(args):
     """The line that says why the head trains by epochs, and how to get the default back."""
-    flags = ", ".join(training.epoch_options(args))
+    flags = ", ".join(training.epoch_options_choosing_the_head(args))
     return (f"options of epoch training ({flags}) given: training the head by epochs (--head "
             f"adamw); drop them for the default cross-validated logistic head")
 
@@ -322,8 +321,8 @@ def check_options(args):
         raise UserError("no DATA_DIR given; give a folder of class folders, e.g. python train.py "
                         "flowers, or try python train.py --demo")
     if args.data_dir and args.demo:
-        raise UserError(f"--demo trains on the bundled handwritten digits, not on {args.data_dir}; "
-                        f"drop DATA_DIR or --demo")
+        raise UserError(f"--demo trains on the bundled handwritten digits, not on "
+                        f"{args.data_dir}; drop DATA_DIR or --demo")
     positive = {"--epochs": args.epochs, "--batch_size": args.batch_size,
                 "--learning_rate": args.learning_rate, "--image_size": args.image_size}
     for flag, value in positive.items():

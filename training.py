@@ -90,8 +90,7 @@ class TrainConfig:
         config = cls(**given)
         rate = options.learning_rate
         head = options.head or ("adamw" if has_hidden_layers(options.hidden_units) or
-                                (epoch_options(options) and not options.finetune)
-                                else "logistic")
+                                epoch_options_choosing_the_head(options) else "logistic")
         return dataclasses.replace(
             config, head=head, head_learning_rate=rate or HEAD_LR,
             learning_rate=rate or (FINETUNE_LR if options.finetune else HEAD_LR),
@@ -131,6 +130,14 @@ def epoch_options(options):
     """The options of epoch training typed on the command line (parsed as None when not), as
     flags: ["--epochs", ...]."""
     return [f"--{name}" for name in EPOCH_OPTIONS if getattr(options, name) is not None]
+
+
+def epoch_options_choosing_the_head(options):
+    """The typed options of epoch training where they alone make the head train by epochs:
+    no --head, --finetune (which reads them itself) or hidden layers; else []."""
+    if options.head or options.finetune or has_hidden_layers(options.hidden_units):
+        return []
+    return epoch_options(options)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,6 +149,18 @@ def test_options_of_epoch_training_with_finetune_keep_the_default_head(argv):
     assert training.TrainConfig.from_options(args).head == "logistic"
 
 
+def test_no_note_where_hidden_layers_choose_the_epoch_head():
+    args = options("--hidden_units", "8", "--epochs", "3")
+    assert training.epoch_options_choosing_the_head(args) == []
+    assert training.TrainConfig.from_options(args).head == "adamw"
+
+
+def test_demo_with_a_data_dir_is_refused():
+    with pytest.raises(UserError, match=r"^--demo trains on the bundled handwritten digits, "
+                                        r"not on data; drop DATA_DIR or --demo$"):
+        train.check_options(options("--demo"))
+
+
 def test_the_default_head_without_epoch_options_is_the_logistic_one():
     config = training.TrainConfig.from_options(options("--aug_views", "2", "--balance"))
     assert (config.head, config.aug_views, config.balance) == ("logistic", 2, True)
