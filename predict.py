@@ -29,6 +29,7 @@ from version import __version__
 
 # Images drawn in one --plot grid: beyond this a grid is too small to read.
 PLOT_LIMIT = 24
+TOP_K = 5  # classes shown where --top_k is not given
 
 
 def build_parser():
@@ -40,8 +41,8 @@ def build_parser():
                         "glob such as 'photos/*.jpg'")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="checkpoint.pth written by train.py, or model.onnx from export.py")
-    p.add_argument("--top_k", type=int, default=5, metavar="K",
-                   help="how many of the most likely classes to show (default: 5)")
+    p.add_argument("--top_k", type=int, metavar="K",
+                   help=f"how many of the most likely classes to show (default: {TOP_K})")
     p.add_argument("--category_names", metavar="JSON",
                    help="JSON mapping class folder names to display names (default: the names "
                         "stored in the checkpoint)")
@@ -95,7 +96,7 @@ def run(args):
                         f"not images); {IMAGE_FIX}")
     if single and results[0].error:
         raise UserError(results[0].error)
-    k = clip_top_k(args.top_k, len(names))
+    k = clip_top_k(args.top_k or TOP_K, len(names))
     write_outputs(args, results, predictor.classes, names, k, single)
     failed = [r for r in results if r.error]
     for result in failed:
@@ -107,7 +108,7 @@ def run(args):
 
 
 def check_options(args):
-    if args.top_k < 1:
+    if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top_k {args.top_k}: must be 1 or more")
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot}: the picture is written as PNG; give a name ending "
@@ -117,7 +118,7 @@ def check_options(args):
                         f"--evaluate, or drop --report_dir")
     if args.evaluate:
         others = [flag for flag, on in (("--json", args.json), ("--csv", args.csv),
-                                        ("--plot", args.plot)) if on]
+                                        ("--plot", args.plot), ("--top_k", args.top_k)) if on]
         if others:
             raise UserError(f"--evaluate writes its own report files; drop {', '.join(others)}")
         if len(args.image) != 1:

@@ -321,6 +321,15 @@ def test_report_dir_without_evaluate_is_refused(trained, test_dir, capsys):
                                 "--evaluate, or drop --report_dir\n")
 
 
+def test_top_k_with_evaluate_is_refused():
+    """The evaluation report has its own top-1 and top-5 accuracy."""
+    args = predict.build_parser().parse_args(["test", "checkpoint.pth", "--evaluate",
+                                              "--top_k", "3"])
+    with pytest.raises(predict.UserError, match=r"^--evaluate writes its own report files; "
+                                                r"drop --top_k$"):
+        predict.check_options(args)
+
+
 def test_tta_is_refused_for_a_model_that_averages_the_mirror_image_already(trained, test_dir,
                                                                            tmp_path, capsys):
     import torch
