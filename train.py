@@ -333,6 +333,7 @@ def check_options(args):
     if (args.aug_views or 0) < 0 or (args.patience or 0) < 0:
         raise UserError("--aug_views and --patience must be 0 or more")
     check_head_options(args)
+    check_data_report_options(args)
     if args.split and (any(x < 0 for x in args.split) or args.split[0] <= 0 or
                        args.split[1] <= 0):
         raise UserError(f"--split {' '.join(map(str, args.split))}: train and valid fractions "
@@ -353,6 +354,23 @@ def check_head_options(args):
     if args.always_augment and args.aug_views == 0:
         raise UserError("--always_augment: --aug_views 0 stores no augmented views to train "
                         "on; give --aug_views 1 or more, or drop --always_augment")
+
+
+# What --check reads: the options of the data and its scan; the others are for training.
+DATA_REPORT_OPTIONS = {"data_dir", "demo", "check", "split", "category_names", "workers",
+                       "cache_dir", "save_dir", "seed"}
+
+
+def check_data_report_options(args):
+    """--check trains nothing: refuse the options of training typed with it."""
+    if not args.check:
+        return
+    ignored = [action.option_strings[0] for action in build_parser()._actions
+               if action.option_strings and action.dest not in DATA_REPORT_OPTIONS and
+               getattr(args, action.dest, action.default) != action.default]
+    if ignored:
+        raise UserError(f"{ignored[0]}: --check reports on the data and trains nothing; drop "
+                        f"{', '.join(ignored)}, or drop --check")
 
 
 def class_names(config, classes):

@@ -161,6 +161,16 @@ def test_demo_with_a_data_dir_is_refused():
         train.check_options(options("--demo"))
 
 
+def test_check_refuses_the_options_of_training():
+    train.check_options(options("--check", "--split", "0.8", "0.1", "0.1", "--workers", "2",
+                                "--category_names", "names.json", "--seed", "3"))
+    with pytest.raises(UserError, match=r"^--arch: --check reports on the data and trains "
+                                        r"nothing; drop --arch, --finetune, --epochs, or drop "
+                                        r"--check$"):
+        train.check_options(options("--check", "--arch", "vgg16", "--epochs", "3",
+                                    "--finetune"))
+
+
 def test_the_default_head_without_epoch_options_is_the_logistic_one():
     config = training.TrainConfig.from_options(options("--aug_views", "2", "--balance"))
     assert (config.head, config.aug_views, config.balance) == ("logistic", 2, True)
