@@ -18,8 +18,8 @@ from collections import Counter
 import numpy as np
 
 import data_utils
-import inference
 import errors
+import inference
 from errors import UserError
 # The inference names that predict.py offered before inference.py held them.
 from inference import (IMAGE_FIX, Item, OnnxPredictor, TorchPredictor,  # noqa: F401

@@ -36,8 +36,8 @@ import sys
 import threading
 
 import data_utils
-import inference
 import errors
+import inference
 from errors import UserError
 from version import __version__
 
