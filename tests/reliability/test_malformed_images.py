@@ -218,7 +218,7 @@ def test_predict_answers_good_files_and_refuses_bad_ones(malformed_folder, train
     root, expected = malformed_folder
     # In this process the checkpoint is loaded once; separate processes check a sample below.
     loaded = predict.load_predictor(trained["checkpoint"])
-    monkeypatch.setattr(predict, "load_predictor", lambda path, gpu=None: loaded)
+    monkeypatch.setattr(predict, "load_predictor", lambda path, *options, **named: loaded)
     for path, kind in expected.items():
         try:
             status = predict.main([path, trained["checkpoint"], "--top_k", "2"])
