@@ -83,19 +83,24 @@ class TrainConfig:
 
     @classmethod
     def from_options(cls, options):
-        """The config of train.py's parsed options (checked by train.check_options)."""
+        """The config of train.py's parsed options (checked by train.check_options): an
+        option left out (None) takes the default here. Options of epoch training, typed
+        without --head or --finetune, select the epoch head: they would change nothing in the
+        logistic head."""
         given = {f.name: getattr(options, f.name) for f in dataclasses.fields(cls)
-                 if hasattr(options, f.name)}
+                 if getattr(options, f.name, None) is not None}
         config = cls(**given)
         rate = options.learning_rate
-        head = options.head or ("adamw" if has_hidden_layers(options.hidden_units)
-                                else "logistic")
+        head = options.head or ("adamw" if has_hidden_layers(options.hidden_units) or
+                                epoch_options_choosing_the_head(options) else "logistic")
         return dataclasses.replace(
             config, head=head, head_learning_rate=rate or HEAD_LR,
             learning_rate=rate or (FINETUNE_LR if options.finetune else HEAD_LR),
             epochs=options.epochs or (FINETUNE_EPOCHS if options.finetune else None),
             aug_views=options.aug_views if options.aug_views is not None
-            else (1 if head == "adamw" else None))
+            else 1 if head == "adamw"
+            # --always_augment asks for augmented views, which large data sets store none of
+            else linear_probe.AUG_VIEWS if options.always_augment else None)
 
     def probe(self):
         """The settings of --finetune's linear probe: the AdamW head on stored plain views of
@@ -115,6 +120,26 @@ class TrainConfig:
 
 def has_hidden_layers(hidden_units):
     return any(units > 0 for units in hidden_units)
+
+
+# The options that only training by epochs reads (the epoch head, --finetune); the logistic
+# head is fitted without them.
+EPOCH_OPTIONS = ("epochs", "learning_rate", "batch_size", "dropout", "weight_decay",
+                 "label_smoothing", "patience")
+
+
+def epoch_options(options):
+    """The options of epoch training typed on the command line (parsed as None when not), as
+    flags: ["--epochs", ...]."""
+    return [f"--{name}" for name in EPOCH_OPTIONS if getattr(options, name) is not None]
+
+
+def epoch_options_choosing_the_head(options):
+    """The typed options of epoch training where they alone make the head train by epochs:
+    no --head, --finetune (which reads them itself) or hidden layers; else []."""
+    if options.head or options.finetune or has_hidden_layers(options.hidden_units):
+        return []
+    return epoch_options(options)
 
 
 # ---------------------------------------------------------------------------------------------
