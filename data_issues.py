@@ -4,8 +4,9 @@ look mislabelled. Written to SAVE_DIR/report/data_issues.csv and data_issues.png
 FILE leaves the photos a user agrees are bad out of the next run.
 
 - Near-duplicates: each valid and test photo's nearest photo of an earlier split (train; for
-  test also valid) by cosine similarity of the plain view's features, computed in blocks so
-  that no all-pairs matrix is held. A pair at or above NEAR_DUPLICATE_COSINE is named.
+  test also valid) by cosine similarity of the plain view's features less the train mean,
+  computed in blocks so that no all-pairs matrix is held. A pair at or above
+  NEAR_DUPLICATE_COSINE is named.
 - Label errors: confident learning (Northcutt et al. 2021, the method of cleanlab's
   find_label_issues with its defaults: prune by noise rate, ranked by self-confidence) on
   held-out probabilities of the logistic head, k-fold over train+valid at the view set and C
