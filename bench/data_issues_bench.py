@@ -1,5 +1,6 @@
-"""Plant label errors and near-duplicates in a copy of an image folder, train on it, and score
-what report/data_issues.csv found.
+"""Plant label errors and near-duplicates in a copy of a data set; train; score what was found.
+
+report/data_issues.csv is scored against what was planted.
 
     python bench/data_issues_bench.py SRC WORK [--seed S]
 
