@@ -29,6 +29,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402 (after the signal handlers above)
 import torch  # noqa: E402
 
+import data_issues  # noqa: E402
 import data_utils  # noqa: E402
 import distributed  # noqa: E402
 import linear_probe  # noqa: E402
@@ -79,6 +80,11 @@ def build_parser():
                            "cores up to 8)")
     data.add_argument("--cache_dir", metavar="DIR",
                       help="where the scan and the stored features go (default: SAVE_DIR/cache)")
+    data.add_argument("--exclude", metavar="FILE",
+                      help="leave these photos out of every split: a file of paths, one a "
+                           "line, or a CSV with a path column such as a filtered "
+                           "report/data_issues.csv; paths relative to DATA_DIR or absolute "
+                           "(default: none)")
 
     model = p.add_argument_group("Model")
     model.add_argument("--arch", default=model_utils.DEFAULT_ARCH, metavar="NAME",
@@ -210,8 +216,7 @@ def run(args):
         check_save_dir(config.save_dir)
     resume = load_resume(config)
     cache_dir = config.cache_dir or os.path.join(config.save_dir, "cache")
-    scan = job.on_main(lambda: data_utils.scan_dataset(  # rank 0 scans, all share
-        config.data_dir, config.split, config.seed, cache_dir, config.workers))
+    scan = job.on_main(lambda: scan_data(config, cache_dir))  # rank 0 scans, all share
     job.check_visible(scan.root, "DATA_DIR")
     if args.split and scan.layout == "splits":
         raise UserError(f"--split {' '.join(map(str, args.split))}: {scan.root} has train/ and "
@@ -255,10 +260,23 @@ def finish(config, options, path, result, scan, names, preprocess, model, job, s
         return StopSignals.active.exit_status
     if "test_acc" in result.metrics:
         print(f"test acc {100 * result.metrics['test_acc']:.1f}%")
+    data_issues.write_report(config.save_dir, result.data_issues, names)
+    if result.data_issues is None and config.finetune:
+        print("data issues: not looked for, as the fine-tuned backbone's features are not "
+              "stored; train without --finetune for report/data_issues.csv")
     report.write_training_report(config.save_dir, model, scan, names, preprocess, job.device,
                                  result.history, result.test_probs)
     print(f"saved {path}  ({time.monotonic() - started:.1f}s in all)")
     return 0
+
+
+def scan_data(config, cache_dir):
+    """The scan of DATA_DIR, less the photos of --exclude."""
+    scan = data_utils.scan_dataset(config.data_dir, config.split, config.seed, cache_dir,
+                                   config.workers)
+    if config.exclude:
+        data_issues.exclude_photos(scan, config.exclude)
+    return scan
 
 
 def epoch_head_note(args):
@@ -358,7 +376,7 @@ def check_head_options(args):
 
 # What --check reads: the options of the data and its scan; the others are for training.
 DATA_REPORT_OPTIONS = {"data_dir", "demo", "check", "split", "category_names", "workers",
-                       "cache_dir", "save_dir", "seed"}
+                       "cache_dir", "save_dir", "seed", "exclude"}
 
 
 def check_data_report_options(args):
@@ -433,7 +451,7 @@ def make_checkpoint(config, options, scan, names, preprocess, model, result):
         "history": result.history,
         "args": options,
         "data": dict(root=os.path.abspath(scan.root), layout=scan.layout,
-                     split_files=scan.split_files,
+                     split_files=scan.split_files, excluded=list(scan.excluded),
                      counts={s: len(v) for s, v in scan.samples.items()}),
         "versions": dict(torch=str(torch.__version__), python=platform.python_version(),
                          numpy=np.__version__),

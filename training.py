@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import data_issues
 import data_utils
 import features
 import linear_probe
@@ -53,6 +54,7 @@ class TrainConfig:
     category_names: str = None
     workers: int = None  # None: features.default_workers
     cache_dir: str = None  # None: SAVE_DIR/cache
+    exclude: str = None  # a file of paths left out of every split
     arch: str = model_utils.DEFAULT_ARCH
     hidden_units: list = field(default_factory=lambda: [0])
     dropout: float = 0.2
@@ -149,6 +151,7 @@ class Result:
         self.epoch, self.best_epoch, self.best_loss, self.interrupted = 0, 0, math.inf, 0
         self.train_state = None
         self.test_probs = None  # numpy (test images, classes), in scan order
+        self.data_issues = None  # data_issues.Findings, where the run looked for them
 
 
 def run_epochs(mode, epochs, patience, signals=None, resume=None, verbose=True):
@@ -274,6 +277,7 @@ def class_weights(labels, num_classes):
 # ---------------------------------------------------------------------------------------------
 class FeatureTrainer:
     verbose = True
+    finds_data_issues = True  # data_issues.py, from the stored features, once the head is fitted
     splits = ("train", "valid", "test")  # the splits whose features are computed and scored
 
     def __init__(self, config, scan, model, preprocess, job, cache_dir=None, resume=None):
@@ -297,6 +301,10 @@ class FeatureTrainer:
             print(linear_probe.choice_line(head, scores))
         result = Result()
         result.metrics["cv_acc"] = head.cv_acc
+        if self.finds_data_issues:
+            with single_thread():  # k more fits like the head's
+                result.data_issues = data_issues.find_issues(stored, self.scan, head,
+                                                             self.config.seed)
         if "test" in stored:
             logits = head.logits(stored["test"][0])
             correct = logits.argmax(1).numpy() == stored["test"][1]
@@ -378,6 +386,10 @@ class FeatureTrainer:
             head, result = self.train_head(self.model.head, views, train, valid, self.verbose,
                                            signals, self.resume)
         result.train_state["views_used"] = views
+        if self.finds_data_issues and not result.interrupted:
+            with single_thread():
+                result.data_issues = data_issues.find_issues_in_rows(
+                    stored, {"train": self.config.aug_views}, self.scan, self.config.seed)
         head.eval()
         _, result.metrics["valid_acc"] = evaluate_rows(head, *valid, self.device)
         if "test" in stored:
@@ -680,7 +692,7 @@ class FinetuneTrainer:
         print("fine-tune step 1: the head on stored features")
         probe = FeatureTrainer(self.config.probe(), self.scan, self.model, self.preprocess,
                                self.job, self.cache_dir)
-        probe.verbose = False
+        probe.verbose = probe.finds_data_issues = False
         probe.splits = ("train", "valid")  # the fine-tuned network is the one tested
         probe.fit()
         self.job.wait_for_main("rank 0's linear probe")  # [distributed] the head, on rank 0
