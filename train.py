@@ -235,6 +235,7 @@ def run(args):
     trainer = training.FinetuneTrainer if config.finetune else training.FeatureTrainer
     trainer = trainer(config, scan, model, preprocess, job, cache_dir, resume)
     result = trainer.fit()
+    config = trainer.config  # the head it took (too large for memory: the epoch head)
     if result is None or not job.is_main:  # rank 0 alone saves; the others wait for it and
         job.wait_for_main("rank 0's checkpoint")  # exit 0
         return 0

@@ -5,9 +5,10 @@ run_epochs owns what every epoch does alike: the per-epoch history, the epoch li
 stopping, stop signals, the state that --resume continues from, and the best weights. A mode
 supplies what differs: how to train one epoch and how to evaluate.
 - FeatureTrainer (the default): a frozen backbone passes every image through once, its features
-  are stored on disk (features.py), and the head is fitted on them in seconds: by default a
-  logistic regression whose settings cross-validation chooses (linear_probe.py, no epochs);
-  with --head adamw (hidden layers need it) epochs of AdamW.
+  are stored on disk (features.py), and the head is fitted on them: by default a logistic
+  regression whose settings are chosen on held-out photos (linear_probe.py, no epochs); with
+  --head adamw (hidden layers need it, and data sets too large for memory fall back to it)
+  epochs of AdamW.
 - FinetuneTrainer (--finetune): a linear probe first (a FeatureTrainer), then the backbone's
   last stages and the head train together on images augmented on the fly.
 """
@@ -285,9 +286,30 @@ class FeatureTrainer:
         self.job, self.device, self.cache_dir, self.resume = job, job.device, cache_dir, resume
 
     def fit(self):
+        if self.config.head == "logistic" and not self.logistic_fits_in_memory():
+            self.config = dataclasses.replace(
+                self.config, head="adamw",
+                aug_views=1 if self.config.aug_views is None else self.config.aug_views)
         if self.config.head == "logistic":
             return self.fit_logistic()
         return self.fit_by_epochs()
+
+    def logistic_fits_in_memory(self):
+        """Whether the logistic head's fit (its train+valid features in memory) fits in the
+        memory available; if not, it says so in one line and the run takes the epoch head,
+        which reads the features from disk. Rank 0's answer holds for all ranks."""
+        photos = sum(len(self.scan.samples.get(s, ())) for s in ("train", "valid"))
+        views = 2 + linear_probe.stored_aug_views(photos, self.config.aug_views)
+        need = linear_probe.fit_memory(photos, views, self.model.head[-1].in_features,
+                                       len(self.scan.classes))
+        have = linear_probe.available_memory()
+        if self.job.agree(need <= have):
+            return True
+        if self.verbose and self.job.is_main:
+            print(f"head: the logistic head needs about {need / 2**30:.1f} GiB for its "
+                  f"{photos} photos' features, {have / 2**30:.1f} GiB is available: training "
+                  f"the epoch head (--head adamw) instead, which reads them from disk")
+        return False
 
     def fit_logistic(self):
         """The logistic-regression head (linear_probe.py): features of the plain, mirrored
@@ -296,9 +318,10 @@ class FeatureTrainer:
         stored = self.logistic_features()
         if not self.job.is_main:
             return None  # the head is fitted on rank 0 alone; the others' work ends here
+        started = time.monotonic()
         head, scores = self.logistic_head(stored, ("train", "valid"))
         if self.verbose:
-            print(linear_probe.choice_line(head, scores))
+            print(linear_probe.choice_line(head, scores, time.monotonic() - started))
         result = Result()
         result.metrics["cv_acc"] = head.cv_acc
         if self.finds_data_issues:
@@ -333,19 +356,32 @@ class FeatureTrainer:
                 for split in self.splits if split in self.scan.samples}
 
     def logistic_head(self, stored, fit_splits):
-        """The head fitted on fit_splits, its C and views chosen by cross-validation over
-        them; and the scores of the choice."""
+        """The head fitted on fit_splits, its C and views chosen on held-out photos of them
+        (linear_probe.choose_and_fit: the valid split when it is one of them and large
+        enough); and the scores of the choice. The fits run on the run's device."""
         x = torch.cat([stored[s][0] for s in fit_splits])
         y = np.concatenate([stored[s][1] for s in fit_splits])
+        start = 0
+        for split in fit_splits:  # the splits become views of the joined rows: held once
+            count = len(stored[split][1])
+            stored[split] = (x[start:start + count], stored[split][1])
+            start += count
+        valid = len(stored["valid"][1]) if fit_splits[-1] == "valid" else 0
         view_sets = linear_probe.candidates(x.shape[1], self.config.always_augment)
         weight = class_weights(y, len(self.scan.classes)) if self.config.balance else None
+        threads = single_thread() if x.numel() * len(self.scan.classes) < \
+            linear_probe.MULTITHREAD_VALUES else contextlib.nullcontext()
+        progress = LateProgress("fitting the head")
         # A stop signal ends the fit wherever it is: nothing is written until it is done.
-        with StopSignals(), single_thread():
-            return linear_probe.choose_and_fit(x, y, len(self.scan.classes), view_sets,
-                                               self.config.seed, class_weight=weight)
+        with StopSignals(), threads:
+            head, scores = linear_probe.choose_and_fit(
+                x, y, len(self.scan.classes), view_sets, self.config.seed, class_weight=weight,
+                valid=valid, device=self.device, on_fit=progress.update)
+        progress.close()
+        return head, scores
 
     def photo_features(self, backbone, split, aug):
-        """(features (photos, views, dim) float32, labels (photos,)) of one split: the plain
+        """(features (photos, views, dim) float16, labels (photos,)) of one split: the plain
         view, the mirror image, then aug augmented views of each photo."""
         rows, labels = features.cached_features(backbone, split, aug, self.config, self.scan,
                                                 self.preprocess, self.job, self.cache_dir,
@@ -353,7 +389,9 @@ class FeatureTrainer:
         if rows is None:  # another rank's: rank 0 holds the joined file
             return None, None
         per_photo = 2 + aug
-        x = torch.from_numpy(np.asarray(rows[:len(labels)], dtype=np.float32))
+        # float16 as stored: half the memory, and the head computes in float32 a chunk at a
+        # time (linear_probe.fit_logistic), so nothing is lost.
+        x = torch.from_numpy(np.asarray(rows[:len(labels)]))
         return x.reshape(-1, per_photo, x.shape[-1]), labels[::per_photo]
 
     def install(self, head):
@@ -507,6 +545,28 @@ def evaluate_rows(head, features, labels, device, chunk=1024, keep_probs=False):
                 probs.append(torch.softmax(logits, 1).cpu().numpy())
     loss, acc = total_loss / len(labels), correct / len(labels)
     return (loss, acc, np.concatenate(probs)) if keep_probs else (loss, acc)
+
+
+class LateProgress:
+    """A progress bar over a count of steps that shows itself only once they have taken
+    more than `after` seconds (a fit of seconds prints nothing); on_step(total) per step."""
+
+    def __init__(self, desc, after=3.0):
+        self.desc, self.after, self.bar, self.done = desc, after, None, 0
+        self.start = time.monotonic()
+
+    def update(self, total):
+        self.done += 1
+        if self.bar is None and time.monotonic() - self.start > self.after:
+            self.bar = data_utils.Progress(total, self.desc)
+            self.bar.start = self.start
+        if self.bar is not None:
+            self.bar.update(self.done - self.bar.done)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.total = self.bar.done  # a path that stopped early did fewer steps
+            self.bar.close()
 
 
 @contextlib.contextmanager

@@ -129,3 +129,120 @@ def test_class_weights_count_like_repeated_photos():
     assert (weighted.logits(x).argmax(1) == repeated.logits(x).argmax(1)).float().mean() > 0.95
     plain = lp.fit_head(x, y, 4, lp.PLAIN, 0.3)
     assert not torch.allclose(weighted.bias, plain.bias, atol=1e-3)
+
+
+def test_the_line_ends_with_the_seconds_the_head_took():
+    x, y = blobs(photos=40)
+    head = lp.fit_head(x, y, 4, lp.PLAIN, 0.3)
+    head.cv_loss, head.cv_acc = 0.5, 0.9
+    assert lp.choice_line(head, {(lp.PLAIN, 0.3): (0.5, 0.9)}, 12.34).endswith(") 12.3s")
+
+
+def brute_force_choice(x, y, valid, grid):
+    """C of the lowest valid loss, each fit from scratch on the train photos alone."""
+    train, labels = x[:-valid], torch.as_tensor(y)
+    losses = {}
+    for c in grid:
+        head = lp.fit_head(train, y[:-valid], 4, lp.PLAIN, c)
+        losses[c] = lp.held_out_score(head, x, labels, np.arange(len(y) - valid, len(y)))[0]
+    return min(losses, key=losses.get)
+
+
+def test_the_warm_started_path_on_valid_chooses_as_brute_force(monkeypatch):
+    monkeypatch.setattr(lp, "HOLDOUT_MIN_PHOTOS", 50)
+    x, y = blobs(photos=240, spread=2.0, seed=3)
+    head, scores = lp.choose_and_fit(x, y, 4, [lp.PLAIN], valid=60)
+    assert head.held_out == "the valid split's 60 photos"
+    assert head.c == brute_force_choice(x, y, 60, lp.C_GRID)
+    assert len(scores) < len(lp.C_GRID)  # the path stopped once the valid loss rose
+    again, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN], valid=60)
+    assert torch.equal(again.weight, head.weight)  # --seed repeats a run exactly
+
+
+def test_small_valid_splits_keep_cross_validation():
+    few = np.arange(3 * lp.HOLDOUT_MIN_PHOTOS) % 3
+    assert lp.holdout(few, valid=lp.HOLDOUT_MIN_PHOTOS - 1, seed=0) is None
+    held = lp.holdout(few, valid=lp.HOLDOUT_MIN_PHOTOS, seed=0)
+    assert held.fit == 2 * lp.HOLDOUT_MIN_PHOTOS and held.photos[0] == held.fit
+    many = np.arange(5 * lp.HOLDOUT_MIN_PHOTOS) % 3  # a fit on train alone: a stratified fifth
+    held = lp.holdout(many, valid=0, seed=0)
+    assert held.name == f"a held-out fifth's {lp.HOLDOUT_MIN_PHOTOS} photos"
+    assert held.mask.sum() == 4 * lp.HOLDOUT_MIN_PHOTOS and not held.mask[held.photos].any()
+
+
+def test_float16_rows_in_chunks_fit_as_float32_rows_whole(monkeypatch):
+    """The streamed fit (float16 rows as stored, the scaling folded in, chunks of rows) reaches
+    the optimum of the plain one on the same values."""
+    x, y = blobs(photos=200, views=2)
+    x16 = x.half()
+    whole = lp.fit_head(x16.float(), y, 4, lp.MIRRORED, 0.3)
+    monkeypatch.setattr(lp, "CHUNK_VALUES", 64 * 16)  # chunks of 256 rows: 2 per pass
+    assert lp.chunk_rows(4, 16) < 400
+    chunked = lp.fit_head(x16, y, 4, lp.MIRRORED, 0.3, streamed=True)
+    assert chunked.weight.dtype == torch.float32
+    ref = whole.logits(x16)
+    assert (chunked.logits(x16) - ref).abs().max() < 0.02 * ref.abs().max()
+    moments = lp.Standardizer(x16[:, 0], chunk=64)
+    exact = lp.Standardizer(x16[:, 0].float())
+    assert torch.allclose(moments.mean, exact.mean, atol=1e-5)
+    assert torch.allclose(moments.scale, exact.scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+def test_the_fits_run_on_the_device_given(monkeypatch, device):
+    monkeypatch.setattr(lp, "HOLDOUT_MIN_PHOTOS", 50)
+    x, y = blobs(photos=240, views=2)
+    seen = []
+    fit = lp.fit_logistic
+    monkeypatch.setattr(lp, "fit_logistic", lambda *a, **k: seen.append(k["device"]) or
+                        fit(*a, **k))
+    head, _ = lp.choose_and_fit(x.half(), y, 4, [lp.PLAIN, lp.MIRRORED], valid=60,
+                                device=device)
+    assert seen and all(torch.device(d).type == device for d in seen)
+    assert head.weight.device.type == "cpu"  # the head goes into the model on the CPU
+    assert (head.logits(x).argmax(1).numpy() == y).mean() > 0.9
+
+
+def fallback_trainer(photos, classes=3):
+    import argparse
+
+    import distributed
+    import model_utils
+    import training
+    config = training.TrainConfig()
+    scan = argparse.Namespace(classes=list("abc")[:classes],
+                              samples={"train": [None] * photos, "valid": [None] * 10})
+    model = argparse.Namespace(head=model_utils.build_head(1280, [0], classes, 0.2))
+    trainer = training.FeatureTrainer(config, scan, model, None,
+                                      distributed.Single(torch.device("cpu")))
+    trainer.fit_by_epochs = lambda: "the epoch head"
+    trainer.fit_logistic = lambda: "the logistic head"
+    return trainer
+
+
+def test_past_the_memory_bound_the_epoch_head_trains_instead(monkeypatch, capsys):
+    monkeypatch.setattr(lp, "available_memory", lambda: 1 << 30)
+    trainer = fallback_trainer(photos=100_000)  # 100,000 x 2 views x 1,280 float16: 0.5 GB
+    assert trainer.fit() == "the epoch head"
+    assert (trainer.config.head, trainer.config.aug_views) == ("adamw", 1)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("head: the logistic head needs about 1.5 GiB "
+                                               "for its 100010 photos' features, 1.0 GiB")
+    assert out[0].endswith("training the epoch head (--head adamw) instead, which reads them "
+                           "from disk")
+    small = fallback_trainer(photos=1000)
+    assert small.fit() == "the logistic head" and small.config.head == "logistic"
+
+
+def test_the_progress_bar_shows_only_when_the_fits_take_a_while(monkeypatch, capsys):
+    import training
+    quick = training.LateProgress("fitting the head", after=60)
+    quick.update(5)
+    quick.close()
+    slow = training.LateProgress("fitting the head", after=0)
+    for _ in range(3):
+        slow.update(5)  # a path that stopped early: 3 fits of the 5 planned
+    slow.close()
+    err = capsys.readouterr().err
+    assert err.count("fitting the head") == 1 and "3/3" in err
