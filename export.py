@@ -28,6 +28,7 @@ from collections import Counter
 
 import numpy as np
 
+import cpu_threads  # noqa: F401 (before torch: how its threads wait)
 import atomic
 import data_utils
 from errors import UserError

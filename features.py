@@ -79,7 +79,7 @@ class ViewDataset(torch.utils.data.Dataset):
         return 1 + self.mirror + self.views
 
     def __getitem__(self, index):
-        path, _ = self.samples[index]
+        path, label = self.samples[index]
         img = data_utils.load_rgb(path, self.side)
         plain = data_utils.eval_array(img, self.preprocess)
         views = [plain] + [np.ascontiguousarray(plain[..., ::-1])] * self.mirror
@@ -90,7 +90,7 @@ class ViewDataset(torch.utils.data.Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed * 1_000_003 + index * 101 + view)
                 views.append(self.augment(img))
-        return np.stack(views), self.samples[index][1]
+        return np.stack(views), label
 
 
 class AugmentedDataset(torch.utils.data.Dataset):

@@ -17,6 +17,7 @@ from collections import Counter
 
 import numpy as np
 
+import cpu_threads  # noqa: F401 (before torch: how its threads wait)
 import data_utils
 import inference
 from errors import UserError

@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 
+import cpu_threads  # noqa: F401 (before torch: how its threads wait)
 import data_utils
 import inference
 from errors import UserError
