@@ -23,6 +23,7 @@ ratios, which were taken side by side.
 import argparse
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -113,12 +114,19 @@ def photo_count(folder):
 
 
 def run(cmd):
-    start = time.monotonic()
+    """(output, wall seconds, CPU seconds of all its processes): on a shared machine the CPU
+    seconds say more than the wall."""
+    start, cpu = time.monotonic(), children_cpu()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    wall = time.monotonic() - start
+    wall, cpu = time.monotonic() - start, children_cpu() - cpu
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    return done.stdout + done.stderr, wall
+    return done.stdout + done.stderr, wall, cpu
+
+
+def children_cpu():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def scan_rate(folder):
@@ -127,34 +135,34 @@ def scan_rate(folder):
             "    start = time.perf_counter()\n"
             f"    data_utils.scan_dataset({folder!r}, cache_dir=cache)\n"
             "    print('seconds', time.perf_counter() - start)")
-    out, _ = run([sys.executable, "-c", code])
+    out, _, _ = run([sys.executable, "-c", code])
     seconds = float(re.search(r"seconds (\S+)", out)[1])
-    return dict(rate=photo_count(folder) / seconds, unit="photos/s")
+    return dict(rate=photo_count(folder) / seconds)
 
 
 def train_runs(folder):
     """Wall and test accuracy of the default train.py, and the feature pass's rate on train."""
     with tempfile.TemporaryDirectory() as work:
-        out, wall = run([sys.executable, "train.py", folder, "--save_dir", work,
+        out, wall, cpu = run([sys.executable, "train.py", folder, "--save_dir", work,
                          "--cache_dir", os.path.join(work, "cache"), "--seed", "0"])
         predict = predict_time(folder, os.path.join(work, "checkpoint.pth"))
     rate = re.findall(r"features train.*?(\d+)/\d+ .*?(\d+\.\d+)/s", out)
     acc = re.search(r"^test acc (\d+(?:\.\d+)?)%", out, re.M)
-    return dict(wall=wall, acc=float(acc[1]) if acc else None,
+    return dict(wall=wall, cpu=cpu, acc=float(acc[1]) if acc else None,
                 views=float(rate[-1][1]) if rate else None, predict=predict)
 
 
 def predict_time(folder, checkpoint):
     test = os.path.join(folder, "test")
-    _, wall = run([sys.executable, "predict.py", test, checkpoint])
+    _, wall, _ = run([sys.executable, "predict.py", test, checkpoint])
     return wall / photo_count(test)
 
 
 def reference_run(folder):
-    out, wall = run([sys.executable, os.path.join(ROOT, "bench", "train_bench.py"),
-                     "--reference", folder, "0", "224"])
+    out, wall, cpu = run([sys.executable, os.path.join(ROOT, "bench", "train_bench.py"),
+                          "--reference", folder, "0", "224"])
     acc = re.search(r"test acc \(reference C tuned\) (\d+(?:\.\d+)?)%", out)
-    return dict(wall=wall, acc=float(acc[1]))
+    return dict(wall=wall, cpu=cpu, acc=float(acc[1]))
 
 
 MEASUREMENTS = [("scan", scan_rate), ("train", train_runs), ("reference", reference_run)]
@@ -185,6 +193,11 @@ def print_table(rows, sets, counts):
     walls = get("train", "wall")
     refs = get("reference", "wall")
     line("default / reference wall", [w / r if w and r else None for w, r in zip(walls, refs)],
+         "{:.2f}")
+    line("train.py default, CPU s", get("train", "cpu"), "{:.0f}")
+    line("reference, CPU s", get("reference", "cpu"), "{:.0f}")
+    cpus, ref_cpus = get("train", "cpu"), get("reference", "cpu")
+    line("default / reference CPU", [c / r if c and r else None for c, r in zip(cpus, ref_cpus)],
          "{:.2f}")
     line("test acc default, %", get("train", "acc"), "{:.1f}")
     line("test acc reference (C tuned), %", get("reference", "acc"), "{:.1f}")
