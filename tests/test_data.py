@@ -615,3 +615,26 @@ def test_heic_photos_are_read_and_scanned(tmp_path):
     assert close(pixel(load_rgb(str(path))), (200, 40, 30))
     check = check_file(str(path))
     assert check.ok and (check.width, check.height) == (64, 48)
+
+
+def test_a_photos_views_come_from_one_decode_and_repeat_whatever_the_workers(tmp_path,
+                                                                            monkeypatch):
+    import distributed
+    import features
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        photo(640, 480, seed=i).save(paths[-1], quality=90)
+    decoded = []
+    real = data_utils.load_rgb
+    monkeypatch.setattr(data_utils, "load_rgb", lambda *a: decoded.append(a) or real(*a))
+    dataset = features.ViewDataset([(p, 0) for p in paths], PRE, views=2, seed=3, mirror=True)
+    views, label = dataset[1]
+    assert views.shape == (4, 3, 64, 64) and label == 0 and len(decoded) == 1
+    assert np.array_equal(views[1], views[0][..., ::-1])  # the mirror image
+    assert not np.array_equal(views[2], views[3])  # two different augmentations
+    job = distributed.Single(torch.device("cpu"))
+    batches = {workers: [x for x, _ in features.make_loader(dataset, 2, workers, job)]
+               for workers in (0, 2)}
+    assert all(np.array_equal(a, b) for a, b in zip(batches[0], batches[2]))
+    assert np.array_equal(batches[0][0][1], views)
