@@ -28,8 +28,8 @@ from collections import Counter
 
 import numpy as np
 
-import cpu_threads  # noqa: F401 (before torch: how its threads wait)
 import atomic
+import cpu_threads  # noqa: F401 (before torch: how its threads wait)
 import data_utils
 from errors import UserError
 from version import __version__
