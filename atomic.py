@@ -1,6 +1,7 @@
 """Atomic file writes: a temporary file in the target's folder, fsynced, renamed over the
 target, then the folder fsynced. A crash at any moment leaves either the old file or the new
-one, never half of one; an error removes the temporary file."""
+one, never half of one; an error removes the temporary file. Files get the mode the user's umask
+gives a new file (0644 under the usual 022), as other tools' files do."""
 import os
 import re
 import tempfile
@@ -27,6 +28,9 @@ class AtomicFile:
                 remove_stale_temporaries(folder, f".tmp-{os.path.basename(path)}-")
                 prefix = f".tmp-{os.path.basename(path)}-{os.getpid()}-"
             fd, self.tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+            # mkstemp makes the file 0600, and the rename keeps that: give it the mode that
+            # open() would have given it
+            os.fchmod(fd, 0o666 & ~current_umask())
             self.file = os.fdopen(fd, mode)
 
     def __enter__(self):
@@ -45,6 +49,21 @@ class AtomicFile:
             raise
         if exc_type is not None:
             remove_quietly(self.tmp)
+
+
+def current_umask():
+    """The process's umask, read without changing it (os.umask can only be read by setting it,
+    which would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS, old kernels): the racy way
+    os.umask(mask)
+    return mask
 
 
 # A temporary file nobody has written to for this long belongs to a dead run, even when its

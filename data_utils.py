@@ -320,6 +320,7 @@ class Scan:
     split_files: dict = None         # split -> [relative path], recorded for auto splits
     fingerprint: str = ""
     folders: dict = field(default_factory=dict)     # split -> the folder it came from
+    excluded: list = field(default_factory=list)    # relative paths --exclude left out
 
     @property
     def class_to_idx(self):

@@ -31,19 +31,27 @@ import numpy as np
 import atomic
 import cpu_threads  # noqa: F401 (before torch: how its threads wait)
 import data_utils
+import errors
 from errors import UserError
 from version import __version__
 
 ONNX_FORMAT = "image-classifier-onnx"
 ONNX_FORMAT_VERSION = 1
 OPSET = 17
+CHECK_COUNT = 32            # photos checked where --check_count is not given
+GENERATED_CHECK_IMAGES = 8  # where no photos are at hand
 PARITY_ATOL = 1e-4          # the largest |probability difference| a float export may show
 INSTALL_HINT = "pip install -e '.[export]'"
 
 
 class CheckFailed(Exception):
     """The exported model does not compute what the checkpoint computes: a bug, not a user
-    mistake, but reported in one line all the same, and the file is not written."""
+    mistake, but reported in one line all the same (exit status 1), and the file is not
+    written."""
+    exit_status = 1
+
+    def __init__(self, why):
+        super().__init__(f"the export failed its check, nothing written: {why}")
 
 
 def build_parser():
@@ -62,27 +70,19 @@ def build_parser():
                    help="photos to check the export on: a folder of class folders, a data "
                         "folder with test/ or valid/, or a folder of photos (default: the test "
                         "images of the data the checkpoint was trained on)")
-    p.add_argument("--check_count", type=int, default=32, metavar="N",
-                   help="how many of those photos to check, spread over the classes; 0 for all "
-                        "of them (default: 32)")
+    p.add_argument("--check_count", type=int, metavar="N",
+                   help=f"how many of those photos to check, spread over the classes; 0 for "
+                        f"all of them (default: {CHECK_COUNT})")
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except CheckFailed as err:
-        print(f"error: the export failed its check, nothing written: {err}", file=sys.stderr)
-        return 1
+    return errors.run_main(build_parser, run, argv, one_line=(UserError, CheckFailed))
 
 
 def run(args):
     onnx, ort = require_onnx()
-    if args.check_count < 0:
+    if (args.check_count or 0) < 0:
         raise UserError(f"--check_count {args.check_count}: must be 0 (all) or more")
     import model_utils
     ckpt = model_utils.load_checkpoint(args.checkpoint)
@@ -186,6 +186,7 @@ def add_metadata(onnx, path, ckpt, quantized):
         "arch": str(ckpt["model_args"].get("arch", "")),
         "output": "probabilities (softmax applied)",
         "quantization": "int8 static per-channel (QDQ)" if quantized else "none (float32)",
+        "averages_mirror": json.dumps(bool(ckpt["model_args"].get("flip_tta", False))),
     }
     del model.metadata_props[:]
     for key, value in meta.items():
@@ -292,20 +293,25 @@ class ImageSet:
 def load_check_images(folder, ckpt, count):
     """The photos to check an export on, preprocessed as the checkpoint says."""
     classes = list(ckpt["classes"])
+    wanted = CHECK_COUNT if count is None else count
     if folder is not None:
         if not os.path.isdir(folder):
             raise UserError(f"--check_images {folder}: no such folder; give a folder of photos")
         found = find_images(folder, classes, splits=("test", "valid", None))
         if not found[0]:
             raise UserError(f"--check_images {folder}: no image files found in it")
-        return preprocess_images(*found[:2], ckpt["preprocess"], count, f"images of {folder}")
+        return preprocess_images(*found[:2], ckpt["preprocess"], wanted, f"images of {folder}")
     root = (ckpt.get("data") or {}).get("root")
     if root and os.path.isdir(root):
         found = find_images(root, classes, splits=("test", "valid"), data=ckpt.get("data"))
         if found[0]:
-            return preprocess_images(*found[:2], ckpt["preprocess"], count,
+            return preprocess_images(*found[:2], ckpt["preprocess"], wanted,
                                      f"{found[2]} images of {root}")
-    return generated_images(ckpt["preprocess"], n=8)
+    if count is not None:
+        raise UserError(f"--check_count {count}: the photos the checkpoint was trained on are "
+                        f"not here, so the check runs on {GENERATED_CHECK_IMAGES} generated "
+                        f"images; give --check_images DIR, or drop --check_count")
+    return generated_images(ckpt["preprocess"], n=GENERATED_CHECK_IMAGES)
 
 
 def load_calibration_images(ckpt, check, count=64):

@@ -18,6 +18,13 @@ from errors import UserError
 # Decoding threads that prepare the next batches while the model runs the current one.
 DECODE_THREADS = 2
 IMAGE_FIX = "give a JPEG, HEIC, PNG, WebP, BMP, TIFF or GIF photo"
+# --precision of predict.py and serve.py: "auto" computes in bfloat16 (or float16) where the
+# hardware does it natively; "fp32" in float32 everywhere, as the ONNX export does.
+PRECISIONS = ("auto", "fp32")
+PRECISION_HELP = ("auto: bfloat16 where the CPU or GPU computes it natively, several times "
+                  "faster, probabilities within a point or so of float32's; fp32: float32 "
+                  "everywhere, the probabilities of the float32 ONNX export (an .onnx model "
+                  "computes in the precision it was exported in) (default: auto)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -26,12 +33,16 @@ IMAGE_FIX = "give a JPEG, HEIC, PNG, WebP, BMP, TIFF or GIF photo"
 class TorchPredictor:
     """A checkpoint from train.py: classes, preprocessing, and batch -> probabilities."""
 
-    def __init__(self, path, gpu=None):
+    def __init__(self, path, gpu=None, precision="auto", threads=None):
         import model_utils
         device = model_utils.resolve_device(gpu)
+        if threads and device.type == "cpu":
+            import torch
+            torch.set_num_threads(threads)
         ckpt = model_utils.load_checkpoint(path)
         model = model_utils.model_from_checkpoint(ckpt, path)
-        self._setup(model, ckpt["classes"], ckpt.get("class_names"), ckpt["preprocess"], device)
+        self._setup(model, ckpt["classes"], ckpt.get("class_names"), ckpt["preprocess"], device,
+                    float32=precision == "fp32")
 
     @classmethod
     def from_model(cls, model, classes, class_names, preprocess, device):
@@ -40,7 +51,7 @@ class TorchPredictor:
         self._setup(model, classes, class_names, preprocess, device)
         return self
 
-    def _setup(self, model, classes, class_names, preprocess, device):
+    def _setup(self, model, classes, class_names, preprocess, device, float32=False):
         import torch
         import model_utils
         self.classes = list(classes)
@@ -48,7 +59,10 @@ class TorchPredictor:
         self.preprocess = preprocess
         self.model = model
         self.batch_size = model_utils.inference_batch_size(device)
-        self._forward = model_utils.fast_forward(model, device)
+        self._forward = model_utils.fast_forward(model, device, float32)
+        # Whether the model averages each photo with its mirror image (predict.py --tta would
+        # change nothing)
+        self.averages_mirror = bool(getattr(model, "flip_tta", False))
         self._torch = torch
 
     def probabilities(self, batch):
@@ -62,7 +76,7 @@ class OnnxPredictor:
     and no torch import (the softmax is inside the model; classes and preprocessing are in its
     metadata)."""
 
-    def __init__(self, path, gpu=None):
+    def __init__(self, path, gpu=None, precision="auto", threads=None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -77,8 +91,11 @@ class OnnxPredictor:
                 raise UserError(f"--gpu {gpu}: this onnxruntime has no CUDA support; drop "
                                 f"--gpu, or install onnxruntime-gpu")
             providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(path, providers=providers)
+            self.session = ort.InferenceSession(path, options, providers=providers)
         except Exception as err:  # onnxruntime raises its own types for a damaged file
             raise UserError(f"model {path}: not a loadable ONNX model "
                             f"({str(err).strip().splitlines()[0][:160]})") from None
@@ -91,6 +108,13 @@ class OnnxPredictor:
             raise UserError(f"model {path}: has no class names and preprocessing in its "
                             f"metadata; export it with export.py") from None
         self._input = self.session.get_inputs()[0].name
+        # Unknown (None) for a file exported before export.py stored it
+        self.averages_mirror = json.loads(meta.get("averages_mirror", "null"))
+        quantization = meta.get("quantization", "none")
+        if precision == "fp32" and not quantization.startswith("none"):
+            raise UserError(f"--precision fp32: {path} is an {quantization.split()[0]} model "
+                            f"(export.py --quantize); export it without --quantize for float32, "
+                            f"or drop --precision")
 
     def probabilities(self, batch):
         """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""
@@ -98,12 +122,13 @@ class OnnxPredictor:
         return self.session.run(None, {self._input: batch})[0]
 
 
-def load_predictor(path, gpu=None):
-    """The predictor for a model file: ONNX Runtime for .onnx, PyTorch for a checkpoint."""
+def load_predictor(path, gpu=None, precision="auto", threads=None):
+    """The predictor for a model file: ONNX Runtime for .onnx, PyTorch for a checkpoint;
+    precision one of PRECISIONS; threads: of the computation on a CPU (None: every core)."""
     if path.lower().endswith(".onnx"):
-        return OnnxPredictor(path, gpu)
+        return OnnxPredictor(path, gpu, precision, threads)
     try:
-        return TorchPredictor(path, gpu)
+        return TorchPredictor(path, gpu, precision, threads)
     except ModuleNotFoundError as err:
         if err.name != "torch":
             raise

@@ -19,6 +19,7 @@ import numpy as np
 
 import cpu_threads  # noqa: F401 (before torch: how its threads wait)
 import data_utils
+import errors
 import inference
 from errors import UserError
 # The inference names that predict.py offered before inference.py held them.
@@ -29,6 +30,7 @@ from version import __version__
 
 # Images drawn in one --plot grid: beyond this a grid is too small to read.
 PLOT_LIMIT = 24
+TOP_K = 5  # classes shown where --top_k is not given
 
 
 def build_parser():
@@ -40,14 +42,16 @@ def build_parser():
                         "glob such as 'photos/*.jpg'")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="checkpoint.pth written by train.py, or model.onnx from export.py")
-    p.add_argument("--top_k", type=int, default=5, metavar="K",
-                   help="how many of the most likely classes to show (default: 5)")
+    p.add_argument("--top_k", type=int, metavar="K",
+                   help=f"how many of the most likely classes to show (default: {TOP_K})")
     p.add_argument("--category_names", metavar="JSON",
                    help="JSON mapping class folder names to display names (default: the names "
                         "stored in the checkpoint)")
     p.add_argument("--gpu", nargs="?", const="cuda", metavar="DEVICE",
                    help="run on an accelerator: --gpu alone for CUDA, or cuda:1, mps "
                         "(default: the CPU)")
+    p.add_argument("--precision", choices=inference.PRECISIONS, default="auto",
+                   help=inference.PRECISION_HELP)
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the predictions of each image and its "
                         "mirror image (twice the compute; default: off)")
@@ -64,18 +68,13 @@ def build_parser():
                      help="IMAGE is a folder of class folders named like the checkpoint's "
                           "classes: write the evaluation report (accuracy, per-class scores, "
                           "confusion matrix, confident mistakes) to --report_dir")
-    out.add_argument("--report_dir", default="report", metavar="DIR",
+    out.add_argument("--report_dir", metavar="DIR",
                      help="where --evaluate writes its report (default: report)")
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return errors.run_main(build_parser, run, argv)
 
 
 def run(args):
@@ -86,7 +85,11 @@ def run(args):
     single = len(items) == 1 and not items[0].found  # one named photo: today's short output
     if single and not os.path.exists(items[0].path):  # say so before the model loads
         raise UserError(read_image(items[0], None)[1])
-    predictor = load_predictor(args.checkpoint, args.gpu)
+    # One photo computes on one thread: its forward pass took 0.08 s so on a busy 2-core
+    # machine, 0.5 s on both cores, whose threads spent it waiting for one another
+    predictor = load_predictor(args.checkpoint, args.gpu, args.precision,
+                               threads=1 if len(items) == 1 else None)
+    check_tta(args.tta, predictor, args.checkpoint)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
     results = predict_paths(predictor, items, args.tta)
     if not results:
@@ -94,7 +97,7 @@ def run(args):
                         f"not images); {IMAGE_FIX}")
     if single and results[0].error:
         raise UserError(results[0].error)
-    k = clip_top_k(args.top_k, len(names))
+    k = clip_top_k(args.top_k or TOP_K, len(names))
     write_outputs(args, results, predictor.classes, names, k, single)
     failed = [r for r in results if r.error]
     for result in failed:
@@ -106,19 +109,30 @@ def run(args):
 
 
 def check_options(args):
-    if args.top_k < 1:
+    if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top_k {args.top_k}: must be 1 or more")
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot}: the picture is written as PNG; give a name ending "
                         f"in .png")
+    if args.report_dir and not args.evaluate:
+        raise UserError(f"--report_dir {args.report_dir}: only --evaluate writes a report; add "
+                        f"--evaluate, or drop --report_dir")
     if args.evaluate:
         others = [flag for flag, on in (("--json", args.json), ("--csv", args.csv),
-                                        ("--plot", args.plot)) if on]
+                                        ("--plot", args.plot), ("--top_k", args.top_k)) if on]
         if others:
             raise UserError(f"--evaluate writes its own report files; drop {', '.join(others)}")
         if len(args.image) != 1:
             raise UserError("--evaluate takes one folder of class folders, e.g. "
                             "python predict.py DATA_DIR/test checkpoint.pth --evaluate")
+
+
+def check_tta(tta, predictor, path):
+    """--tta averages each photo with its mirror image: refused for a model that does so
+    already (the head was chosen so in training), where it would change nothing."""
+    if tta and predictor.averages_mirror:
+        raise UserError(f"--tta: {path} averages each photo with its mirror image already (its "
+                        f"head was chosen so in training); drop --tta")
 
 
 def clip_top_k(top_k, num_classes):
@@ -253,7 +267,8 @@ def plot(path, results, tops, names):
 # ---------------------------------------------------------------------------------------------
 def evaluate(args):
     root = args.image[0]
-    predictor = load_predictor(args.checkpoint, args.gpu)
+    predictor = load_predictor(args.checkpoint, args.gpu, args.precision)
+    check_tta(args.tta, predictor, args.checkpoint)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
     items, labels = labelled_images(root, predictor.classes)
     results = predict_paths(predictor, items, args.tta)
@@ -263,7 +278,7 @@ def evaluate(args):
     if not good:
         raise UserError(f"{root}: none of its images could be read; {IMAGE_FIX}")
     import report
-    summary = report.write_report(args.report_dir, np.stack([r.probs for r in good]),
+    summary = report.write_report(args.report_dir or "report", np.stack([r.probs for r in good]),
                                   np.array([label_of[r.path] for r in good]),
                                   predictor.classes, names, [r.path for r in good])
     print("\n".join(report.summary_lines(summary)))

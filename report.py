@@ -3,7 +3,8 @@
 write_report: accuracy, top-5 accuracy and per-class precision/recall/F1 (report.txt and
 metrics.json), every prediction (predictions.csv), the confusion matrix (confusion_matrix.png),
 the most confident mistakes (mistakes.png) and, given a training history, the training curves
-(curves.png). plot_predictions draws predict.py's --plot.
+(curves.png). plot_predictions draws predict.py's --plot; plot_data_issues the suspect labels
+and near-duplicates of data_issues.py.
 
 matplotlib is imported inside the plotting functions only, with the Agg backend (files, no
 window): predicting one photo never pays for it.
@@ -330,6 +331,57 @@ def plot_mistakes(path, mistakes, wrong, total):
     fig.suptitle(f"The {len(mistakes)} most confident mistakes ({wrong} wrong of {total} "
                  f"images)", fontsize=13)
     _save(fig, path)
+
+
+def plot_data_issues(path, findings, names, suspects=12, pairs=6):
+    """The most suspect labels as thumbnails (given class against the class they look like),
+    then the most similar near-duplicate pairs side by side. names maps class folders to
+    display names."""
+    plt = _pyplot()
+    shown_labels, shown_pairs = findings.labels[:suspects], findings.near_duplicates[:pairs]
+    cols, pairs_a_row = 6, 3
+    label_rows = math.ceil(len(shown_labels) / cols)
+    pair_rows = math.ceil(len(shown_pairs) / pairs_a_row)
+    fig = plt.figure(figsize=(cols * 2.5, (label_rows + pair_rows) * 3.4 + 0.4),
+                     layout="constrained")
+    parts = fig.subfigures(2, 1, height_ratios=[max(label_rows, 0.01), max(pair_rows, 0.01)])
+    if shown_labels:
+        parts[0].suptitle(f"The {len(shown_labels)} most suspect of {len(findings.labels)} "
+                          f"photos that look mislabelled", fontsize=13)
+        axes = parts[0].subplots(label_rows, cols, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (image_path, given, suggested, confidence) in zip(axes.flat, shown_labels):
+            _thumbnail(ax, image_path)
+            ax.set_title(f"given: {_wrap(names.get(given, given), 22)}", fontsize=9,
+                         color="#b00020")
+            ax.set_xlabel(f"looks like: {_wrap(names.get(suggested, suggested), 22)}\n"
+                          f"held-out p(given) {100 * confidence:.0f}%\n"
+                          f"{_shorten(os.path.basename(image_path), 28)}", fontsize=8,
+                          color="#1b5e20")
+    if shown_pairs:
+        parts[1].suptitle(f"The {len(shown_pairs)} closest of {len(findings.near_duplicates)} "
+                          f"near-duplicate pairs across splits", fontsize=13)
+        cells = parts[1].subfigures(pair_rows, pairs_a_row, squeeze=False).flat
+        for cell, (earlier, later, cosine) in zip(cells, shown_pairs):
+            cell.suptitle(f"cosine similarity {cosine:.3f}", fontsize=9)
+            for ax, image_path in zip(cell.subplots(1, 2), (earlier, later)):
+                _thumbnail(ax, image_path)
+                ax.set_xlabel(_shorten(_split_and_tail(image_path), 28), fontsize=8)
+    _save(fig, path)
+
+
+def _thumbnail(ax, image_path):
+    ax.axis("on")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.imshow(_picture(image_path, square=200))
+
+
+def _split_and_tail(path):
+    """split/class/file: which split a near-duplicate sits in is the point."""
+    split = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    return os.path.join(split, _tail(path))
 
 
 def plot_curves(history, path):

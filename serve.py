@@ -37,6 +37,7 @@ import threading
 
 import cpu_threads  # noqa: F401 (before torch: how its threads wait)
 import data_utils
+import errors
 import inference
 from errors import UserError
 from version import __version__
@@ -71,16 +72,13 @@ def build_parser():
                    help="requests to /predict in progress at once; more get 503 (default: 8)")
     p.add_argument("--gpu", nargs="?", const="cuda", metavar="DEVICE",
                    help="run the model on an accelerator, as in predict.py (default: the CPU)")
+    p.add_argument("--precision", choices=inference.PRECISIONS, default="auto",
+                   help=inference.PRECISION_HELP)
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return errors.run_main(build_parser, run, argv)
 
 
 def run(args):
@@ -89,7 +87,7 @@ def run(args):
         raise UserError(f"--top_k {args.top_k}: must be 1 or more")
     if args.max_upload_mb <= 0 or args.max_concurrent < 1:
         raise UserError("--max_upload_mb and --max_concurrent must be more than 0")
-    predictor = inference.load_predictor(args.model, args.gpu)
+    predictor = inference.load_predictor(args.model, args.gpu, args.precision)
     app = create_app(predictor, os.path.basename(args.model), top_k=args.top_k,
                      max_upload_bytes=int(args.max_upload_mb * 1e6),
                      max_concurrent=args.max_concurrent)

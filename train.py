@@ -30,6 +30,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402 (after the signal handlers above)
 import torch  # noqa: E402
 
+import data_issues  # noqa: E402
 import data_utils  # noqa: E402
 import distributed  # noqa: E402
 import linear_probe  # noqa: E402
@@ -39,7 +40,7 @@ import training  # noqa: E402
 from errors import UserError  # noqa: E402
 from stopping import StopSignals, Stopped  # noqa: E402
 from training import (FINETUNE_EPOCHS, FINETUNE_LR, HEAD_EPOCHS, HEAD_LR,  # noqa: E402
-                      HEAD_MIN_STEPS)
+                      HEAD_MIN_STEPS, TrainConfig)
 from version import __version__  # noqa: E402
 
 DEMO_DIR = "demo"
@@ -68,9 +69,9 @@ def build_parser():
                            f"image folder under {DEMO_DIR}/ (no network needed)")
     data.add_argument("--check", action="store_true",
                       help="print the data report and exit without training")
-    data.add_argument("--split", nargs=3, type=float, default=[0.7, 0.1, 0.2],
-                      metavar=("TRAIN", "VALID", "TEST"),
-                      help="fractions for folders without split folders (default: 0.7 0.1 0.2)")
+    data.add_argument("--split", nargs=3, type=float, metavar=("TRAIN", "VALID", "TEST"),
+                      help="fractions for a folder without train/ and valid/ folders (default: "
+                           "0.7 0.1 0.2)")
     data.add_argument("--category_names", metavar="JSON",
                       help="JSON mapping class folder names to display names (default: the "
                            "folder names)")
@@ -80,6 +81,11 @@ def build_parser():
                            "cores up to 8)")
     data.add_argument("--cache_dir", metavar="DIR",
                       help="where the scan and the stored features go (default: SAVE_DIR/cache)")
+    data.add_argument("--exclude", metavar="FILE",
+                      help="leave these photos out of every split: a file of paths, one a "
+                           "line, or a CSV with a path column such as a filtered "
+                           "report/data_issues.csv; paths relative to DATA_DIR or absolute "
+                           "(default: none)")
 
     model = p.add_argument_group("Model")
     model.add_argument("--arch", default=model_utils.DEFAULT_ARCH, metavar="NAME",
@@ -90,8 +96,6 @@ def build_parser():
                        metavar="N",
                        help="sizes of the head's hidden layers; 0 means one linear layer "
                             "(default: 0)")
-    model.add_argument("--dropout", type=float, default=0.2, metavar="P",
-                       help="dropout in the head (default: 0.2)")
     model.add_argument("--weights", metavar="PATH",
                        help="a local state dict for the backbone, for machines without network "
                             "(default: the published pretrained weights)")
@@ -105,20 +109,8 @@ def build_parser():
                             "by 5-fold cross-validation over train+valid, then fitted on "
                             "train+valid (no epochs); or adamw: epochs of AdamW, early-stopped "
                             "on the valid split, as heads with hidden layers need (default: "
-                            "logistic; adamw with --hidden_units)")
-    train.add_argument("--epochs", type=int, default=None, metavar="N",
-                       help=f"epochs of --head adamw (default: {HEAD_EPOCHS}, or more to make "
-                            f"{HEAD_MIN_STEPS} optimizer steps on a small data set) and of "
-                            f"--finetune (default: {FINETUNE_EPOCHS})")
-    train.add_argument("--learning_rate", type=float, default=None, metavar="LR",
-                       help=f"peak learning rate of --head adamw and --finetune, cosine "
-                            f"schedule (default: {HEAD_LR:g}; {FINETUNE_LR:g} with --finetune)")
-    train.add_argument("--weight_decay", type=float, default=1e-4, metavar="WD",
-                       help="AdamW weight decay (default: 0.0001)")
-    train.add_argument("--label_smoothing", type=float, default=0.1, metavar="E",
-                       help="label smoothing (default: 0.1)")
-    train.add_argument("--batch_size", type=int, default=64, metavar="N",
-                       help="images per batch (default: 64)")
+                            "logistic; adamw with --hidden_units or an option of epoch "
+                            "training)")
     train.add_argument("--aug_views", type=int, default=None, metavar="N",
                        help="augmented views stored per photo, besides the plain one (and its "
                             "mirror image, for the logistic head); the head trains on them if "
@@ -132,15 +124,14 @@ def build_parser():
                        help="also train the backbone's last stages (slower, more accurate "
                             "where there are photos enough); kept only where it beats the "
                             "default head on the valid split")
-    train.add_argument("--patience", type=int, default=10, metavar="N",
-                       help="stop after N epochs without a better valid loss; 0 never stops "
-                            "early (default: 10)")
     train.add_argument("--balance", action="store_true",
                        help="weight the loss by inverse class frequency, for imbalanced classes")
     train.add_argument("--resume", metavar="CHECKPOINT",
                        help="continue the run saved in this checkpoint")
     train.add_argument("--seed", type=int, default=0, metavar="N",
                        help="random seed; the same seed repeats a CPU run exactly (default: 0)")
+
+    add_epoch_options(p)
 
     out = p.add_argument_group("Output and device")
     out.add_argument("--save_dir", default=".", metavar="DIR",
@@ -153,6 +144,33 @@ def build_parser():
                      help="train on an accelerator: --gpu alone for CUDA, or cuda:1, mps "
                           "(default: the CPU)")
     return p
+
+
+def add_epoch_options(p):
+    """The options of training by epochs, None when not typed: typing one without --head or
+    --finetune selects the epoch head (TrainConfig.from_options)."""
+    epochs = p.add_argument_group(
+        "Epoch training", "options of --head adamw and --finetune; the default logistic head is\n"
+                          "fitted without epochs, so typing one of these without --head or\n"
+                          "--finetune trains the head by epochs (--head adamw)")
+    epochs.add_argument("--epochs", type=int, metavar="N",
+                        help=f"epochs of --head adamw (default: {HEAD_EPOCHS}, or more to make "
+                             f"{HEAD_MIN_STEPS} optimizer steps on a small data set) and of "
+                             f"--finetune (default: {FINETUNE_EPOCHS})")
+    epochs.add_argument("--learning_rate", type=float, metavar="LR",
+                        help=f"peak learning rate, cosine schedule (default: {HEAD_LR:g}; "
+                             f"{FINETUNE_LR:g} with --finetune)")
+    epochs.add_argument("--batch_size", type=int, metavar="N",
+                        help=f"images per batch (default: {TrainConfig.batch_size})")
+    epochs.add_argument("--dropout", type=float, metavar="P",
+                        help=f"dropout in the head (default: {TrainConfig.dropout})")
+    epochs.add_argument("--weight_decay", type=float, metavar="WD",
+                        help=f"AdamW weight decay (default: {TrainConfig.weight_decay:g})")
+    epochs.add_argument("--label_smoothing", type=float, metavar="E",
+                        help=f"label smoothing (default: {TrainConfig.label_smoothing})")
+    epochs.add_argument("--patience", type=int, metavar="N",
+                        help=f"stop after N epochs without a better valid loss; 0 never stops "
+                             f"early (default: {TrainConfig.patience})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,19 +206,22 @@ def run(args):
     started = time.monotonic()
     check_options(args)
     config = training.TrainConfig.from_options(args)
+    if training.epoch_options_choosing_the_head(args):
+        print(epoch_head_note(args), flush=True)
     job = distributed.setup(config.gpu)  # torchrun: one process per device
     if config.demo:
         config = dataclasses.replace(
-            config, data_dir=config.data_dir or data_utils.write_digits(
-                os.path.join(DEMO_DIR, "digits")),
+            config, data_dir=data_utils.write_digits(os.path.join(DEMO_DIR, "digits")),
             save_dir=DEMO_DIR if config.save_dir == "." else config.save_dir)
     if not config.check:
         check_save_dir(config.save_dir)
     resume = load_resume(config)
     cache_dir = config.cache_dir or os.path.join(config.save_dir, "cache")
-    scan = job.on_main(lambda: data_utils.scan_dataset(  # rank 0 scans, all share
-        config.data_dir, config.split, config.seed, cache_dir, config.workers))
+    scan = job.on_main(lambda: scan_data(config, cache_dir))  # rank 0 scans, all share
     job.check_visible(scan.root, "DATA_DIR")
+    if args.split and scan.layout == "splits":
+        raise UserError(f"--split {' '.join(map(str, args.split))}: {scan.root} has train/ and "
+                        f"valid/ folders of its own, which are used as they are; drop --split")
     names = class_names(config, scan.classes)
     if config.check:
         print("\n".join(data_utils.report_lines(scan, names)))
@@ -240,18 +261,43 @@ def finish(config, options, path, result, scan, names, preprocess, model, job, s
         return StopSignals.active.exit_status
     if "test_acc" in result.metrics:
         print(f"test acc {100 * result.metrics['test_acc']:.1f}%")
+    data_issues.write_report(config.save_dir, result.data_issues, names)
+    if result.data_issues is None and config.finetune:
+        print("data issues: not looked for, as the fine-tuned backbone's features are not "
+              "stored; train without --finetune for report/data_issues.csv")
     report.write_training_report(config.save_dir, model, scan, names, preprocess, job.device,
                                  result.history, result.test_probs)
     print(f"saved {path}  ({time.monotonic() - started:.1f}s in all)")
     return 0
 
 
+def scan_data(config, cache_dir):
+    """The scan of DATA_DIR, less the photos of --exclude."""
+    scan = data_utils.scan_dataset(config.data_dir, config.split, config.seed, cache_dir,
+                                   config.workers)
+    if config.exclude:
+        data_issues.exclude_photos(scan, config.exclude)
+    return scan
+
+
+def epoch_head_note(args):
+    """The line that says why the head trains by epochs, and how to get the default back."""
+    flags = ", ".join(training.epoch_options_choosing_the_head(args))
+    return (f"options of epoch training ({flags}) given: training the head by epochs (--head "
+            f"adamw); drop them for the default cross-validated logistic head")
+
+
+# The options whose default TrainConfig decides, stored in the checkpoint as decided.
+RESOLVED_OPTIONS = ("split", "dropout", "weight_decay", "label_smoothing", "batch_size",
+                    "patience", "epochs", "head", "aug_views")
+
+
 def recorded_options(args, config):
     """The options as the checkpoint's "args" has always stored them: as given, with the
-    demo's folders, --epochs 5 of --finetune and the head's default learning rate filled in
-    (--finetune's stays None when not given)."""
+    demo's folders, the defaults, --epochs 5 of --finetune and the head's default learning
+    rate filled in (--finetune's stays None when not given)."""
     return {**vars(args), "data_dir": config.data_dir, "save_dir": config.save_dir,
-            "epochs": config.epochs, "head": config.head, "aug_views": config.aug_views,
+            **{name: getattr(config, name) for name in RESOLVED_OPTIONS},
             "learning_rate": args.learning_rate if config.finetune else config.learning_rate}
 
 
@@ -259,10 +305,11 @@ def resume_command(options, path):
     """The command that continues this run, as it was started (`imgclf-train` or `python
     train.py`): its options, then --resume PATH."""
     words = invoked_as() + [options["data_dir"]]
+    defaults = dataclasses.asdict(TrainConfig())
     for action in build_parser()._actions:
         value = options.get(action.dest)
         if not action.option_strings or action.dest in ("help", "demo", "resume") or \
-                value is None or value == action.default:
+                value is None or value == defaults.get(action.dest, action.default):
             continue
         words.append(action.option_strings[0])
         if action.nargs != 0:  # not a switch like --balance
@@ -292,23 +339,57 @@ def check_options(args):
     if not args.data_dir and not args.demo:
         raise UserError("no DATA_DIR given; give a folder of class folders, e.g. python train.py "
                         "flowers, or try python train.py --demo")
+    if args.data_dir and args.demo:
+        raise UserError(f"--demo trains on the bundled handwritten digits, not on "
+                        f"{args.data_dir}; drop DATA_DIR or --demo")
     positive = {"--epochs": args.epochs, "--batch_size": args.batch_size,
                 "--learning_rate": args.learning_rate, "--image_size": args.image_size}
     for flag, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"{flag} {value}: must be greater than 0")
-    if not 0 <= args.dropout < 1:
+    if args.dropout is not None and not 0 <= args.dropout < 1:
         raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
-    if (args.aug_views or 0) < 0 or args.patience < 0:
+    if (args.aug_views or 0) < 0 or (args.patience or 0) < 0:
         raise UserError("--aug_views and --patience must be 0 or more")
+    check_head_options(args)
+    check_data_report_options(args)
+    if args.split and (any(x < 0 for x in args.split) or args.split[0] <= 0 or
+                       args.split[1] <= 0):
+        raise UserError(f"--split {' '.join(map(str, args.split))}: train and valid fractions "
+                        f"must be above 0, e.g. --split 0.7 0.1 0.2")
+    model_utils.check_arch(args.arch)
+
+
+def check_head_options(args):
+    """Refuse the options that the head asked for would not read."""
     if args.head == "logistic" and training.has_hidden_layers(args.hidden_units):
         raise UserError(f"--hidden_units {' '.join(map(str, args.hidden_units))}: a head with "
                         f"hidden layers trains by epochs; use --head adamw, or drop "
                         f"--hidden_units for the logistic head")
-    if any(x < 0 for x in args.split) or args.split[0] <= 0 or args.split[1] <= 0:
-        raise UserError(f"--split {' '.join(map(str, args.split))}: train and valid fractions "
-                        f"must be above 0, e.g. --split 0.7 0.1 0.2")
-    model_utils.check_arch(args.arch)
+    typed = training.epoch_options(args)
+    if args.head == "logistic" and typed and not args.finetune:
+        raise UserError(f"{typed[0]}: the logistic head is fitted without epochs and does not "
+                        f"read it; use --head adamw, or drop {', '.join(typed)}")
+    if args.always_augment and args.aug_views == 0:
+        raise UserError("--always_augment: --aug_views 0 stores no augmented views to train "
+                        "on; give --aug_views 1 or more, or drop --always_augment")
+
+
+# What --check reads: the options of the data and its scan; the others are for training.
+DATA_REPORT_OPTIONS = {"data_dir", "demo", "check", "split", "category_names", "workers",
+                       "cache_dir", "save_dir", "seed", "exclude"}
+
+
+def check_data_report_options(args):
+    """--check trains nothing: refuse the options of training typed with it."""
+    if not args.check:
+        return
+    ignored = [action.option_strings[0] for action in build_parser()._actions
+               if action.option_strings and action.dest not in DATA_REPORT_OPTIONS and
+               getattr(args, action.dest, action.default) != action.default]
+    if ignored:
+        raise UserError(f"{ignored[0]}: --check reports on the data and trains nothing; drop "
+                        f"{', '.join(ignored)}, or drop --check")
 
 
 def class_names(config, classes):
@@ -371,7 +452,7 @@ def make_checkpoint(config, options, scan, names, preprocess, model, result):
         "history": result.history,
         "args": options,
         "data": dict(root=os.path.abspath(scan.root), layout=scan.layout,
-                     split_files=scan.split_files,
+                     split_files=scan.split_files, excluded=list(scan.excluded),
                      counts={s: len(v) for s, v in scan.samples.items()}),
         "versions": dict(torch=str(torch.__version__), python=platform.python_version(),
                          numpy=np.__version__),

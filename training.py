@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import data_issues
 import data_utils
 import features
 import linear_probe
@@ -53,6 +54,7 @@ class TrainConfig:
     category_names: str = None
     workers: int = None  # None: features.default_workers
     cache_dir: str = None  # None: SAVE_DIR/cache
+    exclude: str = None  # a file of paths left out of every split
     arch: str = model_utils.DEFAULT_ARCH
     hidden_units: list = field(default_factory=lambda: [0])
     dropout: float = 0.2
@@ -81,19 +83,24 @@ class TrainConfig:
 
     @classmethod
     def from_options(cls, options):
-        """The config of train.py's parsed options (checked by train.check_options)."""
+        """The config of train.py's parsed options (checked by train.check_options): an
+        option left out (None) takes the default here. Options of epoch training, typed
+        without --head or --finetune, select the epoch head: they would change nothing in the
+        logistic head."""
         given = {f.name: getattr(options, f.name) for f in dataclasses.fields(cls)
-                 if hasattr(options, f.name)}
+                 if getattr(options, f.name, None) is not None}
         config = cls(**given)
         rate = options.learning_rate
-        head = options.head or ("adamw" if has_hidden_layers(options.hidden_units)
-                                else "logistic")
+        head = options.head or ("adamw" if has_hidden_layers(options.hidden_units) or
+                                epoch_options_choosing_the_head(options) else "logistic")
         return dataclasses.replace(
             config, head=head, head_learning_rate=rate or HEAD_LR,
             learning_rate=rate or (FINETUNE_LR if options.finetune else HEAD_LR),
             epochs=options.epochs or (FINETUNE_EPOCHS if options.finetune else None),
             aug_views=options.aug_views if options.aug_views is not None
-            else (1 if head == "adamw" else None))
+            else 1 if head == "adamw"
+            # --always_augment asks for augmented views, which large data sets store none of
+            else linear_probe.AUG_VIEWS if options.always_augment else None)
 
     def probe(self):
         """The settings of --finetune's linear probe: the AdamW head on stored plain views of
@@ -115,6 +122,26 @@ def has_hidden_layers(hidden_units):
     return any(units > 0 for units in hidden_units)
 
 
+# The options that only training by epochs reads (the epoch head, --finetune); the logistic
+# head is fitted without them.
+EPOCH_OPTIONS = ("epochs", "learning_rate", "batch_size", "dropout", "weight_decay",
+                 "label_smoothing", "patience")
+
+
+def epoch_options(options):
+    """The options of epoch training typed on the command line (parsed as None when not), as
+    flags: ["--epochs", ...]."""
+    return [f"--{name}" for name in EPOCH_OPTIONS if getattr(options, name) is not None]
+
+
+def epoch_options_choosing_the_head(options):
+    """The typed options of epoch training where they alone make the head train by epochs:
+    no --head, --finetune (which reads them itself) or hidden layers; else []."""
+    if options.head or options.finetune or has_hidden_layers(options.hidden_units):
+        return []
+    return epoch_options(options)
+
+
 # ---------------------------------------------------------------------------------------------
 # The epoch loop
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +151,7 @@ class Result:
         self.epoch, self.best_epoch, self.best_loss, self.interrupted = 0, 0, math.inf, 0
         self.train_state = None
         self.test_probs = None  # numpy (test images, classes), in scan order
+        self.data_issues = None  # data_issues.Findings, where the run looked for them
 
 
 def run_epochs(mode, epochs, patience, signals=None, resume=None, verbose=True):
@@ -249,6 +277,7 @@ def class_weights(labels, num_classes):
 # ---------------------------------------------------------------------------------------------
 class FeatureTrainer:
     verbose = True
+    finds_data_issues = True  # data_issues.py, from the stored features, once the head is fitted
     splits = ("train", "valid", "test")  # the splits whose features are computed and scored
 
     def __init__(self, config, scan, model, preprocess, job, cache_dir=None, resume=None):
@@ -277,8 +306,14 @@ class FeatureTrainer:
         result = Result()
         result.metrics["cv_acc"] = head.cv_acc
         if test is not None:
-            logits = head.logits(test[0])
-            correct = logits.argmax(1).numpy() == test[1]
+            stored = {**stored, "test": test}
+        if self.finds_data_issues:
+            with single_thread():  # k more fits like the head's
+                result.data_issues = data_issues.find_issues(stored, self.scan, head,
+                                                             self.config.seed)
+        if "test" in stored:
+            logits = head.logits(stored["test"][0])
+            correct = logits.argmax(1).numpy() == stored["test"][1]
             result.metrics["test_acc"] = float(correct.mean())
             result.test_probs = torch.softmax(logits, 1).numpy()
         self.install(head)
@@ -369,6 +404,10 @@ class FeatureTrainer:
             head, result = self.train_head(self.model.head, views, train, valid, self.verbose,
                                            signals, self.resume)
         result.train_state["views_used"] = views
+        if self.finds_data_issues and not result.interrupted:
+            with single_thread():
+                result.data_issues = data_issues.find_issues_in_rows(
+                    stored, {"train": self.config.aug_views}, self.scan, self.config.seed)
         head.eval()
         _, result.metrics["valid_acc"] = evaluate_rows(head, *valid, self.device)
         if "test" in stored:
@@ -671,7 +710,7 @@ class FinetuneTrainer:
         print("fine-tune step 1: the head on stored features")
         probe = FeatureTrainer(self.config.probe(), self.scan, self.model, self.preprocess,
                                self.job, self.cache_dir)
-        probe.verbose = False
+        probe.verbose = probe.finds_data_issues = False
         probe.splits = ("train", "valid")  # the fine-tuned network is the one tested
         probe.fit()
         self.job.wait_for_main("rank 0's linear probe")  # [distributed] the head, on rank 0

@@ -6,8 +6,8 @@ For each size N it writes N small PNGs (16x16, random pixels, 10 class folders, 
 folders so train.py splits them) into a temporary folder, then runs, each in a fresh process:
 
   scan   train.py DATA --check                         (decodes and checks every image)
-  train  train.py DATA --image_size 32 --epochs 1 --aug_views 2   (stores features, trains
-         the head)
+  train  train.py DATA --image_size 32 --epochs 1 --aug_views 2 --head adamw   (stores features,
+         trains the head)
 
 and prints the peak resident memory (ru_maxrss) of train.py's own process up to its exit
 handlers, of the largest of its children (the image-decoding workers), and of the whole run as
@@ -53,9 +53,10 @@ def build_parser():
                    help="the train.py to measure (default: this checkout's)")
     p.add_argument("--workers", type=int, default=2, metavar="N",
                    help="--workers of the runs (default: 2)")
-    p.add_argument("--train_args", default="--image_size 32 --epochs 1 --aug_views 2",
+    p.add_argument("--train_args",
+                   default="--image_size 32 --epochs 1 --aug_views 2 --head adamw",
                    metavar="ARGS", help="options of the training run (default: '--image_size 32 "
-                                        "--epochs 1 --aug_views 2')")
+                                        "--epochs 1 --aug_views 2 --head adamw')")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="OMP_NUM_THREADS of the runs (default: 1; on a busy shared CPU more "
                         "threads than free cores slow the backbone down many times)")

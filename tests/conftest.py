@@ -18,8 +18,10 @@ FLOWERS5 = os.path.join(ROOT, "..", "shared", "data", "flowers5")
 needs_flowers5 = pytest.mark.skipif(not os.path.isdir(FLOWERS5),
                                     reason=f"{FLOWERS5} is absent (the shared flower photos)")
 
-# Options that keep a training run to seconds: small inputs, few epochs.
-FAST = ["--image_size", "64", "--epochs", "4", "--aug_views", "1", "--workers", "0"]
+# Options that keep a run to seconds: small inputs, one augmented view, no worker processes;
+# EPOCHS for the runs that train by epochs (typed alone, --epochs selects the epoch head).
+FAST = ["--image_size", "64", "--aug_views", "1", "--workers", "0"]
+EPOCHS = ["--epochs", "4"]
 
 COLORS = [(220, 40, 40), (40, 160, 60), (40, 70, 220), (230, 200, 30), (150, 60, 200)]
 
@@ -94,5 +96,5 @@ def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("trained")
     data = make_image_folder(base / "data")
     save = base / "run"
-    assert train.main([data, "--save_dir", str(save), *FAST, "--head", "adamw"]) == 0
+    assert train.main([data, "--save_dir", str(save), *FAST, *EPOCHS, "--head", "adamw"]) == 0
     return dict(data=data, save_dir=str(save), checkpoint=str(save / "checkpoint.pth"))

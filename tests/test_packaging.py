@@ -91,6 +91,23 @@ def test_every_script_prints_its_version(script, capsys):
     assert re.fullmatch(r"\S+ (\S+)\n", capsys.readouterr().out).group(1) == version()
 
 
+def requirement_lines(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def test_requirements_txt_is_the_package_at_the_locked_versions():
+    """`pip install -r requirements.txt` installs the package, whose dependencies are
+    pyproject.toml's, constrained by requirements-lock.txt: no third list to keep in step.
+    CI installs through it, and the README's quick start says it."""
+    assert requirement_lines("requirements.txt") == ["-c requirements-lock.txt", "-e ."]
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    assert "pip install -q --disable-pip-version-check -r requirements.txt " in ci
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert "pip install -r requirements.txt" in f.read()
+
+
 def test_version_floors_are_the_versions_ci_installs():
     project = pyproject()["project"]
     requirements = project["dependencies"] + [

@@ -310,3 +310,59 @@ def test_one_image_imports_no_plotting_torchvision_or_training(trained, test_dir
     assert "torch" in imported and "model_utils" in imported  # the check sees real imports
     for heavy in ("matplotlib", "torchvision", "train", "report", "sklearn", "timm"):
         assert heavy not in imported
+
+
+# ---------------------------------------------------------------------------------------------
+# Options that would change nothing are refused; --precision
+# ---------------------------------------------------------------------------------------------
+def test_report_dir_without_evaluate_is_refused(trained, test_dir, capsys):
+    status, _, err = run_predict(capsys, test_dir, trained["checkpoint"], "--report_dir", "r")
+    assert (status, err) == (2, "error: --report_dir r: only --evaluate writes a report; add "
+                                "--evaluate, or drop --report_dir\n")
+
+
+def test_top_k_with_evaluate_is_refused():
+    """The evaluation report has its own top-1 and top-5 accuracy."""
+    args = predict.build_parser().parse_args(["test", "checkpoint.pth", "--evaluate",
+                                              "--top_k", "3"])
+    with pytest.raises(predict.UserError, match=r"^--evaluate writes its own report files; "
+                                                r"drop --top_k$"):
+        predict.check_options(args)
+
+
+def test_tta_is_refused_for_a_model_that_averages_the_mirror_image_already(trained, test_dir,
+                                                                           tmp_path, capsys):
+    import torch
+    ckpt = torch.load(trained["checkpoint"], weights_only=True)
+    ckpt["model_args"]["flip_tta"] = True  # as the logistic head chooses it where it helps
+    path = tmp_path / "mirrored.pth"
+    torch.save(ckpt, path)
+    image = os.path.join(test_dir, "cat", "000.jpg")
+    status, _, err = run_predict(capsys, image, path, "--tta")
+    assert (status, err) == (2, f"error: --tta: {path} averages each photo with its mirror "
+                                f"image already (its head was chosen so in training); drop "
+                                f"--tta\n")
+    assert run_predict(capsys, image, path)[0] == 0
+
+
+def test_precision_fp32_gives_the_float32_models_probabilities(trained, test_dir, monkeypatch,
+                                                               capsys):
+    """As on a CPU with native bfloat16 (where auto computes in it): --precision fp32 gives
+    the probabilities of a plain float32 forward pass, auto does not."""
+    import torch
+    import model_utils
+    monkeypatch.setattr(model_utils, "cpu_has_fast_bf16", lambda: True)
+    model = model_utils.model_from_checkpoint(model_utils.load_checkpoint(trained["checkpoint"]))
+    image = os.path.join(test_dir, "fox", "000.jpg")
+    batch = predict.load_image(image, model_utils.load_checkpoint(trained["checkpoint"])
+                               ["preprocess"])[None]
+    with torch.inference_mode():
+        reference = model.eval()(torch.from_numpy(batch)).softmax(1).numpy()
+    fp32 = predict.load_predictor(trained["checkpoint"], precision="fp32").probabilities(batch)
+    auto = predict.load_predictor(trained["checkpoint"]).probabilities(batch)
+    np.testing.assert_allclose(fp32, reference, atol=1e-6)
+    assert np.abs(auto - reference).max() > 1e-4  # bfloat16's: what fp32 removes
+    _, out, _ = run_predict(capsys, image, trained["checkpoint"], "--precision", "fp32",
+                            "--json", "--top_k", "1")
+    [prediction] = json.loads(out)[0]["predictions"]
+    assert prediction["probability"] == round(float(reference.max()), 4)

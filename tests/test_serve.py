@@ -260,6 +260,26 @@ def test_serve_cli_errors_are_one_line(trained, capsys, tmp_path):
     assert err.startswith("error: cannot listen on 127.0.0.1:") and len(err.splitlines()) == 1
 
 
+def test_precision_fp32_reaches_the_predictor(trained, monkeypatch, capsys):
+    """serve.py loads its model as predict.py does, --precision included (what fp32 computes
+    is tested in test_predict.py)."""
+    import serve
+    loaded = []
+
+    def load_predictor(path, gpu=None, precision="auto"):
+        loaded.append(precision)
+        return predictor(path, gpu, precision)
+    def bind(host, port):  # the model is loaded: stop before listening
+        bound.append(port)
+        raise serve.UserError("not serving in this test")
+    predictor, bound = serve.inference.load_predictor, []
+    monkeypatch.setattr(serve.inference, "load_predictor", load_predictor)
+    monkeypatch.setattr(serve, "bind", bind)
+    assert serve.main([trained["checkpoint"], "--precision", "fp32"]) == 2
+    assert (loaded, bound) == (["fp32"], [8000])
+    assert capsys.readouterr().err == "error: not serving in this test\n"
+
+
 def test_without_fastapi_serve_says_what_to_install(monkeypatch, capsys, tmp_path):
     import serve
     real = importlib.util.find_spec

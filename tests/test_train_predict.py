@@ -4,7 +4,7 @@ import torch
 
 import predict
 import train
-from conftest import FAST
+from conftest import EPOCHS, FAST
 
 
 def test_train_then_predict(trained, capsys):
@@ -28,7 +28,7 @@ def test_train_prints_the_head_it_chose_and_test_accuracy(tmp_path, image_folder
 
 
 def test_adamw_head_prints_epochs(tmp_path, image_folder, capsys):
-    assert train.main([image_folder, "--save_dir", str(tmp_path), *FAST, "--head", "adamw"]) == 0
+    assert train.main([image_folder, "--save_dir", str(tmp_path), *FAST, *EPOCHS, "--head", "adamw"]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/4  train loss " in out and "valid acc " in out
     assert "test acc " in out
@@ -36,7 +36,7 @@ def test_adamw_head_prints_epochs(tmp_path, image_folder, capsys):
 
 
 def test_hidden_layers_train_by_epochs(tmp_path, image_folder, capsys):
-    assert train.main([image_folder, "--save_dir", str(tmp_path), *FAST,
+    assert train.main([image_folder, "--save_dir", str(tmp_path), *FAST, *EPOCHS,
                        "--hidden_units", "8"]) == 0
     assert "epoch 1/4  train loss " in capsys.readouterr().out
     assert train.main([image_folder, *FAST, "--hidden_units", "8", "--head", "logistic"]) == 2

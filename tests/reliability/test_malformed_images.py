@@ -204,7 +204,7 @@ def test_check_report_and_training_on_the_malformed_folder(malformed_folder, tmp
                       if line.strip().startswith(shown + ":")]
             t.check(len(listed) == 1 and len(listed[0].split(": ", 1)[1]) > 3,
                     f"--check does not list {path} with a reason")
-    r = harness.run("train.py", [root, "--save_dir", tmp_path / "run", *FAST, "--epochs", "1"],
+    r = harness.run("train.py", [root, "--save_dir", tmp_path / "run", *FAST],
                     tmp_path, "train")
     t.check(r.returncode == 0 and "Traceback" not in r.stderr and
             os.path.isfile(tmp_path / "run" / "checkpoint.pth"), f"training: {r.stderr[-800:]}")
@@ -218,7 +218,7 @@ def test_predict_answers_good_files_and_refuses_bad_ones(malformed_folder, train
     root, expected = malformed_folder
     # In this process the checkpoint is loaded once; separate processes check a sample below.
     loaded = predict.load_predictor(trained["checkpoint"])
-    monkeypatch.setattr(predict, "load_predictor", lambda path, gpu=None: loaded)
+    monkeypatch.setattr(predict, "load_predictor", lambda path, *options, **named: loaded)
     for path, kind in expected.items():
         try:
             status = predict.main([path, trained["checkpoint"], "--top_k", "2"])
