@@ -607,7 +607,6 @@ def test_the_scan_gives_the_size_a_photo_is_displayed_at(tmp_path):
     assert check.ok and (check.width, check.height) == (300, 400)
 
 
-
 def test_heic_photos_are_read_and_scanned(tmp_path):
     path = tmp_path / "IMG_0001.HEIC"
     path.write_bytes(messy.heic(Image.new("RGB", (64, 48), (200, 40, 30))))
