@@ -29,6 +29,7 @@ from collections import Counter
 import numpy as np
 
 import atomic
+import cpu_threads  # noqa: F401 (before torch: how its threads wait)
 import data_utils
 import errors
 from errors import UserError
@@ -364,7 +365,7 @@ def preprocess_images(paths, labels, preprocess, count, source):
     arrays, kept_labels, skipped = [], [], 0
     for i in picks:
         try:
-            arrays.append(data_utils.eval_array(data_utils.load_rgb(paths[i]), preprocess))
+            arrays.append(data_utils.load_eval_array(paths[i], preprocess))
         except data_utils.IMAGE_ERRORS:
             skipped += 1
             continue

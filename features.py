@@ -18,7 +18,7 @@ import model_utils
 from errors import UserError
 from stopping import StopSignals
 
-FEATURE_CACHE_VERSION = 1
+FEATURE_CACHE_VERSION = 2  # 2: photos decoded at the scale their views need
 CACHE_WRITE_ERRNOS = model_utils.DISK_FULL_ERRNOS | model_utils.NOT_WRITABLE_ERRNOS
 
 
@@ -60,34 +60,37 @@ def file_identity(path):
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """(image, view) pairs: view 0 is the plain evaluation crop, with mirror view 1 is its
-    mirror image, and the views after those are augmented."""
+    """Photos with all their views, each photo decoded once (at the scale its views need): item
+    i is photo i's views as one array (per_image, 3, size, size). View 0 is the plain
+    evaluation crop, with mirror view 1 is its mirror image, and the views after those are
+    augmented."""
 
     def __init__(self, samples, preprocess, views, seed, mirror=False):
         self.samples, self.preprocess, self.views, self.seed = samples, preprocess, views, seed
         self.mirror = int(mirror)
         self.augment = data_utils.train_augment(preprocess) if views else None
+        self.side = (data_utils.augment_side if views else data_utils.eval_side)(preprocess)
 
     def __len__(self):
-        return len(self.samples) * self.per_image
+        return len(self.samples)
 
     @property
     def per_image(self):
         return 1 + self.mirror + self.views
 
-    def __getitem__(self, i):
-        index, view = divmod(i, self.per_image)
+    def __getitem__(self, index):
         path, label = self.samples[index]
-        img = data_utils.load_rgb(path)
-        if view <= self.mirror:
-            plain = data_utils.eval_array(img, self.preprocess)
-            return (np.ascontiguousarray(plain[..., ::-1]) if view else plain), label
-        view -= self.mirror  # augmented views are numbered 1.. with or without the mirror view
-        # Each view's randomness depends only on (seed, image, view): same features for the
-        # same seed, whatever the worker count.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + index * 101 + view)
-            return self.augment(img), label
+        img = data_utils.load_rgb(path, self.side)
+        plain = data_utils.eval_array(img, self.preprocess)
+        views = [plain] + [np.ascontiguousarray(plain[..., ::-1])] * self.mirror
+        # Augmented views are numbered 1.. with or without the mirror view. Each view's
+        # randomness depends only on (seed, image, view): same features for the same seed,
+        # whatever the worker count.
+        for view in range(1, self.views + 1):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 1_000_003 + index * 101 + view)
+                views.append(self.augment(img))
+        return np.stack(views), label
 
 
 class AugmentedDataset(torch.utils.data.Dataset):
@@ -96,13 +99,14 @@ class AugmentedDataset(torch.utils.data.Dataset):
     def __init__(self, samples, preprocess, seed):
         self.samples, self.seed, self.epoch = samples, seed, 0
         self.augment = data_utils.train_augment(preprocess)
+        self.side = data_utils.augment_side(preprocess)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        img = data_utils.load_rgb(path)
+        img = data_utils.load_rgb(path, self.side)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + i)
             return self.augment(img), label
@@ -117,7 +121,7 @@ class EvalDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return data_utils.eval_array(data_utils.load_rgb(path), self.preprocess), label
+        return data_utils.load_eval_array(path, self.preprocess), label
 
 
 def extract_features(backbone, samples, preprocess, views, seed, workers, path, label_path,
@@ -125,19 +129,20 @@ def extract_features(backbone, samples, preprocess, views, seed, workers, path, 
     """One pass of the backbone; features go to a float16 .npy file, read back from disk in
     batches. Under torchrun each process computes a contiguous share of the rows."""
     dataset = ViewDataset(samples, preprocess, views, seed, mirror)
-    batch = model_utils.inference_batch_size(job.device)
-    rows = job.shard(len(dataset), batch)  # all rows in a single process
-    loader = make_loader(torch.utils.data.Subset(dataset, rows), batch, workers, job)
+    per_image = dataset.per_image
+    # Whole photos in a batch of about the backbone's batch size: each photo is decoded once.
+    photos_per_batch = -(-model_utils.inference_batch_size(job.device) // per_image)
+    photos = job.shard(len(dataset), photos_per_batch)  # all photos in a single process
+    loader = make_loader(torch.utils.data.Subset(dataset, photos), photos_per_batch, workers, job)
     tmp = job.part_path(path)
     # Row i is view i % per_image of image i // per_image, as in ViewDataset.
-    labels = np.repeat(np.array([label for _, label in samples], dtype=np.int64),
-                       dataset.per_image)
+    labels = np.repeat(np.array([label for _, label in samples], dtype=np.int64), per_image)
     forward = model_utils.fast_forward(backbone, job.device)
     extra = ["mirrored"] * bool(mirror) + [f"{views} augmented"] * bool(views)
     desc = f"features {split}" + (f" (+{', '.join(extra)})" if extra else "")
     if job.world_size > 1:
         desc += f" [rank 0's share of {job.world_size}]"
-    progress = data_utils.Progress(len(rows), desc, stream=job.progress_stream)
+    progress = data_utils.Progress(len(photos) * per_image, desc, stream=job.progress_stream)
     signals = StopSignals.active or StopSignals()  # called on its own: nothing sets a signal
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -145,8 +150,10 @@ def extract_features(backbone, samples, preprocess, views, seed, workers, path, 
             atomic.remove_stale_temporaries(os.path.dirname(done),
                                             os.path.basename(done) + ".tmp-")
         with signals.step_by_step(), \
-                feature_files.RowWriter(tmp, len(rows), backbone.num_features) as out:
+                feature_files.RowWriter(tmp, len(photos) * per_image,
+                                        backbone.num_features) as out:
             for x, _ in loader:
+                x = x.flatten(0, 1)  # (photos, views, ...) -> rows
                 out.write(forward(x).numpy())
                 progress.update(len(x))
                 signals.check()
@@ -155,7 +162,7 @@ def extract_features(backbone, samples, preprocess, views, seed, workers, path, 
             label_tmp = f"{os.path.basename(label_path)}.tmp-{os.getpid()}.npy"
             with atomic.AtomicFile(label_path, name=label_tmp) as f:
                 np.save(f, labels)
-        job.join_parts(tmp, path, len(dataset))  # rank 0 joins the shares
+        job.join_parts(tmp, path, len(labels))  # rank 0 joins the shares
     except BaseException as err:
         atomic.remove_quietly(tmp)
         if isinstance(err, OSError) and err.errno in CACHE_WRITE_ERRNOS:

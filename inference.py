@@ -17,7 +17,7 @@ from errors import UserError
 
 # Decoding threads that prepare the next batches while the model runs the current one.
 DECODE_THREADS = 2
-IMAGE_FIX = "give a JPEG, PNG, WebP, BMP, TIFF or GIF photo"
+IMAGE_FIX = "give a JPEG, HEIC, PNG, WebP, BMP, TIFF or GIF photo"
 # --precision of predict.py and serve.py: "auto" computes in bfloat16 (or float16) where the
 # hardware does it natively; "fp32" in float32 everywhere, as the ONNX export does.
 PRECISIONS = ("auto", "fp32")
@@ -170,7 +170,7 @@ def read_image(item, preprocess):
     if not os.path.isfile(path):  # a pipe or a device: reading it would block or never end
         return None, f"image {path}: not a regular file; give the path of a photo"
     try:
-        img = data_utils.load_rgb(path)
+        array = data_utils.load_eval_array(path, preprocess)
     except UnidentifiedImageError:
         if item.found and not path.lower().endswith(data_utils.IMAGE_EXTENSIONS):
             return None, None  # a stray file in a folder of photos, as in training
@@ -178,7 +178,7 @@ def read_image(item, preprocess):
     except data_utils.IMAGE_ERRORS as err:
         return None, (f"image {path}: cannot be read: {data_utils.describe_image_error(err)}; "
                       f"{IMAGE_FIX}")
-    return data_utils.eval_array(img, preprocess), None
+    return array, None
 
 
 def load_image(path, preprocess):

@@ -17,6 +17,7 @@ from collections import Counter
 
 import numpy as np
 
+import cpu_threads  # noqa: F401 (before torch: how its threads wait)
 import data_utils
 import errors
 import inference
@@ -168,8 +169,8 @@ def find_images(sources):
             paths, found = folder_files(source), True
             if not paths:
                 raise UserError(f"image folder {source}: no files in it or its subfolders; "
-                                f"give a folder that holds photos (JPEG, PNG, WebP, BMP, TIFF, "
-                                f"GIF)")
+                                f"give a folder that holds photos (JPEG, HEIC, PNG, WebP, BMP, "
+                                f"TIFF, GIF)")
         elif os.path.exists(source) or not glob.has_magic(source):
             paths, found = [source], False
         else:

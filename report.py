@@ -256,7 +256,7 @@ def _picture(path, square=None):
     a grey tile if the file cannot be read any more."""
     from PIL import ImageOps
     try:
-        img = data_utils.load_rgb(path)
+        img = data_utils.load_rgb(path, 2 * (square or 320))  # twice the drawn size: sharp
     except data_utils.IMAGE_ERRORS:
         return np.full((64, 64, 3), 200, dtype=np.uint8)
     if square:

@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 
+import cpu_threads  # noqa: F401 (before torch: how its threads wait)
 import data_utils
 import errors
 import inference
@@ -217,11 +218,10 @@ class Model:
 
     def preprocess_bytes(self, data):
         try:
-            img = data_utils.load_rgb(data)
+            return data_utils.load_eval_array(data, self.predictor.preprocess)[None]
         except data_utils.IMAGE_ERRORS as err:
             raise ApiError(415, f"not a usable image: {data_utils.describe_image_error(err)}; "
-                                f"send a JPEG, PNG, WebP, BMP, TIFF or GIF photo") from None
-        return data_utils.eval_array(img, self.predictor.preprocess)[None]
+                                f"send a JPEG, HEIC, PNG, WebP, BMP, TIFF or GIF photo") from None
 
     def probabilities(self, batch):
         with self.lock:
@@ -359,9 +359,9 @@ PAGE_HTML = """<!doctype html>
   <h1>What is in this photo?</h1>
   <p class="sub">Model <b>__MODEL__</b> &middot; __CLASSES__ classes</p>
   <label class="drop" id="drop">
-    <input class="visually-hidden" type="file" id="file" accept="image/*">
+    <input class="visually-hidden" type="file" id="file" accept="image/*,.heic,.heif">
     <strong>Choose a photo</strong> or drop one here
-    <small>JPEG, PNG, WebP, BMP, TIFF or GIF, up to __LIMIT__. The photo is only used for this
+    <small>JPEG, HEIC, PNG, WebP, BMP, TIFF or GIF, up to __LIMIT__. The photo is only used for this
       answer.</small>
   </label>
   <div id="status" role="status" aria-live="polite"></div>

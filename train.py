@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+import cpu_threads  # noqa: F401 (before torch: how its threads wait)
 import stopping
 
 if __name__ == "__main__":

@@ -314,16 +314,22 @@ class FeatureTrainer:
     def fit_logistic(self):
         """The logistic-regression head (linear_probe.py): features of the plain, mirrored
         and, for small data sets, augmented views; cross-validation over the fitting photos
-        chooses C and the views; the head is fitted on them all."""
+        chooses C and the views; the head is fitted on them all. The test split's features come
+        after the choice: its mirror images only when the head averages them in."""
         stored = self.logistic_features()
+        head = None
+        if self.job.is_main:  # the head is fitted on rank 0 alone
+            started = time.monotonic()
+            head, scores = self.logistic_head(stored, ("train", "valid"))
+            if self.verbose:
+                print(linear_probe.choice_line(head, scores, time.monotonic() - started))
+        test = self.test_features(head)
         if not self.job.is_main:
-            return None  # the head is fitted on rank 0 alone; the others' work ends here
-        started = time.monotonic()
-        head, scores = self.logistic_head(stored, ("train", "valid"))
-        if self.verbose:
-            print(linear_probe.choice_line(head, scores, time.monotonic() - started))
+            return None
         result = Result()
         result.metrics["cv_acc"] = head.cv_acc
+        if test is not None:
+            stored = {**stored, "test": test}
         if self.finds_data_issues:
             with single_thread():  # k more fits like the head's
                 result.data_issues = data_issues.find_issues(stored, self.scan, head,
@@ -347,13 +353,25 @@ class FeatureTrainer:
         return F.cross_entropy(head.logits(x), torch.from_numpy(labels)).item()
 
     def logistic_features(self):
-        """{split: (features (photos, views, dim), labels)}: train and valid with the views the
-        head may train on (augmented ones for small data sets), test with its mirror image."""
-        backbone = model_utils.freeze(self.model.backbone).eval()
+        """{split: (features (photos, views, dim), labels)} of train and valid, with the views the
+        head may train on (augmented ones for small data sets)."""
         photos = sum(len(self.scan.samples[s]) for s in ("train", "valid"))
         aug = linear_probe.stored_aug_views(photos, self.config.aug_views)
-        return {split: self.photo_features(backbone, split, 0 if split == "test" else aug)
-                for split in self.splits if split in self.scan.samples}
+        return {split: self.photo_features(self.frozen_backbone(), split, aug)
+                for split in ("train", "valid")}
+
+    def test_features(self, head):
+        """(features, labels) of the test split with the views the head predicts from (its
+        mirror image only when the head averages it in), or None where it is not scored. In
+        every process: rank 0's head decides."""
+        if "test" not in self.splits or "test" not in self.scan.samples:
+            return None
+        self.job.wait_for_main("rank 0's choice of head")
+        mirror = self.job.agree(head is not None and 1 in head.view_set.test)
+        return self.photo_features(self.frozen_backbone(), "test", 0, mirror)
+
+    def frozen_backbone(self):
+        return model_utils.freeze(self.model.backbone).eval()
 
     def logistic_head(self, stored, fit_splits):
         """The head fitted on fit_splits, its C and views chosen on held-out photos of them
@@ -380,15 +398,15 @@ class FeatureTrainer:
         progress.close()
         return head, scores
 
-    def photo_features(self, backbone, split, aug):
+    def photo_features(self, backbone, split, aug, mirror=True):
         """(features (photos, views, dim) float16, labels (photos,)) of one split: the plain
-        view, the mirror image, then aug augmented views of each photo."""
+        view, with mirror the mirror image, then aug augmented views of each photo."""
         rows, labels = features.cached_features(backbone, split, aug, self.config, self.scan,
                                                 self.preprocess, self.job, self.cache_dir,
-                                                mirror=True)
+                                                mirror=mirror)
         if rows is None:  # another rank's: rank 0 holds the joined file
             return None, None
-        per_photo = 2 + aug
+        per_photo = 1 + mirror + aug
         # float16 as stored: half the memory, and the head computes in float32 a chunk at a
         # time (linear_probe.fit_logistic), so nothing is lost.
         x = torch.from_numpy(np.asarray(rows[:len(labels)]))

@@ -68,7 +68,17 @@ def image_kinds(ci, seed):
         "photo.tiff": encode(rgb, "TIFF"),
         "photo.webp": encode(rgb, "WEBP", quality=90),
         "big.jpg": encode(rgb.resize((160, 120)), "JPEG"),
+        "iphone.heic": heic(rgb),
+        "photo.avif": encode(rgb, "AVIF", quality=90),
     }
+
+
+def heic(img):
+    """An HEIC file, as iPhones save photos."""
+    import pillow_heif
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(img).save(buf, quality=90)
+    return buf.getvalue()
 
 
 def _animation(frames, fmt, **options):

@@ -456,6 +456,10 @@ def test_train_uses_the_usable_images_and_lists_what_it_skipped(messy_tree, tmp_
     assert ckpt["classes"] == list(messy.CLASSES)
     assert ckpt["data"]["counts"] == {s: sum(n for (sp, _), n in usable.items() if sp == s)
                                       for s in ("train", "valid", "test")}
+    # an iPhone photo, trained on above (one of train/cat's kinds), is predicted like a JPEG
+    heic = os.path.join(root, "train", "cat", "iphone.heic")
+    assert predict.main([heic, str(save / "checkpoint.pth")]) == 0
+    assert "cat" in capsys.readouterr().out
 
 
 def test_train_records_an_automatic_split_in_the_checkpoint(tmp_path, capsys):
@@ -503,10 +507,10 @@ def test_check_prints_the_report_and_trains_nothing(messy_tree, tmp_path, capsys
     save = tmp_path / "run"
     assert train.main([root, "--check", "--save_dir", str(save)]) == 0
     out = capsys.readouterr().out
-    for row in ("class train valid test", "cat 20 3 4", "dog 6 3 3", "fox 6 3 3",
-                "total 32 9 10"):
+    for row in ("class train valid test", "cat 22 3 4", "dog 6 3 3", "fox 6 3 3",
+                "total 34 9 10"):
         assert re.search("^" + r"\s+".join(row.split()) + "$", out, re.M), row
-    assert "class balance (train): largest cat 20, smallest dog 6 (3.3x)" in out
+    assert "class balance (train): largest cat 22, smallest dog 6 (3.7x)" in out
     assert "image sizes: width 48-160 px, height 48-120 px" in out
     assert "ignored, not images: 8 files" in out
     assert "skipped, unusable images: 5" in out
@@ -548,3 +552,88 @@ def test_summary_lists_ten_skipped_files_at_most(tmp_path):
     lines = data_utils.summary_lines(scan_dataset(root, workers=1))
     assert sum(line.startswith("  skipped ") for line in lines) == 10
     assert "  ... and 2 more" in lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Big photos: decoded once at the scale the network needs (issue 19)
+# ---------------------------------------------------------------------------------------------
+PRE = {"size": 64, "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def photo(width, height, seed=0):
+    """A smooth picture with a little grain, like an enlarged photo."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    pixels = np.asarray(small.resize((width, height), Image.BICUBIC), dtype=np.float32)
+    pixels += rng.normal(0, 3, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_big_photo_is_decoded_small_and_preprocessed_as_from_a_full_decode(fmt):
+    data = encode(photo(1200, 900), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    side = data_utils.eval_side(PRE)  # 73
+    reduced = load_rgb(data, side)
+    assert side <= min(reduced.size) < min(load_rgb(data).size) / 4
+    full = data_utils.eval_array(load_rgb(data), PRE)
+    # The network's input, in normalised units (2 is the range of 255 levels): within 3 levels
+    # on average for this picture's sharp colour patches (2.2 measured); 0.27 of a level on
+    # 12-megapixel copies of real photos (docs/benchmarks.md).
+    assert np.abs(data_utils.load_eval_array(data, PRE) - full).mean() < 3 * 2 / 255
+
+
+def test_augmented_views_keep_enough_pixels_for_their_smallest_crop():
+    side = data_utils.augment_side(PRE)
+    assert side >= PRE["size"] / (0.25 * 3 / 4) ** 0.5  # a quarter of the area at aspect 3:4
+    # a portrait photo stored on its side: the shorter side, as displayed, is what counts
+    img = load_rgb(messy.with_orientation(photo(1600, 1000), 6), side)
+    assert img.width < img.height and side <= img.width < 1000 / 2
+
+
+def test_the_scan_catches_a_truncated_big_jpeg(tmp_path):
+    data = encode(photo(1600, 1200), "JPEG", quality=90)
+    whole, cut = tmp_path / "whole.jpg", tmp_path / "cut.jpg"
+    whole.write_bytes(data)
+    cut.write_bytes(data[:int(len(data) * 0.9)])
+    assert (check_file(str(whole)).width, check_file(str(whole)).height) == (1600, 1200)
+    check = check_file(str(cut))
+    assert not check.ok and "truncated" in check.reason
+
+
+def test_the_scan_gives_the_size_a_photo_is_displayed_at(tmp_path):
+    path = tmp_path / "turned.jpg"
+    path.write_bytes(messy.with_orientation(photo(400, 300), 6))
+    check = check_file(str(path))
+    assert check.ok and (check.width, check.height) == (300, 400)
+
+
+def test_heic_photos_are_read_and_scanned(tmp_path):
+    path = tmp_path / "IMG_0001.HEIC"
+    path.write_bytes(messy.heic(Image.new("RGB", (64, 48), (200, 40, 30))))
+    assert path.name.lower().endswith(data_utils.IMAGE_EXTENSIONS)
+    assert close(pixel(load_rgb(str(path))), (200, 40, 30))
+    check = check_file(str(path))
+    assert check.ok and (check.width, check.height) == (64, 48)
+
+
+def test_a_photos_views_come_from_one_decode_and_repeat_whatever_the_workers(tmp_path,
+                                                                            monkeypatch):
+    import distributed
+    import features
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        photo(640, 480, seed=i).save(paths[-1], quality=90)
+    decoded = []
+    real = data_utils.load_rgb
+    monkeypatch.setattr(data_utils, "load_rgb", lambda *a: decoded.append(a) or real(*a))
+    dataset = features.ViewDataset([(p, 0) for p in paths], PRE, views=2, seed=3, mirror=True)
+    views, label = dataset[1]
+    assert views.shape == (4, 3, 64, 64) and label == 0 and len(decoded) == 1
+    assert np.array_equal(views[1], views[0][..., ::-1])  # the mirror image
+    assert not np.array_equal(views[2], views[3])  # two different augmentations
+    job = distributed.Single(torch.device("cpu"))
+    batches = {workers: [x for x, _ in features.make_loader(dataset, 2, workers, job)]
+               for workers in (0, 2)}
+    assert all(np.array_equal(a, b) for a, b in zip(batches[0], batches[2]))
+    assert np.array_equal(batches[0][0][1], views)

@@ -95,6 +95,19 @@ def test_answer_matches_the_predictor(server, client):
                                                  predictor.class_names)
 
 
+def test_an_iphone_heic_photo_is_answered_as_its_jpeg_would_be(server, client):
+    import messy
+    from PIL import Image
+    path = os.path.join(server["data"], "test", "fox", "002.jpg")
+    status, answer = client.post_file("/predict", "IMG_0002.HEIC",
+                                      messy.heic(Image.open(path).convert("RGB")))
+    with open(path, "rb") as f:
+        _, as_jpeg = client.post_file("/predict", "fox.jpg", f.read())
+    assert status == 200 and answer["image"] == "IMG_0002.HEIC"
+    # HEIC's own compression moves the probabilities a little, not the answer
+    assert answer["predictions"][0]["class"] == as_jpeg["predictions"][0]["class"]
+
+
 def test_large_photo_under_the_limit_is_sent_after_100_continue(server, client):
     from PIL import Image
     noise = np.random.default_rng(0).integers(0, 256, size=(250, 250, 3), dtype=np.uint8)
