@@ -378,7 +378,8 @@ def perceptual_hash(img):
 
 # The first 8 rows of the 32-point DCT-II matrix (unscaled: only signs against the median
 # matter).
-_DCT_8x32 = np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32) + 1) / 64).astype(np.float32)
+_DCT_8x32 = np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32) + 1) / 64,
+                   dtype=np.float32)
 
 
 def quarter_turned(img):
@@ -906,7 +907,7 @@ def _near_duplicate_lines(scan, max_listed=20):
              ("; the same picture resized or recompressed: keep it in one split" if near else "")]
     split_of = {path: split for split, samples in scan.samples.items() for path, _ in samples}
     lines += [f"  {_rel(scan, a, split_of[a])} ~ {_rel(scan, b, split_of[b])}  "
-              f"({_plural(bits, 'bit')} of 64 differ)" for a, b, bits in near[:max_listed]]
+              f"(differ in {bits} of 64 bits)" for a, b, bits in near[:max_listed]]
     if len(near) > max_listed:
         lines.append(f"  ... and {len(near) - max_listed} more")
     return lines
