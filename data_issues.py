@@ -6,7 +6,10 @@ FILE leaves the photos a user agrees are bad out of the next run.
 - Near-duplicates: each valid and test photo's nearest photo of an earlier split (train; for
   test also valid) by cosine similarity of the plain view's features less the train mean,
   computed in blocks so that no all-pairs matrix is held. A pair at or above
-  NEAR_DUPLICATE_COSINE is named.
+  NEAR_DUPLICATE_COSINE is named. So is each pair the scan's perceptual hashes name
+  (data_utils.find_near_duplicates): the features of a small photo, shrunk and recompressed,
+  move with its texture, which its hash ignores. A pair only the hash names scores
+  1 - differing bits / 64 in place of a cosine.
 - Label errors: confident learning (Northcutt et al. 2021, the method of cleanlab's
   find_label_issues with its defaults: prune by noise rate, ranked by self-confidence) on
   held-out probabilities of the logistic head, k-fold over train+valid at the view set and C
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 import atomic
+import data_utils
 import linear_probe
 import report
 from errors import UserError
@@ -49,9 +53,10 @@ FIT_SPLITS = ("train", "valid")
 
 @dataclass
 class Findings:
-    """near_duplicates: [(earlier split's path, later split's path, cosine)], most similar
-    first; labels: [(path, given class, suggested class, held-out probability of the given
-    class)], most suspect first; seconds the search took."""
+    """near_duplicates: [(earlier split's path, later split's path, cosine, or 1 - bits / 64
+    where only the perceptual hash names them)], most similar first; labels: [(path, given
+    class, suggested class, held-out probability of the given class)], most suspect first;
+    seconds the search took."""
     near_duplicates: list = field(default_factory=list)
     labels: list = field(default_factory=list)
     seconds: float = 0.0
@@ -73,7 +78,8 @@ def find_issues(stored, scan, head, seed=0):
     findings = Findings()
     plain = {split: x[:, 0] for split, (x, _) in stored.items()}
     paths = {split: [p for p, _ in scan.samples[split]] for split in stored}
-    findings.near_duplicates = near_duplicates(plain, paths)
+    findings.near_duplicates = with_hash_pairs(near_duplicates(plain, paths),
+                                               data_utils.find_near_duplicates(scan))
     fit = [s for s in FIT_SPLITS if s in stored]
     x = torch.cat([stored[s][0] for s in fit])
     y = np.concatenate([np.asarray(stored[s][1]) for s in fit])
@@ -116,6 +122,16 @@ def near_duplicates(plain, paths, threshold=NEAR_DUPLICATE_COSINE):
         for i in np.flatnonzero(cosine >= threshold):
             pairs.append((paths[earlier][best[i]], paths[later][i], float(cosine[i])))
     return sorted(pairs, key=lambda pair: -pair[2])
+
+
+def with_hash_pairs(feature_pairs, hash_pairs):
+    """The union of the pairs the features name, [(earlier, later, cosine)], and those the
+    scan's perceptual hashes name, [(earlier, later, differing bits)]: a pair only the hash
+    names scores 1 - bits / 64 (1 for an identical hash). Most similar first."""
+    pairs = {(earlier, later): score for earlier, later, score in feature_pairs}
+    for earlier, later, bits in hash_pairs:
+        pairs.setdefault((earlier, later), 1 - bits / 64)
+    return sorted(((a, b, score) for (a, b), score in pairs.items()), key=lambda p: -p[2])
 
 
 def nearest_neighbours(queries, references, center=0.0, block=BLOCK):

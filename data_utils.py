@@ -43,7 +43,16 @@ pillow_heif.register_heif_opener()
 # Pixels above which an image is refused before decoding: a decompression bomb guard.
 # 64 megapixels is beyond any camera photo a classifier needs, and far below what exhausts memory.
 MAX_PIXELS = 64_000_000
-SCAN_CACHE_VERSION = 3  # 3: HEIC and AVIF are images
+SCAN_CACHE_VERSION = 4  # 3: HEIC and AVIF are images; 4: perceptual hashes
+# The scan decodes a JPEG at no less than this shorter side, so that a perceptual hash sees
+# the picture of a small photo (a 32 px digit at 1/8 scale would be 4 px).
+HASH_SIDE = 32
+# A 32x32 grey picture that spans fewer grey levels than this is flat: it gets no hash.
+FLAT_RANGE = 8
+# Two photos whose perceptual hashes differ in at most this many of 64 bits are near-duplicates.
+# Chosen on flowers5 with 40 planted copies (85% size, JPEG quality 80): the smallest that
+# names 95% of them; checked on handwritten digits (docs/data_issues.md).
+NEAR_DUPLICATE_BITS = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +309,7 @@ class FileCheck:
     width: int = 0
     height: int = 0
     digest: str = ""
+    phash: str = ""                  # perceptual_hash: "" for a flat picture
     retry: bool = False              # could not be read (permissions, a broken link): not cached
 
 
@@ -317,6 +327,7 @@ class Scan:
     warnings: list = field(default_factory=list)
     sizes: list = field(default_factory=list)       # [(w, h)] of usable images
     digests: dict = field(default_factory=dict)     # path -> content digest
+    phashes: dict = field(default_factory=dict)     # path -> perceptual hash ("" if flat)
     split_files: dict = None         # split -> [relative path], recorded for auto splits
     fingerprint: str = ""
     folders: dict = field(default_factory=dict)     # split -> the folder it came from
@@ -337,16 +348,38 @@ def is_litter_name(name):
 
 def decode_for_check(data):
     """Decode an image as training will, and return its size as displayed (EXIF orientation
-    applied). A JPEG is decoded at 1/8 scale: the decoder still reads every byte of the
-    compressed stream, so a truncated or corrupt file fails as in a full decode, 6x faster."""
+    applied) and its perceptual_hash. A JPEG is decoded at 1/8 scale (never below HASH_SIDE
+    px, so that the hash of a small photo sees its picture): the decoder still reads every
+    byte of the compressed stream, so a truncated or corrupt file fails as in a full decode,
+    6x faster."""
     img = open_image(data)
     try:
         w, h = img.size  # before draft() shrinks it
-        _draft_jpeg(img, 1)
-        to_rgb(img)
-        return (h, w) if quarter_turned(img) else (w, h)
+        _draft_jpeg(img, HASH_SIDE)
+        phash = perceptual_hash(to_rgb(img))
+        return ((h, w) if quarter_turned(img) else (w, h)), phash
     finally:
         img.close()
+
+
+def perceptual_hash(img):
+    """A 64-bit perceptual hash (pHash) as 16 hex digits: the picture in grey, averaged down to
+    32x32, its 8x8 lowest spatial frequencies (a discrete cosine transform), one bit per
+    frequency (is it above their median). A resized or recompressed copy keeps nearly every
+    bit; "" for a nearly flat picture, whose bits are noise (all flat photos would otherwise
+    pair up)."""
+    grey = np.asarray(img.convert("L").resize((32, 32), Image.BILINEAR), dtype=np.float32)
+    if grey.max() - grey.min() < FLAT_RANGE:
+        return ""
+    low = _DCT_8x32 @ grey @ _DCT_8x32.T
+    bits = (low > np.median(low)).ravel()
+    return f"{int(np.packbits(bits).view('>u8')[0]):016x}"
+
+
+# The first 8 rows of the 32-point DCT-II matrix (unscaled: only signs against the median
+# matter).
+_DCT_8x32 = np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32) + 1) / 64,
+                   dtype=np.float32)
 
 
 def quarter_turned(img):
@@ -387,7 +420,7 @@ def check_file(path):
     except IMAGE_ERRORS as err:
         check.reason = describe_image_error(err)
         return check
-    check.ok, (check.width, check.height) = True, size
+    check.ok, ((check.width, check.height), check.phash) = True, size
     check.digest = hashlib.blake2b(data, digest_size=16).hexdigest()
     return check
 
@@ -565,6 +598,7 @@ def _usable(paths, checks, scan):
             good.append(p)
             scan.sizes.append((c.width, c.height))
             scan.digests[p] = c.digest
+            scan.phashes[p] = c.phash
         elif c.litter:
             scan.litter["not an image by content"] += 1
             scan.not_images.append((p, c.reason))
@@ -703,6 +737,47 @@ def find_leaks(scan):
     return [group for group in by_digest.values() if len({s for s, _ in group}) > 1]
 
 
+def find_near_duplicates(scan, max_bits=NEAR_DUPLICATE_BITS):
+    """[(earlier path, later path, differing bits)], fewest bits first: each valid and test
+    photo with its nearest photo of an earlier split (train; for test also valid) by
+    perceptual hash, where at most max_bits bits differ. Byte-identical files are left out
+    (find_leaks names them), and flat pictures, which have no hash."""
+    pairs, earlier = [], []
+    for split in ("train", "valid", "test"):
+        hashed = [p for p, _ in scan.samples.get(split, []) if scan.phashes.get(p)]
+        if earlier:
+            references = [int(scan.phashes[p], 16) for p in earlier]
+            queries = [int(scan.phashes[p], 16) for p in hashed]
+            for path, h, close in zip(hashed, queries, close_hashes(queries, references,
+                                                                    max_bits)):
+                close = [j for j in close if scan.digests[earlier[j]] != scan.digests[path]]
+                if close:
+                    j = min(close, key=lambda j: ((h ^ references[j]).bit_count(), j))
+                    pairs.append((earlier[j], path, (h ^ references[j]).bit_count()))
+        earlier += hashed
+    return sorted(pairs, key=lambda pair: pair[2])
+
+
+def close_hashes(queries, references, max_bits):
+    """For each query (a 64-bit int), the indices of the references at most max_bits bits
+    away, ascending. Multi-index hashing, so that no query meets every reference: split the
+    bits into max_bits + 1 bands; two hashes that close agree on at least one whole band, so
+    only references sharing a band's value with the query are compared."""
+    edges = [64 * k // (max_bits + 1) for k in range(max_bits + 2)]
+    spans = [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
+    buckets = defaultdict(list)
+    for j, h in enumerate(references):
+        for band, (lo, mask) in enumerate(spans):
+            buckets[band, (h >> lo) & mask].append(j)
+    found = []
+    for h in queries:
+        candidates = {j for band, (lo, mask) in enumerate(spans)
+                      for j in buckets.get((band, (h >> lo) & mask), ())}
+        found.append(sorted(j for j in candidates
+                            if (h ^ references[j]).bit_count() <= max_bits))
+    return found
+
+
 def imbalance(scan):
     counts = scan.counts("train")
     sizes = [counts.get(i, 0) for i in range(len(scan.classes))]
@@ -733,6 +808,10 @@ def summary_lines(scan, max_listed=10):
     if leaks:
         lines.append(f"warning: {_plural(len(leaks), 'file')} found in more than one split "
                      f"(identical content); --check lists them")
+    near = find_near_duplicates(scan)
+    if near:
+        lines.append(f"warning: near-duplicates across splits (perceptual hash): {len(near)}; "
+                     f"--check lists them")
     lines += [f"warning: {w}" for w in scan.warnings]
     return lines
 
@@ -746,6 +825,7 @@ def report_lines(scan, class_names=None):
     lines += _size_lines(scan)
     lines += _left_out_lines(scan)
     lines += _leak_lines(scan, class_names)
+    lines += _near_duplicate_lines(scan)
     lines += [f"warning: {w}" for w in scan.warnings]
     return lines
 
@@ -818,6 +898,18 @@ def _leak_lines(scan, class_names):
                      (f"  (labelled {' and '.join(sorted(names))})" if len(names) > 1 else ""))
     if len(leaks) > 20:
         lines.append(f"  ... and {len(leaks) - 20} more")
+    return lines
+
+
+def _near_duplicate_lines(scan, max_listed=20):
+    near = find_near_duplicates(scan)
+    lines = [f"near-duplicates across splits (perceptual hash): {len(near)}" +
+             ("; the same picture resized or recompressed: keep it in one split" if near else "")]
+    split_of = {path: split for split, samples in scan.samples.items() for path, _ in samples}
+    lines += [f"  {_rel(scan, a, split_of[a])} ~ {_rel(scan, b, split_of[b])}  "
+              f"(differ in {bits} of 64 bits)" for a, b, bits in near[:max_listed]]
+    if len(near) > max_listed:
+        lines.append(f"  ... and {len(near) - max_listed} more")
     return lines
 
 
@@ -907,7 +999,7 @@ def write_digits(dest):
         folder = os.path.join(dest, split, str(target))
         os.makedirs(folder, exist_ok=True)
         gray = (255 - pixels * (255 / 16)).astype(np.uint8)
-        Image.fromarray(gray, "L").resize((32, 32), Image.NEAREST).save(
+        Image.fromarray(gray, "L").resize((32, 32), Image.BILINEAR).save(
             os.path.join(folder, f"{i:04d}.png"))
     write_text_atomic(marker, "")
     return dest

@@ -363,8 +363,8 @@ def plot_data_issues(path, findings, names, suspects=12, pairs=6):
         parts[1].suptitle(f"The {len(shown_pairs)} closest of {len(findings.near_duplicates)} "
                           f"near-duplicate pairs across splits", fontsize=13)
         cells = parts[1].subfigures(pair_rows, pairs_a_row, squeeze=False).flat
-        for cell, (earlier, later, cosine) in zip(cells, shown_pairs):
-            cell.suptitle(f"cosine similarity {cosine:.3f}", fontsize=9)
+        for cell, (earlier, later, score) in zip(cells, shown_pairs):
+            cell.suptitle(f"similarity {score:.3f}", fontsize=9)
             for ax, image_path in zip(cell.subplots(1, 2), (earlier, later)):
                 _thumbnail(ax, image_path)
                 ax.set_xlabel(_shorten(_split_and_tail(image_path), 28), fontsize=8)

@@ -2,7 +2,7 @@
 
 report/data_issues.csv is scored against what was planted.
 
-    python bench/data_issues_bench.py SRC WORK [--seed S]
+    python bench/data_issues_bench.py SRC WORK [--seed S] [--scan_only]
 
 SRC holds train/ valid/ [test/] class folders. WORK/faulty becomes a copy of SRC (hard links)
 in which 3% of each class's train photos sit in another class's folder (label errors) and 40
@@ -12,7 +12,10 @@ shared: once as it is and once with the data-issues step switched off, so the be
 check that the step changes neither the head nor the test accuracy. The first run computes the
 features unless an earlier benchmark left them in WORK/cache (the cost line says which). It prints recall and precision for both
 kinds of fault, beside cleanlab's find_label_issues on the same held-out probabilities (where
-cleanlab is installed), and the step's seconds against the run's wall.
+cleanlab is installed), and the step's seconds against the run's wall. --scan_only trains
+nothing: it scans WORK/faulty and scores the near-duplicates the scan's perceptual hashes name
+(what train.py --check lists; seconds, where a training run computing the features takes tens
+of minutes on a shared CPU).
 """
 import argparse
 import contextlib
@@ -32,6 +35,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data_issues  # noqa: E402
+import data_utils  # noqa: E402
 import train  # noqa: E402
 
 MOVED_SHARE = 0.03
@@ -47,6 +51,9 @@ def build_parser():
                    help="folder for the faulty copy, the runs and the cache (reused if there)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="which photos are moved and copied (default: 0)")
+    p.add_argument("--scan_only", action="store_true",
+                   help="train nothing: score only the near-duplicates the scan's perceptual "
+                        "hashes name (default: train and score everything)")
     return p
 
 
@@ -136,6 +143,22 @@ def score_duplicates(pairs, planted):
     return hits / len(planted), hits, others
 
 
+def score_hash_pairs(data, cache, truth):
+    """Scan data (its own scan cache) and print how many planted pairs the perceptual hash
+    names."""
+    started = time.monotonic()
+    scan = data_utils.scan_dataset(data, cache_dir=cache)
+    scanned = time.monotonic() - started
+    pairs = [(os.path.relpath(a, data), os.path.relpath(b, data))
+             for a, b, _ in data_utils.find_near_duplicates(scan)]
+    share, named, others = score_duplicates(pairs, truth["near_duplicate"])
+    print(f"near-duplicates by perceptual hash (<= {data_utils.NEAR_DUPLICATE_BITS} bits): "
+          f"{named} of {len(truth['near_duplicate'])} planted pairs named ({100 * share:.0f}%); "
+          f"{len(pairs)} pairs named in all, {others} without a planted photo "
+          f"[scan {scanned:.1f}s, search {time.monotonic() - started - scanned:.2f}s]")
+    return 0
+
+
 def cleanlab_flags(probs, labels, paths, data):
     """Paths cleanlab's find_label_issues flags on the same held-out probabilities, relative
     to data; None where cleanlab is not installed."""
@@ -161,6 +184,8 @@ def main(argv=None):
         truth = json.load(f)
     print(f"faulty copy {data}: {len(truth['label'])} train photos moved to another class, "
           f"{len(truth['near_duplicate'])} test photos copied into train")
+    if args.scan_only:
+        return score_hash_pairs(data, os.path.join(work, "scan-only"), truth)
 
     held_out = {}
     original = data_issues.label_issues

@@ -15,7 +15,7 @@ import data_utils
 import messy
 import predict
 import train
-from conftest import FAST, make_image_folder
+from conftest import FAST, draw_sample, make_image_folder
 from data_utils import UserError, check_file, load_rgb, scan_dataset
 
 # The quickest training run that still goes through every step.
@@ -637,3 +637,75 @@ def test_a_photos_views_come_from_one_decode_and_repeat_whatever_the_workers(tmp
                for workers in (0, 2)}
     assert all(np.array_equal(a, b) for a, b in zip(batches[0], batches[2]))
     assert np.array_equal(batches[0][0][1], views)
+
+
+# ---------------------------------------------------------------------------------------------
+# Near-duplicates across splits by perceptual hash (issue 21)
+# ---------------------------------------------------------------------------------------------
+def save_shrunk_copy(src, dst, scale=0.85, quality=80):
+    """The same picture, other bytes: resized and saved as a JPEG."""
+    with Image.open(src) as img:
+        size = (round(img.width * scale), round(img.height * scale))
+        img.convert("RGB").resize(size, Image.BICUBIC).save(dst, quality=quality)
+
+
+def hash_bits(a, b):
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+def test_hash_of_a_shrunk_recompressed_copy_is_close_and_of_another_photo_far(tmp_path):
+    digits = pytest.importorskip("sklearn.datasets").load_digits()
+    hashes = []
+    for size in (32, 128):  # as small as the demo's digits, and a small photo
+        for i in range(10):  # real scans, one of each digit
+            path = tmp_path / f"{size}-{i}.png"
+            gray = (255 - digits.images[i] * (255 / 16)).astype(np.uint8)
+            Image.fromarray(gray, "L").resize((size, size), Image.BILINEAR).save(path)
+            save_shrunk_copy(path, tmp_path / f"{size}-{i}-copy.jpg")
+            hashes.append([check_file(str(path)).phash,
+                           check_file(str(tmp_path / f"{size}-{i}-copy.jpg")).phash])
+    for original, copy in hashes:
+        assert hash_bits(original, copy) <= data_utils.NEAR_DUPLICATE_BITS
+    for (a, _), (b, _) in zip(hashes[:10], hashes[1:10]):
+        assert hash_bits(a, b) > data_utils.NEAR_DUPLICATE_BITS
+
+
+def test_band_search_finds_what_comparing_every_pair_finds():
+    rng = np.random.default_rng(0)
+    references = [int(h) for h in rng.integers(0, 2**63, 300, dtype=np.int64)]
+    queries = [int(h) for h in rng.integers(0, 2**63, 100, dtype=np.int64)]
+    for i, j in enumerate(rng.choice(300, 60, replace=False)):  # planted: 0 to 6 bits flipped
+        flips = rng.choice(64, i % 7, replace=False)
+        queries[i] = references[j] ^ sum(1 << int(b) for b in flips)
+    for max_bits in (2, 4, 6):
+        brute = [[j for j, r in enumerate(references) if (q ^ r).bit_count() <= max_bits]
+                 for q in queries]
+        assert data_utils.close_hashes(queries, references, max_bits) == brute
+        assert sum(map(bool, brute)) >= 60 * (max_bits + 1) // 7
+
+
+def test_flat_pictures_have_no_hash_and_do_not_pair(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_split={"train": 2, "valid": 1, "test": 1})
+    for split, shade in (("train", 250), ("valid", 252), ("test", 255)):
+        Image.new("RGB", (48, 48), (shade, shade, shade)).save(
+            os.path.join(root, split, "cat", "blank.png"))
+    scan = scan_dataset(root, workers=1)
+    assert scan.phashes[os.path.join(root, "test", "cat", "blank.png")] == ""
+    assert data_utils.find_near_duplicates(scan) == []
+
+
+def test_check_lists_a_near_duplicate_across_splits_once(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "data", per_split={"train": 3, "valid": 1, "test": 1})
+    save_shrunk_copy(os.path.join(root, "train", "dog", "001.jpg"),
+                     os.path.join(root, "test", "dog", "copy.jpg"))
+    shutil.copyfile(os.path.join(root, "train", "cat", "000.jpg"),  # a leak, not a near-copy
+                    os.path.join(root, "valid", "cat", "leaked.jpg"))
+    assert train.main([root, "--check", "--save_dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "near-duplicates across splits (perceptual hash): 1;" in out
+    assert re.search(r"^  train/dog/001\.jpg ~ test/dog/copy\.jpg  \(differ in \d of 64 bits\)$",
+                     out, re.M)
+    assert "identical files in more than one split (leakage): 1" in out
+    summary = data_utils.summary_lines(scan_dataset(root, workers=1))
+    assert "warning: near-duplicates across splits (perceptual hash): 1; --check lists them" \
+        in summary

@@ -137,3 +137,11 @@ def test_exclude_refuses_a_list_of_nothing_in_the_data(tmp_path, capsys):
                                                                   "train/cat/001.jpg"]
     full = train.scan_data(train.training.TrainConfig(data_dir=data), str(tmp_path / "cache"))
     assert scan.fingerprint != full.fingerprint  # cached features of the full set not reused
+
+
+def test_hash_pairs_join_the_feature_pairs_once_each():
+    feature_pairs = [("train/a.jpg", "test/a.jpg", 0.95), ("train/b.jpg", "valid/b.jpg", 0.93)]
+    hash_pairs = [("train/a.jpg", "test/a.jpg", 0), ("train/c.jpg", "test/c.jpg", 4)]
+    assert data_issues.with_hash_pairs(feature_pairs, hash_pairs) == [
+        ("train/a.jpg", "test/a.jpg", 0.95), ("train/c.jpg", "test/c.jpg", 1 - 4 / 64),
+        ("train/b.jpg", "valid/b.jpg", 0.93)]
