@@ -331,7 +331,7 @@ class FeatureTrainer:
         if test is not None:
             stored = {**stored, "test": test}
         if self.finds_data_issues:
-            with single_thread():  # k more fits like the head's
+            with head_threads(stored["train"][0], len(self.scan.classes)):  # k more fits
                 result.data_issues = data_issues.find_issues(stored, self.scan, head,
                                                              self.config.seed)
         if "test" in stored:
@@ -387,8 +387,7 @@ class FeatureTrainer:
         valid = len(stored["valid"][1]) if fit_splits[-1] == "valid" else 0
         view_sets = linear_probe.candidates(x.shape[1], self.config.always_augment)
         weight = class_weights(y, len(self.scan.classes)) if self.config.balance else None
-        threads = single_thread() if x.numel() * len(self.scan.classes) < \
-            linear_probe.MULTITHREAD_VALUES else contextlib.nullcontext()
+        threads = head_threads(x, len(self.scan.classes))
         progress = LateProgress("fitting the head")
         # A stop signal ends the fit wherever it is: nothing is written until it is done.
         with StopSignals(), threads:
@@ -585,6 +584,14 @@ class LateProgress:
         if self.bar is not None:
             self.bar.total = self.bar.done  # a path that stopped early did fewer steps
             self.bar.close()
+
+
+def head_threads(features, num_classes):
+    """The threads of the logistic head's fits: one for small products (as single_thread), the
+    process's where features x classes pass linear_probe.MULTITHREAD_VALUES."""
+    if features.numel() * num_classes < linear_probe.MULTITHREAD_VALUES:
+        return single_thread()
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
