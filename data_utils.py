@@ -999,7 +999,7 @@ def write_digits(dest):
         folder = os.path.join(dest, split, str(target))
         os.makedirs(folder, exist_ok=True)
         gray = (255 - pixels * (255 / 16)).astype(np.uint8)
-        Image.fromarray(gray, "L").resize((32, 32), Image.BILINEAR).save(
+        Image.fromarray(gray, "L").resize((32, 32), Image.NEAREST).save(
             os.path.join(folder, f"{i:04d}.png"))
     write_text_atomic(marker, "")
     return dest
