@@ -65,11 +65,12 @@ class Findings:
 # ---------------------------------------------------------------------------------------------
 # Finding them
 # ---------------------------------------------------------------------------------------------
-def find_issues(stored, scan, head, seed=0):
+def find_issues(stored, scan, head, seed=0, fit_features=None):
     """Findings over stored = {split: (features (photos, views, dim), labels)} in the order of
     scan.samples[split] (view 0 the plain view): label errors from out-of-fold probabilities of
     logistic heads with the view set and C of head (a linear_probe.Head fitted on train+valid),
-    near-duplicates from view 0."""
+    near-duplicates from view 0. fit_features: train's and valid's features joined, where the
+    caller holds them so (else they are joined here, a copy)."""
     started = time.monotonic()
     for split, (_, labels) in stored.items():
         expected = [label for _, label in scan.samples[split]]
@@ -81,7 +82,7 @@ def find_issues(stored, scan, head, seed=0):
     findings.near_duplicates = with_hash_pairs(near_duplicates(plain, paths),
                                                data_utils.find_near_duplicates(scan))
     fit = [s for s in FIT_SPLITS if s in stored]
-    x = torch.cat([stored[s][0] for s in fit])
+    x = torch.cat([stored[s][0] for s in fit]) if fit_features is None else fit_features
     y = np.concatenate([np.asarray(stored[s][1]) for s in fit])
     probs = out_of_fold_probs(x, y, len(scan.classes), head, seed)
     findings.labels = label_issues(probs, y, [p for s in fit for p in paths[s]], scan.classes)

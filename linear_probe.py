@@ -36,11 +36,10 @@ import torch.nn.functional as F
 # every backbone.
 C_GRID = tuple(10.0 ** (k / 2) for k in range(-6, 3))  # 0.001 ... 10
 FOLDS = 5
-# Augmented views are stored and tried only for small data sets, where they helped most and
-# cost least: up to this many train+valid photos, 4 more backbone passes of each. (6 views
-# scored 0.4 points more on the few-shot sets of docs/design.md's panel, but took the
-# default mode past the reference's time on flowers5 with 30 photos a class.)
-AUG_MAX_PHOTOS = 1000
+# Augmented views are stored only on request (--aug_views N, --always_augment: this many).
+# With 4 of them for sets up to 1,000 photos, the former default, the few-shot sets of the
+# panel scored no better than on plain + mirrored views (docs/design.md), and their backbone
+# passes took small sets past the reference's time (docs/benchmarks.md).
 AUG_VIEWS = 4
 # From this many held-out photos on, C and the views are chosen on a held-out set along a
 # warm-started path rather than by cross-validation (docs/scaling.md, "The head").
@@ -56,13 +55,6 @@ CHUNK_VALUES = 1 << 24
 MULTITHREAD_VALUES = 1 << 30
 # The share of the available memory a fit may plan to use.
 MEMORY_SHARE = 0.8
-
-
-def stored_aug_views(photos, requested=None):
-    """Augmented views to store per photo: as requested, else AUG_VIEWS for small sets."""
-    if requested is not None:
-        return requested
-    return AUG_VIEWS if photos <= AUG_MAX_PHOTOS else 0
 
 
 @dataclass(frozen=True)
@@ -439,11 +431,13 @@ def choice_line(head, scores, seconds=None):
 
 def fit_memory(photos, views, dim, num_classes):
     """Bytes a fit of the head needs, about: its photos' float16 features twice (as read and
-    joined), a pass's chunks, and the weights with L-BFGS's history of them."""
+    joined), a pass's chunks, the weights with L-BFGS's history of them, and the held-out
+    probabilities of every photo that data_issues.py's search for label errors keeps."""
     features = 2 * photos * views * dim * 2
     chunks = 8 * CHUNK_VALUES * 4
     weights = 30 * num_classes * (dim + 1) * 4
-    return features + chunks + weights
+    probabilities = photos * num_classes * 4
+    return features + chunks + weights + probabilities
 
 
 def available_memory():

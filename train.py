@@ -114,12 +114,12 @@ def build_parser():
     train.add_argument("--aug_views", type=int, default=None, metavar="N",
                        help="augmented views stored per photo, besides the plain one (and its "
                             "mirror image, for the logistic head); the head trains on them if "
-                            f"they predict better held-out photos (default: "
-                            f"{linear_probe.AUG_VIEWS} where train+valid has at most "
-                            f"{linear_probe.AUG_MAX_PHOTOS} photos, else 0; 1 with --head adamw)")
+                            "they predict better held-out photos (default: 0; 1 with --head "
+                            "adamw)")
     train.add_argument("--always_augment", action="store_true",
-                       help="train the head on the augmented views even where it predicts "
-                            "held-out photos better without them")
+                       help="train the head on augmented views even where it predicts "
+                            f"held-out photos better without them (stores "
+                            f"{linear_probe.AUG_VIEWS} unless --aug_views says how many)")
     train.add_argument("--finetune", action="store_true",
                        help="also train the backbone's last stages (slower, more accurate "
                             "where there are photos enough); kept only where it beats the "

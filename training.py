@@ -68,7 +68,7 @@ class TrainConfig:
     batch_size: int = 64
     # "logistic" (linear_probe.py) or "adamw" (epochs; heads with hidden layers need it)
     head: str = "logistic"
-    # None: the logistic head's own rule (linear_probe.stored_aug_views); 1 for adamw
+    # None: the head's own default, none for the logistic head, 1 for adamw
     aug_views: int = None
     always_augment: bool = False
     finetune: bool = False
@@ -100,7 +100,7 @@ class TrainConfig:
             epochs=options.epochs or (FINETUNE_EPOCHS if options.finetune else None),
             aug_views=options.aug_views if options.aug_views is not None
             else 1 if head == "adamw"
-            # --always_augment asks for augmented views, which large data sets store none of
+            # --always_augment asks for augmented views, which are stored only on request
             else linear_probe.AUG_VIEWS if options.always_augment else None)
 
     def probe(self):
@@ -299,7 +299,7 @@ class FeatureTrainer:
         memory available; if not, it says so in one line and the run takes the epoch head,
         which reads the features from disk. Rank 0's answer holds for all ranks."""
         photos = sum(len(self.scan.samples.get(s, ())) for s in ("train", "valid"))
-        views = 2 + linear_probe.stored_aug_views(photos, self.config.aug_views)
+        views = 2 + (self.config.aug_views or 0)
         need = linear_probe.fit_memory(photos, views, self.model.head[-1].in_features,
                                        len(self.scan.classes))
         have = linear_probe.available_memory()
@@ -332,8 +332,9 @@ class FeatureTrainer:
             stored = {**stored, "test": test}
         if self.finds_data_issues:
             with head_threads(stored["train"][0], len(self.scan.classes)):  # k more fits
-                result.data_issues = data_issues.find_issues(stored, self.scan, head,
-                                                             self.config.seed)
+                result.data_issues = data_issues.find_issues(
+                    stored, self.scan, head, self.config.seed, fit_features=self.joined)
+        self.joined = None  # the run's largest array, not needed past here
         if "test" in stored:
             logits = head.logits(stored["test"][0])
             correct = logits.argmax(1).numpy() == stored["test"][1]
@@ -354,9 +355,8 @@ class FeatureTrainer:
 
     def logistic_features(self):
         """{split: (features (photos, views, dim), labels)} of train and valid, with the views the
-        head may train on (augmented ones for small data sets)."""
-        photos = sum(len(self.scan.samples[s]) for s in ("train", "valid"))
-        aug = linear_probe.stored_aug_views(photos, self.config.aug_views)
+        head may train on (augmented ones where --aug_views asks for them)."""
+        aug = self.config.aug_views or 0
         return {split: self.photo_features(self.frozen_backbone(), split, aug)
                 for split in ("train", "valid")}
 
@@ -376,8 +376,9 @@ class FeatureTrainer:
     def logistic_head(self, stored, fit_splits):
         """The head fitted on fit_splits, its C and views chosen on held-out photos of them
         (linear_probe.choose_and_fit: the valid split when it is one of them and large
-        enough); and the scores of the choice. The fits run on the run's device."""
-        x = torch.cat([stored[s][0] for s in fit_splits])
+        enough); and the scores of the choice. The fits run on the run's device. The splits'
+        features are joined into self.joined, of which stored's become views."""
+        x = self.joined = torch.cat([stored[s][0] for s in fit_splits])
         y = np.concatenate([stored[s][1] for s in fit_splits])
         start = 0
         for split in fit_splits:  # the splits become views of the joined rows: held once
@@ -643,9 +644,8 @@ class FinetuneTrainer:
             result = run_epochs(self, config.epochs, config.patience, signals, self.resume)
         model = self.module
         if result.best_epoch == 0 and not result.interrupted:
-            bar = "the default mode's head's" if config.head == "logistic" else \
-                "the linear probe's"
-            print(f"fine-tuning did not lower the valid loss below {bar} ({result.best_loss:.3f}, "
+            print(f"fine-tuning did not lower the valid loss below {self.bar_name()} "
+                  f"({result.best_loss:.3f}, "
                   f"both fitted on the train split); keeping the pretrained backbone, with the "
                   f"default mode's head on it")
             return self.frozen_result(result)
@@ -753,6 +753,12 @@ class FinetuneTrainer:
     def evaluate(self):
         return self.evaluate_split("valid")
 
+    def bar_name(self):
+        """Whose valid loss fine-tuning had to beat (a resumed run's bar was set before)."""
+        if self.config.head == "logistic" and (self.bar is not None or self.resume):
+            return "the default mode's head's"
+        return "the linear probe's"
+
     def epoch_0_loss(self):
         """The valid loss to beat: the default mode's head's (with --head adamw, the linear
         probe's)."""
@@ -761,10 +767,14 @@ class FinetuneTrainer:
     def default_head_valid_loss(self):
         """The valid loss of the default mode's head on the pretrained backbone, fitted on the
         train split alone as fine-tuning is: what fine-tuning must beat. Its features are
-        the ones the default mode's head is fitted on where fine-tuning does not beat it."""
+        the ones the default mode's head is fitted on where fine-tuning does not beat it.
+        None where that head would not fit in memory: the epoch head, which the default mode
+        then trains, is the linear probe's, whose valid loss is the bar."""
         frozen = FeatureTrainer(self.config.frozen(), self.scan, self.model, self.preprocess,
                                 self.job, self.cache_dir)
         frozen.splits = ("train", "valid")
+        if not frozen.logistic_fits_in_memory():
+            return None
         loss = frozen.valid_loss_of_train_fit()
         self.job.wait_for_main("rank 0's default head")  # [distributed] fitted on rank 0
         loss = self.job.agree(loss)

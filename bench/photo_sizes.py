@@ -10,8 +10,8 @@ a phone takes them), unless they are there already, and prints for each:
 
 - scan: photos/s of the data scan (train.py's "checking images"), empty scan cache, the CPU
   count's workers as train.py;
-- features: views/s of the feature pass of a default run (the train split: plain, mirrored and
-  augmented views), --workers as train.py's default;
+- features: views/s of the feature pass of a default run (the train split: plain and mirrored
+  views), --workers as train.py's default;
 - train: wall seconds of `train.py DIR` with default options (the whole process, empty caches)
   and of bench/train_bench.py's reference (float32 features of each photo decoded once at full
   size, scikit-learn's LogisticRegression), with the test accuracy of each;

@@ -114,6 +114,25 @@ def test_finetune_is_kept_only_where_it_beats_the_default_head(tmp_path, image_f
     assert ("keeping the pretrained backbone" in out) == (bar == 0.0)
 
 
+def test_finetune_past_the_memory_bound_has_the_linear_probe_as_its_bar(tmp_path, image_folder,
+                                                                        monkeypatch, capsys):
+    """Where the default head's features would not fit in memory, fine-tuning's bar is the
+    linear probe's valid loss (the epoch head, which the run then keeps where fine-tuning
+    does not beat it): the default head is never fitted."""
+    import linear_probe
+    monkeypatch.setattr(linear_probe, "available_memory", lambda: 0)
+    monkeypatch.setattr(training.FeatureTrainer, "valid_loss_of_train_fit", None)  # not called
+    bars = []
+    monkeypatch.setattr(training.FinetuneTrainer, "prepare",
+                        lambda self, prepare=training.FinetuneTrainer.prepare:
+                        bars.append((self.bar, self.bar_name())) or prepare(self))
+    assert train.main([image_folder, "--save_dir", str(tmp_path), *FINETUNE]) == 0
+    out = capsys.readouterr().out
+    assert "head: the logistic head needs about " in out
+    assert "fine-tune: the default mode's head" not in out and "fine-tune step 2" in out
+    assert bars == [(None, "the linear probe's")]
+
+
 def test_finetune_resume_ends_like_an_uninterrupted_run(tmp_path, image_folder, monkeypatch,
                                                         capsys):
     full, part = tmp_path / "full", tmp_path / "part"
