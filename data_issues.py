@@ -65,12 +65,13 @@ class Findings:
 # ---------------------------------------------------------------------------------------------
 # Finding them
 # ---------------------------------------------------------------------------------------------
-def find_issues(stored, scan, head, seed=0, fit_features=None):
+def find_issues(stored, scan, head, seed=0, fit_features=None, device=None):
     """Findings over stored = {split: (features (photos, views, dim), labels)} in the order of
     scan.samples[split] (view 0 the plain view): label errors from out-of-fold probabilities of
     logistic heads with the view set and C of head (a linear_probe.Head fitted on train+valid),
     near-duplicates from view 0. fit_features: train's and valid's features joined, where the
-    caller holds them so (else they are joined here, a copy)."""
+    caller holds them so (else they are joined here, a copy); device: where the fits run (the
+    features' by default)."""
     started = time.monotonic()
     for split, (_, labels) in stored.items():
         expected = [label for _, label in scan.samples[split]]
@@ -84,7 +85,7 @@ def find_issues(stored, scan, head, seed=0, fit_features=None):
     fit = [s for s in FIT_SPLITS if s in stored]
     x = torch.cat([stored[s][0] for s in fit]) if fit_features is None else fit_features
     y = np.concatenate([np.asarray(stored[s][1]) for s in fit])
-    probs = out_of_fold_probs(x, y, len(scan.classes), head, seed)
+    probs = out_of_fold_probs(x, y, len(scan.classes), head, seed, device=device)
     findings.labels = label_issues(probs, y, [p for s in fit for p in paths[s]], scan.classes)
     findings.seconds = time.monotonic() - started
     return findings
@@ -164,12 +165,15 @@ def column_mean(rows, block=BLOCK):
     return (total / len(rows)).float()
 
 
-def out_of_fold_probs(photos, labels, num_classes, head, seed=0, k=linear_probe.FOLDS):
+def out_of_fold_probs(photos, labels, num_classes, head, seed=0, k=linear_probe.FOLDS,
+                      device=None):
     """Held-out probabilities (photos, classes): each photo's from a logistic head with the
     view set and C of head, fitted on the other folds (the folds of linear_probe's
-    cross-validation). As there, a fold's rows get weight 0 rather than a copy of the matrix. Each fold's fit starts from head, fitted on all of them:
-    near every fold's optimum, it takes a fraction of the iterations of a cold start
-    (measured 3x fewer seconds on flowers5)."""
+    cross-validation). As there, a fold's rows get weight 0 rather than a copy of the matrix.
+    Each fold's fit starts from head, fitted on all of them: near every fold's optimum, it
+    takes a fraction of the iterations of a cold start (measured 3x fewer seconds on
+    flowers5). The fits run on device (the photos' by default), reading the rows a chunk at a
+    time."""
     view_set, c = head.view_set, head.c
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     folds = torch.from_numpy(linear_probe.photo_folds(np.asarray(labels), k, seed))
@@ -177,9 +181,11 @@ def out_of_fold_probs(photos, labels, num_classes, head, seed=0, k=linear_probe.
     # The rows stay as stored (float16, say): the fits fold the scaling in a chunk at a time,
     # so no standardised copy of them is made.
     scaler = linear_probe.Standardizer(rows, linear_probe.chunk_rows(num_classes, rows.shape[1]))
+    scaler.to(device or rows.device)
     row_folds = folds.repeat_interleave(len(view_set.train))
     # head on standardised rows: W (x - m) / s + b = (W s) x_std + (b + W m)
-    start = head.weight * scaler.scale, head.bias + head.weight @ scaler.mean
+    weight, bias = head.weight.to(scaler.scale.device), head.bias.to(scaler.scale.device)
+    start = weight * scaler.scale, bias + weight @ scaler.mean
     probs = torch.zeros(len(labels), num_classes)
     for fold in range(k):
         held = folds == fold
@@ -187,9 +193,9 @@ def out_of_fold_probs(photos, labels, num_classes, head, seed=0, k=linear_probe.
             continue
         fitted = linear_probe.fit_logistic(rows, row_labels, num_classes, c,
                                            row_weights * (row_folds != fold), start,
-                                           scaler=scaler)
+                                           scaler=scaler, device=device)
         fold_head = linear_probe.Head(*scaler.unscaled(*fitted), view_set, c)
-        probs[held] = torch.softmax(fold_head.logits(photos[held]), 1)
+        probs[held] = torch.softmax(fold_head.logits(photos[held], device), 1).cpu()
     return probs.numpy()
 
 

@@ -333,7 +333,8 @@ class FeatureTrainer:
         if self.finds_data_issues:
             with head_threads(stored["train"][0], len(self.scan.classes)):  # k more fits
                 result.data_issues = data_issues.find_issues(
-                    stored, self.scan, head, self.config.seed, fit_features=self.joined)
+                    stored, self.scan, head, self.config.seed, fit_features=self.joined,
+                    device=self.device)
         self.joined = None  # the run's largest array, not needed past here
         if "test" in stored:
             logits = head.logits(stored["test"][0])
