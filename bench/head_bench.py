@@ -14,7 +14,6 @@ on the run's threads rule); scikit-learn fits the plain and mirrored rows of tra
 float32, and is skipped where those would pass --sklearn_max_gb.
 """
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data_issues  # noqa: E402
 import linear_probe  # noqa: E402
 import training  # noqa: E402
 
@@ -46,6 +46,10 @@ def build_parser():
                    help="instead of the whole head: the features joined and standardised, then "
                         "N L-BFGS iterations of one fit (its memory, and the seconds of a pass "
                         "over the rows, for sizes too slow to fit whole here)")
+    p.add_argument("--data_issues", action="store_true",
+                   help="then time train.py's next step in the same process: the search for "
+                        "label errors (data_issues.out_of_fold_probs: 5 fits warm-started from "
+                        "the head); the peak then includes it")
     p.add_argument("--one", choices=["head", "sklearn"], help=argparse.SUPPRESS)
     return p
 
@@ -54,8 +58,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.one:
         photos, classes = parse_size(args.sizes[0])
-        run = run_head if args.one == "head" else run_sklearn
-        print(json.dumps(run(photos, classes, args.device, args.passes)))
+        if args.one == "head":
+            print(json.dumps(run_head(photos, classes, args.device, args.passes,
+                                      args.data_issues)))
+        else:
+            print(json.dumps(run_sklearn(photos, classes)))
         return 0
     if args.passes:
         print(f"{'photos':>9} {'classes':>7}  {'passes':>6} {'s a pass':>8} {'GiB':>6}  "
@@ -70,7 +77,7 @@ def main(argv=None):
           f"{'sklearn s':>9} {'sk GiB':>7} {'sk acc':>6}  {'ratio':>5}  features f32 GiB")
     for size in args.sizes:
         photos, classes = parse_size(size)
-        head = in_subprocess("head", size, args.device)
+        head = in_subprocess("head", size, args.device, issues=args.data_issues)
         rows_gb = photos * VIEWS * DIM * 4 / 2**30
         sk = None if args.no_sklearn or rows_gb > args.sklearn_max_gb else \
             in_subprocess("sklearn", size, args.device)
@@ -80,6 +87,9 @@ def main(argv=None):
         print(f"{photos:9d} {classes:7d}  {head['seconds']:8.1f} {head['peak_gib']:8.2f} "
               f"{100 * head['acc']:8.1f}  {sk_cols}  {rows_gb:.2f}  ({head['line']})",
               flush=True)
+        if args.data_issues:
+            print(f"{'':18}then the search for label errors: {head['issues_seconds']:.1f} s",
+                  flush=True)
     return 0
 
 
@@ -88,10 +98,10 @@ def parse_size(size):
     return int(photos), int(classes)
 
 
-def in_subprocess(what, size, device, passes=None):
+def in_subprocess(what, size, device, passes=None, issues=False):
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", what, "--sizes",
-                          size, "--device", device] + (["--passes", str(passes)] if passes else []),
-                         check=True, capture_output=True, text=True)
+                          size, "--device", device] + (["--passes", str(passes)] if passes else [])
+                         + ["--data_issues"] * issues, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -124,7 +134,7 @@ def peak_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_head(photos, classes, device, passes=None):
+def run_head(photos, classes, device, passes=None, issues=False):
     train_n, valid_n = split(photos)
     train = synthetic(train_n, classes, seed=0)
     valid = synthetic(valid_n, classes, seed=1)
@@ -135,8 +145,7 @@ def run_head(photos, classes, device, passes=None):
     x = torch.cat([train[0], valid[0]])
     y = np.concatenate([train[1], valid[1]])
     del train, valid
-    threads = training.single_thread() if x.numel() * classes < \
-        linear_probe.MULTITHREAD_VALUES else contextlib.nullcontext()
+    threads = training.head_threads(x, classes)
     if passes:
         return probe_passes(x, y, classes, device, passes, threads)
     with threads:
@@ -144,8 +153,14 @@ def run_head(photos, classes, device, passes=None):
             x, y, classes, linear_probe.candidates(VIEWS), valid=valid_n, device=device)
     seconds = time.monotonic() - started
     acc = (head.logits(test[0]).argmax(1).numpy() == test[1]).mean()
-    return dict(seconds=seconds, peak_gib=peak_gib(), acc=float(acc),
-                line=linear_probe.choice_line(head, scores, seconds))
+    result = dict(seconds=seconds, acc=float(acc),
+                  line=linear_probe.choice_line(head, scores, seconds))
+    if issues:  # as training.FeatureTrainer.fit_logistic: the joined features, the threads rule
+        started = time.monotonic()
+        with training.head_threads(x, classes):
+            data_issues.out_of_fold_probs(x, y, classes, head, device=device)
+        result["issues_seconds"] = time.monotonic() - started
+    return dict(result, peak_gib=peak_gib())
 
 
 def probe_passes(x, y, classes, device, iterations, threads):
@@ -171,7 +186,7 @@ def probe_passes(x, y, classes, device, iterations, threads):
     return dict(per_pass=seconds / passes[0], passes=passes[0], peak_gib=peak_gib())
 
 
-def run_sklearn(photos, classes, device, passes=None):
+def run_sklearn(photos, classes):
     from sklearn.linear_model import LogisticRegression
     train_n, valid_n = split(photos)
     x = torch.cat([synthetic(train_n, classes, seed=0)[0], synthetic(valid_n, classes, 1)[0]])
