@@ -180,8 +180,7 @@ def out_of_fold_probs(photos, labels, num_classes, head, seed=0, k=linear_probe.
     rows, row_labels, row_weights = linear_probe.training_rows(photos, labels_t, view_set)
     # The rows stay as stored (float16, say): the fits fold the scaling in a chunk at a time,
     # so no standardised copy of them is made.
-    scaler = linear_probe.Standardizer(rows, linear_probe.chunk_rows(num_classes, rows.shape[1]))
-    scaler.to(device or rows.device)
+    scaler = linear_probe.Standardizer.streamed(rows, num_classes, device)
     row_folds = folds.repeat_interleave(len(view_set.train))
     # head on standardised rows: W (x - m) / s + b = (W s) x_std + (b + W m)
     weight, bias = head.weight.to(scaler.scale.device), head.bias.to(scaler.scale.device)

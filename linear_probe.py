@@ -133,6 +133,12 @@ class Standardizer:
     def __call__(self, rows):
         return (rows - self.mean) / self.scale
 
+    @classmethod
+    def streamed(cls, rows, num_classes, device=None):
+        """The scaler of rows that fit_logistic reads a chunk at a time (float16 as stored, say):
+        summed in the chunks of its passes, on device (the rows' by default)."""
+        return cls(rows, chunk_rows(num_classes, rows.shape[1])).to(device or rows.device)
+
     def to(self, device):
         self.mean, self.scale = self.mean.to(device), self.scale.to(device)
         return self
@@ -319,8 +325,7 @@ def holdout_path(photos, labels, num_classes, view_set, held, grid=C_GRID, class
                                                   view_set, class_weight)
     if held.mask is not None:
         row_weights = row_weights * held.mask.repeat_interleave(len(view_set.train))
-    step = chunk_rows(num_classes, photos.shape[-1])
-    scaler = Standardizer(rows, step).to(device or photos.device)
+    scaler = Standardizer.streamed(rows, num_classes, device)
     scores, fits, best, rises, init = {}, {}, float("inf"), 0, None
     for c in sorted(grid):
         init = fit_logistic(rows, row_labels, num_classes, c, row_weights,
@@ -339,13 +344,13 @@ def holdout_path(photos, labels, num_classes, view_set, held, grid=C_GRID, class
 def fit_head(photos, labels, num_classes, view_set, c, class_weight=None, init=None,
              device=None, streamed=False):
     """The head fitted on every photo given, with the given view set and C, on raw features
-    (on the CPU). streamed: the rows are read where they lie, the scaling folded into the fit
-    (for large data; init then warm-starts it from an earlier standardised fit)."""
+    (returned on the CPU). streamed: the rows are read where they lie, the scaling folded into
+    the fit, on device (for large data; init then warm-starts it from an earlier standardised
+    fit)."""
     rows, row_labels, row_weights = training_rows(
         photos, torch.as_tensor(labels, dtype=torch.long), view_set, class_weight)
     if streamed:
-        scaler = Standardizer(rows, chunk_rows(num_classes, rows.shape[1]))
-        scaler.to(device or rows.device)
+        scaler = Standardizer.streamed(rows, num_classes, device)
         weight, bias = fit_logistic(rows, row_labels, num_classes, c, row_weights, init,
                                     scaler=scaler, device=device)
     else:
