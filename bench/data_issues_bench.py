@@ -34,9 +34,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import data_issues  # noqa: E402
-import data_utils  # noqa: E402
-import train  # noqa: E402
+from imgclf.analysis import data_issues  # noqa: E402
+from imgclf.data import data_report  # noqa: E402
+from imgclf.data import scanning  # noqa: E402
+from imgclf.cli import train  # noqa: E402
 
 MOVED_SHARE = 0.03
 COPIES = 40
@@ -147,12 +148,12 @@ def score_hash_pairs(data, cache, truth):
     """Scan data (its own scan cache) and print how many planted pairs the perceptual hash
     names."""
     started = time.monotonic()
-    scan = data_utils.scan_dataset(data, cache_dir=cache)
+    scan = scanning.scan_dataset(data, cache_dir=cache)
     scanned = time.monotonic() - started
     pairs = [(os.path.relpath(a, data), os.path.relpath(b, data))
-             for a, b, _ in data_utils.find_near_duplicates(scan)]
+             for a, b, _ in data_report.find_near_duplicates(scan)]
     share, named, others = score_duplicates(pairs, truth["near_duplicate"])
-    print(f"near-duplicates by perceptual hash (<= {data_utils.NEAR_DUPLICATE_BITS} bits): "
+    print(f"near-duplicates by perceptual hash (<= {data_report.NEAR_DUPLICATE_BITS} bits): "
           f"{named} of {len(truth['near_duplicate'])} planted pairs named ({100 * share:.0f}%); "
           f"{len(pairs)} pairs named in all, {others} without a planted photo "
           f"[scan {scanned:.1f}s, search {time.monotonic() - started - scanned:.2f}s]")

@@ -7,7 +7,7 @@ one scikit-learn LogisticRegression fit (lbfgs, C=1) on the same rows.
 Each size runs in a subprocess of its own (and scikit-learn in another), so each peak RSS is
 that run's alone. The features are what train.py's default mode holds: float16, 2 views (the
 plain one and its mirror image) of 1,280 values per photo, train+valid split 7:1 and joined as
-training.FeatureTrainer.logistic_head joins them. Each class's photos scatter round a centre of
+feature_trainer.FeatureTrainer.logistic_head joins them. Each class's photos scatter round a centre of
 their own (Gaussian, with per-feature scales and offsets as a backbone's features have), so
 the fit is not trivially separable. The head runs as in train.py (linear_probe.choose_and_fit
 on the run's threads rule); scikit-learn fits the plain and mirrored rows of train+valid in
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data_issues  # noqa: E402
-import linear_probe  # noqa: E402
-import training  # noqa: E402
+from imgclf.analysis import data_issues  # noqa: E402
+from imgclf.heads import linear_probe  # noqa: E402
+from imgclf.engine import feature_trainer  # noqa: E402
 
 DIM, VIEWS = 1280, 2
 
@@ -140,12 +140,12 @@ def run_head(photos, classes, device, passes=None, issues=False):
     valid = synthetic(valid_n, classes, seed=1)
     test = synthetic(min(photos // 4, 20000), classes, seed=2)
     started = time.monotonic()
-    # as training.FeatureTrainer.logistic_head: the splits joined (and then held only there),
+    # as feature_trainer.FeatureTrainer.logistic_head: the splits joined (and then held only there),
     # the threads rule
     x = torch.cat([train[0], valid[0]])
     y = np.concatenate([train[1], valid[1]])
     del train, valid
-    threads = training.head_threads(x, classes)
+    threads = feature_trainer.head_threads(x, classes)
     if passes:
         return probe_passes(x, y, classes, device, passes, threads)
     with threads:
@@ -155,9 +155,9 @@ def run_head(photos, classes, device, passes=None, issues=False):
     acc = (head.logits(test[0]).argmax(1).numpy() == test[1]).mean()
     result = dict(seconds=seconds, acc=float(acc),
                   line=linear_probe.choice_line(head, scores, seconds))
-    if issues:  # as training.FeatureTrainer.fit_logistic: the joined features, the threads rule
+    if issues:  # as feature_trainer.FeatureTrainer.fit_logistic: the joined features, the threads rule
         started = time.monotonic()
-        with training.head_threads(x, classes):
+        with feature_trainer.head_threads(x, classes):
             data_issues.out_of_fold_probs(x, y, classes, head, device=device)
         result["issues_seconds"] = time.monotonic() - started
     return dict(result, peak_gib=peak_gib())

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import distributed  # noqa: E402
+from imgclf.engine import distributed  # noqa: E402
 
 
 def build_parser():

@@ -89,14 +89,14 @@ def throughput(checkpoint, folder, rounds, limit):
     import io
     import numpy as np
     import torch
-    import model_utils
-    import predict
+    from imgclf.models import hardware
+    from imgclf.cli import predict
     predictor = predict.load_predictor(checkpoint)
     items = predict.find_images([folder])[:limit]
     size = predictor.batch_size
     batches = [np.stack([predict.load_image(i.path, predictor.preprocess)
                          for i in items[s:s + size]]) for s in range(0, len(items), size)]
-    backbone = model_utils.fast_forward(predictor.model.backbone, torch.device("cpu"))
+    backbone = hardware.fast_forward(predictor.model.backbone, torch.device("cpu"))
     passes = {
         "bare backbone forward (batches in memory)":
             lambda: [backbone(torch.from_numpy(b)) for b in batches],
@@ -129,7 +129,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     image = args.image
     if not image and args.folder:
-        import predict
+        from imgclf.cli import predict
         image = predict.find_images([args.folder])[0].path
     if not args.skip_startup:
         if not image:

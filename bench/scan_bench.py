@@ -16,7 +16,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data_utils  # noqa: E402
+from imgclf.data import scanning  # noqa: E402
+from imgclf import errors  # noqa: E402
 
 
 def build_parser():
@@ -34,7 +35,7 @@ def build_parser():
 
 def time_scan(data_dir, cache_dir, workers):
     start = time.perf_counter()
-    scan = data_utils.scan_dataset(data_dir, cache_dir=cache_dir, workers=workers)
+    scan = scanning.scan_dataset(data_dir, cache_dir=cache_dir, workers=workers)
     return time.perf_counter() - start, scan
 
 
@@ -47,7 +48,7 @@ def main(argv=None):
                 seconds, scan = time_scan(args.data_dir, cache_dir, args.workers)
                 cold.append(seconds)
                 cached += [time_scan(args.data_dir, cache_dir, args.workers)[0]]
-    except data_utils.UserError as err:
+    except errors.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     files = sum(len(v) for v in scan.samples.values()) + len(scan.skipped)

@@ -29,8 +29,8 @@ sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import predict  # noqa: E402
-import serve  # noqa: E402
+from imgclf.cli import predict  # noqa: E402
+from imgclf.cli import serve  # noqa: E402
 import serving  # noqa: E402 (tests/serving.py)
 
 BAD_KINDS = ("not an image", "truncated", "empty", "oversize")

@@ -178,9 +178,9 @@ def reference(data_dir, seed, size):
     import torch
     from torchvision import datasets, transforms
     sys.path.insert(0, ROOT)
-    import model_utils
+    from imgclf.models import efficientnet_lite
     torch.manual_seed(seed)
-    backbone = model_utils.build_lite_backbone("efficientnet_lite0").eval()
+    backbone = efficientnet_lite.build_lite_backbone("efficientnet_lite0").eval()
     tf = transforms.Compose([transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size),
                              transforms.ToTensor(),
                              transforms.Normalize([0.5] * 3, [0.5] * 3)])
@@ -217,10 +217,10 @@ def fastai_finetune(data_dir, seed, size, work):
     import torch
     from torch import nn
     sys.path.insert(0, ROOT)
-    import model_utils
+    from imgclf.models import efficientnet_lite
 
     def lite0_body(pretrained=True):
-        backbone = model_utils.build_lite_backbone("efficientnet_lite0")
+        backbone = efficientnet_lite.build_lite_backbone("efficientnet_lite0")
         # fastai cuts the model before its last pooling layer and adds its own pooling head.
         return nn.Sequential(nn.Sequential(backbone._conv_stem, backbone._bn0, nn.ReLU6()),
                              *backbone._blocks,

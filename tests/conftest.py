@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The scripts live at the top of the repo, not in a package.
+# This checkout's package first, whichever copy of imgclf is installed (a worktree, a clone).
 sys.path.insert(0, ROOT)
 
 FLOWERS5 = os.path.join(ROOT, "..", "shared", "data", "flowers5")
@@ -92,7 +92,7 @@ def trained(tmp_path_factory):
     """One small training run shared by the tests that only need a checkpoint: the epoch head,
     whose history the report draws and whose probabilities on these easy images are not all
     0 and 1 (the logistic head's are, and round to the same 4 digits with or without --tta)."""
-    import train
+    from imgclf.cli import train
     base = tmp_path_factory.mktemp("trained")
     data = make_image_folder(base / "data")
     save = base / "run"

@@ -3,7 +3,7 @@ import contextlib
 import threading
 import time
 
-import serve
+from imgclf.cli import serve
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import atomic
+from imgclf.utils import atomic
 
 
 def dead_pid():
@@ -69,7 +69,7 @@ def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask):
 
 
 def test_the_checkpoint_gets_the_mode_the_umask_gives(tmp_path, umask):
-    import model_utils
+    from imgclf import checkpoints
     path = tmp_path / "checkpoint.pth"
-    model_utils.save_checkpoint({"format": 1}, str(path))
+    checkpoints.save_checkpoint({"format": 1}, str(path))
     assert mode(path) == 0o666 & ~umask

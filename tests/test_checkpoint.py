@@ -6,17 +6,19 @@ import signal
 import pytest
 import torch
 
-import model_utils
-import predict
-import train
-import training
+from imgclf import checkpoints
+
+from imgclf.models import backbones
+from imgclf.cli import predict
+from imgclf.cli import train
+from imgclf.engine import epoch_loop
 from conftest import FAST, timeless
 
 
 def test_checkpoint_describes_itself(trained):
     ckpt = torch.load(trained["checkpoint"], weights_only=True)
-    assert ckpt["format"] == model_utils.CHECKPOINT_FORMAT
-    assert ckpt["model_args"]["arch"] == model_utils.DEFAULT_ARCH
+    assert ckpt["format"] == checkpoints.CHECKPOINT_FORMAT
+    assert ckpt["model_args"]["arch"] == backbones.DEFAULT_ARCH
     assert ckpt["classes"] == ["cat", "dog", "fox"]
     assert ckpt["class_to_idx"] == {"cat": 0, "dog": 1, "fox": 2}
     assert ckpt["preprocess"]["size"] == 64
@@ -25,10 +27,10 @@ def test_checkpoint_describes_itself(trained):
 
 
 def test_round_trip_gives_the_same_probabilities(trained):
-    ckpt = model_utils.load_checkpoint(trained["checkpoint"])
-    model = model_utils.model_from_checkpoint(ckpt)
+    ckpt = checkpoints.load_checkpoint(trained["checkpoint"])
+    model = checkpoints.model_from_checkpoint(ckpt)
     x = torch.randn(2, 3, 64, 64)
-    again = model_utils.model_from_checkpoint(model_utils.load_checkpoint(trained["checkpoint"]))
+    again = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(trained["checkpoint"]))
     with torch.no_grad():
         assert torch.allclose(model(x), again(x))
 
@@ -41,13 +43,13 @@ def test_best_epoch_is_kept_not_the_last(trained):
 
 def test_save_is_atomic_and_leaves_no_temp_file(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    model_utils.save_checkpoint({"a": torch.ones(3)}, str(path))
+    checkpoints.save_checkpoint({"a": torch.ones(3)}, str(path))
 
     class Boom:
         def __reduce__(self):
             raise RuntimeError("disk gone")
     with pytest.raises(Exception):
-        model_utils.save_checkpoint({"a": Boom()}, str(path))
+        checkpoints.save_checkpoint({"a": Boom()}, str(path))
     assert torch.load(path, weights_only=True)["a"].sum() == 3
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
@@ -79,13 +81,13 @@ def test_predict_refuses_files_that_are_not_our_checkpoints(tmp_path, trained, c
 
 def interrupt_after_epoch(monkeypatch, stop_epoch):
     """Send this process a real SIGINT while train.py prints the line of stop_epoch."""
-    original = training.epoch_line
+    original = epoch_loop.epoch_line
 
     def line_then_interrupt(epoch, *rest):
         if epoch == stop_epoch:
             signal.raise_signal(signal.SIGINT)
         return original(epoch, *rest)
-    monkeypatch.setattr(training, "epoch_line", line_then_interrupt)
+    monkeypatch.setattr(epoch_loop, "epoch_line", line_then_interrupt)
 
 
 def test_resume_ends_like_an_uninterrupted_run(tmp_path, image_folder, monkeypatch, capsys):

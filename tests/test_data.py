@@ -11,12 +11,18 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-import data_utils
+from imgclf.data import data_report
+
+from imgclf.data import decode
+
+from imgclf.data import scanning
 import messy
-import predict
-import train
+from imgclf.cli import predict
+from imgclf.cli import train
 from conftest import FAST, draw_sample, make_image_folder
-from data_utils import UserError, check_file, load_rgb, scan_dataset
+from imgclf.data.decode import load_rgb
+from imgclf.data.scanning import check_file, scan_dataset
+from imgclf.errors import UserError
 
 # The quickest training run that still goes through every step.
 TINY = [*FAST, "--aug_views", "0"]
@@ -43,12 +49,12 @@ def messy_tree(tmp_path):
 def checked(monkeypatch):
     """The paths check_file decodes (the scan runs in this process for small folders)."""
     seen = []
-    real = data_utils.check_file
+    real = scanning.check_file
 
     def spy(path):
         seen.append(path)
         return real(path)
-    monkeypatch.setattr(data_utils, "check_file", spy)
+    monkeypatch.setattr(scanning, "check_file", spy)
     return seen
 
 
@@ -61,7 +67,7 @@ def lock(monkeypatch, *names):
         if os.path.basename(str(path)) in names:
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
-    monkeypatch.setattr(data_utils, "open", fake_open, raising=False)
+    monkeypatch.setattr(scanning, "open", fake_open, raising=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,26 +164,26 @@ def test_prediction_reads_images_with_the_same_function(tmp_path):
     img.paste((255, 0, 0, 255), (0, 0, 20, 30))
     img.save(path)
     pre = {"size": 32, "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.25] * 3}
-    expected = data_utils.eval_array(load_rgb(str(path)), pre)
+    expected = decode.eval_array(load_rgb(str(path)), pre)
     assert np.array_equal(predict.load_image(str(path), pre), expected)
 
 
 def test_decompression_bomb_is_refused_from_its_header():
     data = messy.png_header_only(100_000, 100_000)
-    with pytest.raises(data_utils.TooManyPixels):
-        data_utils.open_image(data)
-    assert "decompression bomb" in data_utils.describe_image_error(
+    with pytest.raises(decode.TooManyPixels):
+        decode.open_image(data)
+    assert "decompression bomb" in decode.describe_image_error(
         pytest.raises(ValueError, load_rgb, data).value)
 
 
 def test_image_over_the_pixel_limit_is_refused_before_decoding(monkeypatch):
     data = encode(Image.new("RGB", (48, 48)), "PNG")
-    monkeypatch.setattr(data_utils, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(decode, "MAX_PIXELS", 1000)
 
     def never(self):
         raise AssertionError("decoded an image over the pixel limit")
     monkeypatch.setattr(ImageFile.ImageFile, "load", never)
-    with pytest.raises(data_utils.TooManyPixels, match="48x48 pixels"):
+    with pytest.raises(decode.TooManyPixels, match="48x48 pixels"):
         load_rgb(data)
 
 
@@ -279,7 +285,7 @@ def test_valid_folder_aliases(tmp_path, alias):
     os.rename(os.path.join(root, "valid"), os.path.join(root, alias))
     scan = scan_dataset(root, workers=1)
     assert scan.layout == "splits" and len(scan.samples["valid"]) == 6
-    layout = data_utils.report_lines(scan)[1]
+    layout = data_report.report_lines(scan)[1]
     assert f"{alias}/" in layout and (alias == "valid" or "(as valid)" in layout)
 
 
@@ -313,7 +319,7 @@ def test_train_only_carves_valid_and_test_said_in_one_line(tmp_path):
     assert [len(scan.samples[s]) for s in ("train", "valid", "test")] == [42, 6, 12]
     assert len(scan.notes) == 1
     assert "carved valid and test out of train/, 70/10/20" in scan.notes[0]
-    assert sum(line.startswith("note: ") for line in data_utils.summary_lines(scan)) == 1
+    assert sum(line.startswith("note: ") for line in data_report.summary_lines(scan)) == 1
 
 
 def test_train_and_test_without_valid_carves_only_valid(tmp_path):
@@ -358,7 +364,7 @@ def test_class_of_train_missing_from_valid_is_a_warning(tmp_path):
     shutil.rmtree(os.path.join(root, "valid", "fox"))
     scan = scan_dataset(root, workers=1)
     assert len(scan.warnings) == 1 and "valid has no images of 1 class: fox" in scan.warnings[0]
-    assert "warning: " + scan.warnings[0] in data_utils.summary_lines(scan)
+    assert "warning: " + scan.warnings[0] in data_report.summary_lines(scan)
 
 
 def test_split_without_usable_images_is_an_error(tmp_path):
@@ -540,7 +546,7 @@ def test_leak_with_two_labels_is_pointed_out(tmp_path):
     root = make_image_folder(tmp_path / "data", per_split={"train": 2, "valid": 1})
     shutil.copyfile(os.path.join(root, "train", "cat", "000.jpg"),
                     os.path.join(root, "valid", "dog", "copy.jpg"))
-    lines = data_utils.report_lines(scan_dataset(root, workers=1))
+    lines = data_report.report_lines(scan_dataset(root, workers=1))
     assert "  train/cat/000.jpg = valid/dog/copy.jpg  (labelled cat and dog)" in lines
 
 
@@ -549,7 +555,7 @@ def test_summary_lists_ten_skipped_files_at_most(tmp_path):
     for n in range(12):
         with open(os.path.join(root, "train", "cat", f"bad{n:02d}.jpg"), "wb") as f:
             f.write(b"\xff\xd8\xff\xe0" + bytes(50))
-    lines = data_utils.summary_lines(scan_dataset(root, workers=1))
+    lines = data_report.summary_lines(scan_dataset(root, workers=1))
     assert sum(line.startswith("  skipped ") for line in lines) == 10
     assert "  ... and 2 more" in lines
 
@@ -572,18 +578,18 @@ def photo(width, height, seed=0):
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_a_big_photo_is_decoded_small_and_preprocessed_as_from_a_full_decode(fmt):
     data = encode(photo(1200, 900), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    side = data_utils.eval_side(PRE)  # 73
+    side = decode.eval_side(PRE)  # 73
     reduced = load_rgb(data, side)
     assert side <= min(reduced.size) < min(load_rgb(data).size) / 4
-    full = data_utils.eval_array(load_rgb(data), PRE)
+    full = decode.eval_array(load_rgb(data), PRE)
     # The network's input, in normalised units (2 is the range of 255 levels): within 3 levels
     # on average for this picture's sharp colour patches (2.2 measured); 0.27 of a level on
     # 12-megapixel copies of real photos (docs/benchmarks.md).
-    assert np.abs(data_utils.load_eval_array(data, PRE) - full).mean() < 3 * 2 / 255
+    assert np.abs(decode.load_eval_array(data, PRE) - full).mean() < 3 * 2 / 255
 
 
 def test_augmented_views_keep_enough_pixels_for_their_smallest_crop():
-    side = data_utils.augment_side(PRE)
+    side = decode.augment_side(PRE)
     assert side >= PRE["size"] / (0.25 * 3 / 4) ** 0.5  # a quarter of the area at aspect 3:4
     # a portrait photo stored on its side: the shorter side, as displayed, is what counts
     img = load_rgb(messy.with_orientation(photo(1600, 1000), 6), side)
@@ -610,7 +616,7 @@ def test_the_scan_gives_the_size_a_photo_is_displayed_at(tmp_path):
 def test_heic_photos_are_read_and_scanned(tmp_path):
     path = tmp_path / "IMG_0001.HEIC"
     path.write_bytes(messy.heic(Image.new("RGB", (64, 48), (200, 40, 30))))
-    assert path.name.lower().endswith(data_utils.IMAGE_EXTENSIONS)
+    assert path.name.lower().endswith(scanning.IMAGE_EXTENSIONS)
     assert close(pixel(load_rgb(str(path))), (200, 40, 30))
     check = check_file(str(path))
     assert check.ok and (check.width, check.height) == (64, 48)
@@ -618,15 +624,15 @@ def test_heic_photos_are_read_and_scanned(tmp_path):
 
 def test_a_photos_views_come_from_one_decode_and_repeat_whatever_the_workers(tmp_path,
                                                                             monkeypatch):
-    import distributed
-    import features
+    from imgclf.engine import distributed
+    from imgclf.engine import features
     paths = []
     for i in range(3):
         paths.append(str(tmp_path / f"{i}.jpg"))
         photo(640, 480, seed=i).save(paths[-1], quality=90)
     decoded = []
-    real = data_utils.load_rgb
-    monkeypatch.setattr(data_utils, "load_rgb", lambda *a: decoded.append(a) or real(*a))
+    real = decode.load_rgb
+    monkeypatch.setattr(decode, "load_rgb", lambda *a: decoded.append(a) or real(*a))
     dataset = features.ViewDataset([(p, 0) for p in paths], PRE, views=2, seed=3, mirror=True)
     views, label = dataset[1]
     assert views.shape == (4, 3, 64, 64) and label == 0 and len(decoded) == 1
@@ -665,9 +671,9 @@ def test_hash_of_a_shrunk_recompressed_copy_is_close_and_of_another_photo_far(tm
             hashes.append([check_file(str(path)).phash,
                            check_file(str(tmp_path / f"{size}-{i}-copy.jpg")).phash])
     for original, copy in hashes:
-        assert hash_bits(original, copy) <= data_utils.NEAR_DUPLICATE_BITS
+        assert hash_bits(original, copy) <= data_report.NEAR_DUPLICATE_BITS
     for (a, _), (b, _) in zip(hashes[:10], hashes[1:10]):
-        assert hash_bits(a, b) > data_utils.NEAR_DUPLICATE_BITS
+        assert hash_bits(a, b) > data_report.NEAR_DUPLICATE_BITS
 
 
 def test_band_search_finds_what_comparing_every_pair_finds():
@@ -680,7 +686,7 @@ def test_band_search_finds_what_comparing_every_pair_finds():
     for max_bits in (2, 4, 6):
         brute = [[j for j, r in enumerate(references) if (q ^ r).bit_count() <= max_bits]
                  for q in queries]
-        assert data_utils.close_hashes(queries, references, max_bits) == brute
+        assert data_report.close_hashes(queries, references, max_bits) == brute
         assert sum(map(bool, brute)) >= 60 * (max_bits + 1) // 7
 
 
@@ -691,7 +697,7 @@ def test_flat_pictures_have_no_hash_and_do_not_pair(tmp_path):
             os.path.join(root, split, "cat", "blank.png"))
     scan = scan_dataset(root, workers=1)
     assert scan.phashes[os.path.join(root, "test", "cat", "blank.png")] == ""
-    assert data_utils.find_near_duplicates(scan) == []
+    assert data_report.find_near_duplicates(scan) == []
 
 
 def test_check_lists_a_near_duplicate_across_splits_once(tmp_path, capsys):
@@ -706,6 +712,6 @@ def test_check_lists_a_near_duplicate_across_splits_once(tmp_path, capsys):
     assert re.search(r"^  train/dog/001\.jpg ~ test/dog/copy\.jpg  \(differ in \d of 64 bits\)$",
                      out, re.M)
     assert "identical files in more than one split (leakage): 1" in out
-    summary = data_utils.summary_lines(scan_dataset(root, workers=1))
+    summary = data_report.summary_lines(scan_dataset(root, workers=1))
     assert "warning: near-duplicates across splits (perceptual hash): 1; --check lists them" \
         in summary

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data_issues
-import train
+from imgclf.analysis import data_issues
+from imgclf.cli import train
 from conftest import FAST, make_image_folder
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import distributed
-import model_utils
-import train
+from imgclf.engine import distributed
+from imgclf import checkpoints
+from imgclf.cli import train
 from conftest import FAST, ROOT, make_image_folder
 
 # Shares of 16-row batches that differ between the ranks: train 72 rows, valid/test 18.
@@ -105,7 +105,7 @@ def test_torchrun_extracts_every_image_exactly_once(runs):
 
 
 def test_torchrun_checkpoint_works_with_predict(runs, capsys):
-    import predict
+    from imgclf.cli import predict
     image = os.path.join(runs["data"], "test", "dog", "000.jpg")
     capsys.readouterr()
     assert predict.main([image, str(runs["two"] / "checkpoint.pth"), "--top_k", "1"]) == 0
@@ -123,8 +123,8 @@ def test_torchrun_finetunes_with_ddp(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = load(save / "checkpoint.pth")
     assert ckpt["finetuned"] is True and ckpt["data"]["counts"]["train"] == 51
-    whole = model_utils.model_from_checkpoint(
-        model_utils.load_checkpoint(str(runs["single"] / "checkpoint.pth")))
+    whole = checkpoints.model_from_checkpoint(
+        checkpoints.load_checkpoint(str(runs["single"] / "checkpoint.pth")))
     assert list(ckpt["state_dict"]) == list(whole.state_dict())  # the whole network, once
     assert len(ckpt["history"]) == 1 and np.isfinite(ckpt["history"][0]["train_loss"])
     assert 0 <= ckpt["metrics"]["test_acc"] <= 1
@@ -134,8 +134,8 @@ def test_torchrun_finetunes_with_ddp(runs, tmp_path):
 FAILING_RANK = """
 import os, sys
 sys.path.insert(0, {root!r})
-import features
-import train
+from imgclf.engine import features
+from imgclf.cli import train
 
 if os.environ["RANK"] == "1":
     def broken(self, i):
@@ -160,7 +160,7 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
 STUCK_RANK = """
 import sys, time
 sys.path.insert(0, {root!r})
-import distributed
+from imgclf.engine import distributed
 
 job = distributed.setup()
 if job.rank == 1:

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import export
-import predict
+from imgclf.cli import export
+from imgclf.cli import predict
 from conftest import FLOWERS5, ROOT, needs_flowers5
-from errors import UserError
+from imgclf.errors import UserError
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx and onnxruntime are not installed "
@@ -38,20 +38,20 @@ def exported(trained, tmp_path_factory):
 def torch_probabilities(checkpoint, batch):
     """The reference: the checkpoint's network in float32, softmax on its outputs."""
     import torch
-    import model_utils
-    model = model_utils.model_from_checkpoint(model_utils.load_checkpoint(checkpoint))
+    from imgclf import checkpoints
+    model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(checkpoint))
     with torch.inference_mode():
         return model(torch.from_numpy(batch)).softmax(1).numpy()
 
 
 def sample_batch(trained, preprocess, limit=12):
     """Real photos where the shared flower photos are here, the generated test split else."""
-    import data_utils
+    from imgclf.data import decode
     paths = sorted(glob.glob(os.path.join(trained["data"], "test", "*", "*.jpg")))
     if os.path.isdir(FLOWERS5):
         paths = sorted(glob.glob(os.path.join(FLOWERS5, "test", "*", "*.jpg")))
         paths = paths[::max(1, len(paths) // limit)][:limit]
-    return np.stack([data_utils.eval_array(data_utils.load_rgb(p), preprocess) for p in paths])
+    return np.stack([decode.eval_array(decode.load_rgb(p), preprocess) for p in paths])
 
 
 @needs_onnx
@@ -99,8 +99,8 @@ def test_batch_axis_is_free(exported):
 @needs_onnx
 def test_metadata_carries_classes_and_preprocessing(exported):
     import onnx
-    import model_utils
-    ckpt = model_utils.load_checkpoint(exported["checkpoint"])
+    from imgclf import checkpoints
+    ckpt = checkpoints.load_checkpoint(exported["checkpoint"])
     model = onnx.load(exported["onnx"])
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["format"] == export.ONNX_FORMAT
@@ -141,11 +141,11 @@ def test_quantized_model_is_smaller_and_agrees(exported, tmp_path, capsys):
 
 @needs_onnx
 def test_export_without_the_training_data_checks_generated_images(exported, tmp_path, capsys):
-    import model_utils
-    ckpt = model_utils.load_checkpoint(exported["checkpoint"])
+    from imgclf import checkpoints
+    ckpt = checkpoints.load_checkpoint(exported["checkpoint"])
     ckpt["data"]["root"] = str(tmp_path / "moved-away")
     moved = str(tmp_path / "checkpoint.pth")
-    model_utils.save_checkpoint(ckpt, moved)
+    checkpoints.save_checkpoint(ckpt, moved)
     assert export.main([moved]) == 0
     text = capsys.readouterr().out
     assert "8 generated images" in text and "top-1 same on 8/8" in text

@@ -6,10 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-import model_utils
-import predict
-import train
-import training
+from imgclf import checkpoints
+
+from imgclf.models import classifier
+from imgclf.cli import predict
+from imgclf.cli import train
+from imgclf.engine import feature_trainer
+from imgclf.engine import finetune
 from conftest import FAST, timeless
 from test_checkpoint import interrupt_after_epoch
 
@@ -18,10 +21,10 @@ FINETUNE = [*FAST, "--finetune", "--epochs", "3", "--patience", "0"]
 
 def _model_and_batch(seed=0):
     torch.manual_seed(seed)
-    model = model_utils.build_model("efficientnet_lite0", 3, [0], dropout=0.0)
-    training.unfreeze_tail(model.backbone, training.FinetuneTrainer.TRAINABLE_FRACTION)
+    model = classifier.build_model("efficientnet_lite0", 3, [0], dropout=0.0)
+    finetune.unfreeze_tail(model.backbone, finetune.FinetuneTrainer.TRAINABLE_FRACTION)
     model.train()
-    training.freeze_batchnorm(model)
+    finetune.freeze_batchnorm(model)
     x = torch.randn(10, 3, 32, 32)
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1, 0])
     return model, x, y
@@ -37,7 +40,7 @@ def test_micro_batches_take_the_same_step_as_one_batch(weight):
     steps = []
     for net, micro in ((model, len(y)), (other, 4)):
         optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
-        logits = training.train_step(net, optimizer, criterion, x, y, None, micro)
+        logits = finetune.train_step(net, optimizer, criterion, x, y, None, micro)
         assert logits.shape == (len(y), 3) and not logits.requires_grad
         steps.append(net.state_dict())
     changed = [k for k in steps[0] if not torch.equal(steps[0][k], _model_and_batch()[0]
@@ -65,9 +68,9 @@ def test_finetune_trains_the_last_stages_and_predict_uses_it(tmp_path, image_fol
     assert train.main([image_folder, "--save_dir", str(tmp_path), *FINETUNE]) == 0
     out = capsys.readouterr().out
     assert "fine-tune step 2" in out and "epoch 3/3  train loss " in out and "test acc " in out
-    ckpt = model_utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "checkpoint.pth"))
     assert ckpt["finetuned"] is True
-    pretrained = model_utils.build_model("efficientnet_lite0", 3).state_dict()
+    pretrained = classifier.build_model("efficientnet_lite0", 3).state_dict()
     last = train_state["model"]  # the last epoch's weights
     assert torch.equal(last["backbone._conv_stem.weight"],
                        pretrained["backbone._conv_stem.weight"])  # the early layers stay frozen
@@ -83,15 +86,15 @@ def test_finetune_trains_the_last_stages_and_predict_uses_it(tmp_path, image_fol
 
 def test_finetune_that_does_worse_than_the_linear_probe_keeps_the_probe(tmp_path, image_folder,
                                                                      monkeypatch, capsys):
-    monkeypatch.setattr(training.FinetuneTrainer, "BACKBONE_LR_SCALE", 1e4)  # wrecks the backbone
+    monkeypatch.setattr(finetune.FinetuneTrainer, "BACKBONE_LR_SCALE", 1e4)  # wrecks the backbone
     train_state = keep_train_state(monkeypatch)
     assert train.main([image_folder, "--save_dir", str(tmp_path), *FINETUNE]) == 0
     out = capsys.readouterr().out
     assert "fine-tuning did not lower the valid loss below the default mode's head's" in out
     assert "keeping the pretrained backbone, with the default mode's head" in out
     assert "head: logistic regression on " in out  # what train.py without --finetune fits
-    ckpt = model_utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))
-    pretrained = model_utils.build_model("efficientnet_lite0", 3).state_dict()
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    pretrained = classifier.build_model("efficientnet_lite0", 3).state_dict()
     assert ckpt["epoch"] == 0 and ckpt["epochs_run"] == 3
     for key, value in pretrained.items():
         if key.startswith("backbone."):
@@ -105,11 +108,11 @@ def test_finetune_is_kept_only_where_it_beats_the_default_head(tmp_path, image_f
                                                                monkeypatch, capsys, bar):
     """The default mode's head, fitted on the train split, sets the valid loss that fine-tuning
     must beat: an unbeatable one keeps the pretrained backbone, an infinite one fine-tunes."""
-    monkeypatch.setattr(training.FeatureTrainer, "valid_loss_of_train_fit", lambda self: bar)
+    monkeypatch.setattr(feature_trainer.FeatureTrainer, "valid_loss_of_train_fit", lambda self: bar)
     assert train.main([image_folder, "--save_dir", str(tmp_path), *FINETUNE]) == 0
     out = capsys.readouterr().out
     assert f"the default mode's head, fitted on the train split, has valid loss {bar:.3f}" in out
-    ckpt = model_utils.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "checkpoint.pth"))
     assert (ckpt["epoch"] == 0) == (bar == 0.0)
     assert ("keeping the pretrained backbone" in out) == (bar == 0.0)
 
@@ -119,12 +122,12 @@ def test_finetune_past_the_memory_bound_has_the_linear_probe_as_its_bar(tmp_path
     """Where the default head's features would not fit in memory, fine-tuning's bar is the
     linear probe's valid loss (the epoch head, which the run then keeps where fine-tuning
     does not beat it): the default head is never fitted."""
-    import linear_probe
+    from imgclf.heads import linear_probe
     monkeypatch.setattr(linear_probe, "available_memory", lambda: 0)
-    monkeypatch.setattr(training.FeatureTrainer, "valid_loss_of_train_fit", None)  # not called
+    monkeypatch.setattr(feature_trainer.FeatureTrainer, "valid_loss_of_train_fit", None)  # not called
     bars = []
-    monkeypatch.setattr(training.FinetuneTrainer, "prepare",
-                        lambda self, prepare=training.FinetuneTrainer.prepare:
+    monkeypatch.setattr(finetune.FinetuneTrainer, "prepare",
+                        lambda self, prepare=finetune.FinetuneTrainer.prepare:
                         bars.append((self.bar, self.bar_name())) or prepare(self))
     assert train.main([image_folder, "--save_dir", str(tmp_path), *FINETUNE]) == 0
     out = capsys.readouterr().out

@@ -12,7 +12,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from flowers102 import (  # noqa: E402
+from imgclf.data.flowers102 import (  # noqa: E402
     UserError,
     download_flowers102,
     layout_flowers102,
@@ -194,7 +194,7 @@ def test_download_rejects_a_wrong_checksum(tmp_path):
 
 def test_prepare_uses_existing_raw_files_and_prints_summary(tmp_path, capsys, monkeypatch):
     make_raw(tmp_path / "raw")
-    import flowers102
+    from imgclf.data import flowers102
     # Real checksums cannot match the tiny archive, so only the network step is replaced.
     monkeypatch.setattr(flowers102, "download_flowers102", lambda dest: tmp_path / "raw")
     prepare_flowers102(tmp_path)

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-import data_utils
-import distributed
-import model_utils
-import train
-import training
+from imgclf.data import decode
+from imgclf.engine import distributed
+from imgclf.models import classifier
+from imgclf.cli import train
+from imgclf.engine import feature_trainer
+from imgclf.engine import train_config
 from conftest import EPOCHS, FAST
 
 HEAD = [*FAST, *EPOCHS, "--head", "adamw"]  # the view choice and resume of the epoch head
@@ -20,21 +21,21 @@ from test_checkpoint import interrupt_after_epoch
 
 def test_view_rows_takes_the_plain_row_and_the_first_views_of_each_image():
     # 3 images, 2 stored views each: rows are image by image, plain first
-    assert training.view_rows(9, 2, 0).tolist() == [0, 3, 6]
-    assert training.view_rows(9, 2, 1).tolist() == [0, 1, 3, 4, 6, 7]
-    assert training.view_rows(9, 2, 2).tolist() == list(range(9))
+    assert feature_trainer.view_rows(9, 2, 0).tolist() == [0, 3, 6]
+    assert feature_trainer.view_rows(9, 2, 1).tolist() == [0, 1, 3, 4, 6, 7]
+    assert feature_trainer.view_rows(9, 2, 2).tolist() == list(range(9))
 
 
 def test_small_data_sets_get_enough_steps_large_ones_the_usual_epochs():
-    assert training.head_epochs(20) * 20 >= training.HEAD_MIN_STEPS  # 1258 photos: 20 steps an epoch
-    assert training.head_epochs(1000) == training.HEAD_EPOCHS
+    assert feature_trainer.head_epochs(20) * 20 >= train_config.HEAD_MIN_STEPS  # 1258 photos: 20 steps an epoch
+    assert feature_trainer.head_epochs(1000) == train_config.HEAD_EPOCHS
 
 
-def feature_trainer(aug_views, always_augment=False):
-    config = training.TrainConfig(aug_views=aug_views, always_augment=always_augment)
+def new_trainer(aug_views, always_augment=False):
+    config = train_config.TrainConfig(aug_views=aug_views, always_augment=always_augment)
     scan = argparse.Namespace(classes=["a", "b", "c"])
-    model = argparse.Namespace(head=model_utils.build_head(16, [0], 3, 0.2))
-    trainer = training.FeatureTrainer(config, scan, model, None,
+    model = argparse.Namespace(head=classifier.build_head(16, [0], 3, 0.2))
+    trainer = feature_trainer.FeatureTrainer(config, scan, model, None,
                                       distributed.Single(torch.device("cpu")))
     trainer.verbose = False
     return trainer
@@ -62,13 +63,13 @@ def synthetic_features(views_like_valid):
 @pytest.mark.parametrize("views_like_valid, expected", [(False, 0), (True, 1)])
 def test_the_head_trains_on_augmented_views_only_where_they_lower_the_valid_loss(
         views_like_valid, expected):
-    trainer = feature_trainer(aug_views=1)
+    trainer = new_trainer(aug_views=1)
     train_rows, valid = synthetic_features(views_like_valid)
     assert trainer.choose_views(train_rows, valid) == expected
 
 
 def test_always_augment_keeps_the_augmented_views():
-    trainer = feature_trainer(aug_views=1, always_augment=True)
+    trainer = new_trainer(aug_views=1, always_augment=True)
     train_rows, valid = synthetic_features(views_like_valid=False)
     assert trainer.choose_views(train_rows, valid) == 1
 
@@ -132,12 +133,12 @@ def sharp_edge_image(size=16, dark=50, light=200):
 def test_enlarging_is_bilinear_without_the_overshoot_of_bicubic():
     img = sharp_edge_image()
     pre = dict(size=64, crop_pct=1.0, mean=[0.0] * 3, std=[1.0] * 3)
-    bicubic = data_utils.eval_array(img, {**pre, "upscale": "bicubic"}) * 255
-    bilinear = data_utils.eval_array(img, {**pre, "upscale": "bilinear"}) * 255
+    bicubic = decode.eval_array(img, {**pre, "upscale": "bicubic"}) * 255
+    bilinear = decode.eval_array(img, {**pre, "upscale": "bilinear"}) * 255
     # Bicubic rings at the edge: darker than the dark side, lighter than the light side
     assert bicubic.min() < 49 and bicubic.max() > 201
     assert bilinear.min() > 49.9 and bilinear.max() < 200.1
-    assert np.array_equal(bilinear, data_utils.to_normalized_array(
+    assert np.array_equal(bilinear, decode.to_normalized_array(
         img.resize((64, 64), Image.BILINEAR), pre["mean"], pre["std"]) * 255)
 
 
@@ -146,10 +147,10 @@ def test_shrinking_is_bicubic_and_old_checkpoints_keep_bicubic_throughout():
     pre = dict(size=64, crop_pct=1.0, mean=[0.0] * 3, std=[1.0] * 3)
 
     def bicubic(img):
-        return data_utils.to_normalized_array(img.resize((64, 64), Image.BICUBIC), [0.0] * 3,
+        return decode.to_normalized_array(img.resize((64, 64), Image.BICUBIC), [0.0] * 3,
                                               [1.0] * 3)
-    assert np.array_equal(data_utils.eval_array(big, {**pre, "upscale": "bilinear"}), bicubic(big))
-    assert np.array_equal(data_utils.eval_array(small, pre), bicubic(small))  # no "upscale" key
+    assert np.array_equal(decode.eval_array(big, {**pre, "upscale": "bilinear"}), bicubic(big))
+    assert np.array_equal(decode.eval_array(small, pre), bicubic(small))  # no "upscale" key
 
 
 def test_new_checkpoints_store_the_upscale_filter(trained):

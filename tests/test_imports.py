@@ -1,16 +1,41 @@
-"""No project module imports one that imports it back, not even inside a function: shared
-pieces (errors, atomic writes, inference) live in small modules below their users."""
+"""The package's import graph: no module imports one that imports it back, not even inside a
+function (shared pieces, errors, atomic writes, inference, live in small modules below their
+users); inside the package every import of the package is relative, and nothing edits
+sys.path."""
 import ast
 import glob
 import os
 
 from conftest import ROOT
 
+PACKAGE = os.path.join(ROOT, "imgclf")
+
+
+def module_name(path):
+    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def package_modules():
+    """{dotted module name: path} for every module of the package."""
+    paths = glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True)
+    return {module_name(p): p for p in sorted(paths)}
+
+
+def resolve(current, node, is_package):
+    """The dotted names a relative or absolute ImportFrom node brings in (module and each name)."""
+    if node.level:
+        base = current.split(".") if is_package else current.split(".")[:-1]
+        base = base[:len(base) - node.level + 1]
+        prefix = ".".join(base + ([node.module] if node.module else []))
+    else:
+        prefix = node.module or ""
+    return [prefix] + [f"{prefix}.{a.name}" for a in node.names]
+
 
 def project_imports():
-    """{module: set of project modules it imports anywhere in its file}."""
-    paths = sorted(glob.glob(os.path.join(ROOT, "*.py")))
-    modules = {os.path.basename(p)[:-3]: p for p in paths}
+    """{module: set of package modules it imports anywhere in its file}."""
+    modules = package_modules()
     graph = {}
     for name, path in modules.items():
         with open(path) as f:
@@ -18,10 +43,12 @@ def project_imports():
         imported = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                imported |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                imported.add(node.module.split(".")[0])
-        graph[name] = {m for m in imported if m in modules and m != name}
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported |= set(resolve(name, node, path.endswith("__init__.py")))
+        # a package's __init__ is imported with each of its modules: not an edge of its own
+        graph[name] = {m for m in imported if m in modules and m != name
+                       and not name.startswith(m + ".")}
     return graph
 
 
@@ -53,7 +80,8 @@ def find_cycle(graph):
 
 def test_the_project_import_graph_has_no_cycle():
     graph = project_imports()
-    assert {"train", "predict", "inference", "errors", "training"} <= set(graph)
+    assert {"imgclf.cli.train", "imgclf.cli.predict", "imgclf.app.inference", "imgclf.errors",
+            "imgclf.engine.feature_trainer"} <= set(graph)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -61,3 +89,24 @@ def test_the_project_import_graph_has_no_cycle():
 def test_the_cycle_check_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_package_imports_itself_relatively_and_never_edits_sys_path():
+    for name, path in package_modules().items():
+        with open(path) as f:
+            source = f.read()
+        tree = ast.parse(source, path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("imgclf") for a in node.names), name
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert not (node.module or "").startswith("imgclf"), name
+        assert "sys.path" not in source, f"{name} edits sys.path"
+
+
+def test_the_top_level_scripts_only_consume_the_package():
+    for script in ("train", "predict", "export", "serve", "model_utils", "data_utils"):
+        with open(os.path.join(ROOT, script + ".py")) as f:
+            tree = ast.parse(f.read())
+        defined = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        assert not defined, f"{script}.py defines {defined[0].name}: it belongs in imgclf/"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import linear_probe as lp
+from imgclf.heads import linear_probe as lp
 
 
 def blobs(photos=300, d=16, k=4, views=1, seed=0, spread=1.0):
@@ -207,14 +207,15 @@ def test_the_fits_run_on_the_device_given(monkeypatch, device):
 def fallback_trainer(photos, classes=3):
     import argparse
 
-    import distributed
-    import model_utils
-    import training
-    config = training.TrainConfig()
+    from imgclf.engine import distributed
+    from imgclf.models import classifier
+    from imgclf.engine import feature_trainer
+    from imgclf.engine import train_config
+    config = train_config.TrainConfig()
     scan = argparse.Namespace(classes=list("abc")[:classes],
                               samples={"train": [None] * photos, "valid": [None] * 10})
-    model = argparse.Namespace(head=model_utils.build_head(1280, [0], classes, 0.2))
-    trainer = training.FeatureTrainer(config, scan, model, None,
+    model = argparse.Namespace(head=classifier.build_head(1280, [0], classes, 0.2))
+    trainer = feature_trainer.FeatureTrainer(config, scan, model, None,
                                       distributed.Single(torch.device("cpu")))
     trainer.fit_by_epochs = lambda: "the epoch head"
     trainer.fit_logistic = lambda: "the logistic head"
@@ -236,11 +237,12 @@ def test_past_the_memory_bound_the_epoch_head_trains_instead(monkeypatch, capsys
 
 
 def test_the_progress_bar_shows_only_when_the_fits_take_a_while(monkeypatch, capsys):
-    import training
-    quick = training.LateProgress("fitting the head", after=60)
+    from imgclf.engine import feature_trainer
+    from imgclf.engine import train_config
+    quick = feature_trainer.LateProgress("fitting the head", after=60)
     quick.update(5)
     quick.close()
-    slow = training.LateProgress("fitting the head", after=0)
+    slow = feature_trainer.LateProgress("fitting the head", after=0)
     for _ in range(3):
         slow.update(5)  # a path that stopped early: 3 fits of the 5 planned
     slow.close()

@@ -6,24 +6,26 @@ from collections import Counter
 import pytest
 import torch
 
-import data_utils
-import model_utils
-import train
+from imgclf.data import decode
+from imgclf.models import backbones
+from imgclf.models import classifier
+from imgclf.models import efficientnet_lite
+from imgclf.cli import train
 from conftest import FAST, FLOWERS5, needs_flowers5
-from data_utils import UserError
+from imgclf.errors import UserError
 
 
 @needs_flowers5
 def test_default_backbone_has_the_real_imagenet_weights():
     """The untouched EfficientNet-Lite0 names daisy photos 'daisy' (ImageNet class 985) far
     more often than anything else; random weights would not."""
-    state = torch.load(model_utils.lite_weights_path("efficientnet_lite0"), weights_only=True)
-    backbone = model_utils.build_lite_backbone("efficientnet_lite0").eval()
+    state = torch.load(efficientnet_lite.lite_weights_path("efficientnet_lite0"), weights_only=True)
+    backbone = efficientnet_lite.build_lite_backbone("efficientnet_lite0").eval()
     fc = torch.nn.Linear(1280, 1000)
     fc.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
-    preprocess = dict(model_utils.default_preprocessing("efficientnet_lite0"), size=128)
+    preprocess = dict(backbones.default_preprocessing("efficientnet_lite0"), size=128)
     files = sorted(glob.glob(os.path.join(FLOWERS5, "test", "daisy", "*")))[:60]
-    batch = torch.stack([torch.from_numpy(data_utils.eval_array(data_utils.load_rgb(f), preprocess))
+    batch = torch.stack([torch.from_numpy(decode.eval_array(decode.load_rgb(f), preprocess))
                          for f in files])
     with torch.no_grad():
         top1 = fc(backbone(batch)).argmax(1).tolist()
@@ -35,7 +37,7 @@ def test_default_backbone_has_the_real_imagenet_weights():
 def test_lite_backbone_is_built_from_its_weights():
     # Lite2 repeats stages 2-6 1.2x, rounded up: 1+3+3+4+4+5+1 blocks.
     for arch, blocks in [("efficientnet_lite0", 16), ("efficientnet_lite2", 21)]:
-        backbone = model_utils.build_lite_backbone(arch)
+        backbone = efficientnet_lite.build_lite_backbone(arch)
         assert len(backbone._blocks) == blocks
         out = backbone.eval()(torch.zeros(1, 3, 96, 96))
         assert out.shape == (1, 1280)
@@ -46,7 +48,7 @@ def test_lite_backbone_is_built_from_its_weights():
                                          ("efficientnet_b0", 1280), ("mobilenet_v3_small", 1024),
                                          ("convnext_tiny", 768)])
 def test_torchvision_heads_are_replaced_per_family(arch, width):
-    model = model_utils.build_model(arch, num_classes=7, hidden_units=[32], pretrained=False)
+    model = classifier.build_model(arch, num_classes=7, hidden_units=[32], pretrained=False)
     assert model.backbone.num_features == width
     model.eval()
     with torch.no_grad():
@@ -56,7 +58,7 @@ def test_torchvision_heads_are_replaced_per_family(arch, width):
 
 def test_torchvision_arch_offline_says_what_to_do(torch_home):
     with pytest.raises(UserError, match=r"resnet18.*resnet18-.*\.pth.*--weights PATH"):
-        model_utils.build_model("resnet18", num_classes=3)
+        classifier.build_model("resnet18", num_classes=3)
 
 
 def _put_in_torch_cache(torch_home, arch):
@@ -89,12 +91,12 @@ def test_weights_flag_rejects_a_state_dict_of_another_arch(torch_home, tmp_path)
     path = tmp_path / "wrong.pth"
     torch.save(tvm.mobilenet_v3_small().state_dict(), path)
     with pytest.raises(UserError, match="does not fit --arch resnet18"):
-        model_utils.build_model("resnet18", num_classes=3, weights_path=str(path))
+        classifier.build_model("resnet18", num_classes=3, weights_path=str(path))
 
 
 def test_unknown_arch_lists_the_known_ones():
     with pytest.raises(UserError, match="unknown --arch 'resnet9000'.*vgg16"):
-        model_utils.check_arch("resnet9000")
+        backbones.check_arch("resnet9000")
 
 
 def test_flip_tta_averages_the_logits_of_the_photo_and_its_mirror_image():
@@ -102,8 +104,8 @@ def test_flip_tta_averages_the_logits_of_the_photo_and_its_mirror_image():
     backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
                                    torch.nn.Flatten())
     head = torch.nn.Linear(4, 3)
-    plain = model_utils.ImageClassifier(backbone, head).eval()
-    mirrored = model_utils.ImageClassifier(backbone, head, flip_tta=True).eval()
+    plain = classifier.ImageClassifier(backbone, head).eval()
+    mirrored = classifier.ImageClassifier(backbone, head, flip_tta=True).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         expected = (plain(x) + plain(x.flip(-1))) / 2

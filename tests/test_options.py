@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import FAST
 
-import linear_probe
-import train
-import training
-from errors import UserError
+from imgclf.heads import linear_probe
+from imgclf.cli import train
+from imgclf.engine import train_config
+from imgclf.errors import UserError
 
 
 def options(*argv):
@@ -53,25 +53,25 @@ def test_main_turns_a_range_error_into_one_line_and_status_2(capsys):
 
 
 def test_config_decides_the_defaults_of_each_mode():
-    head = training.TrainConfig.from_options(options())
+    head = train_config.TrainConfig.from_options(options())
     assert (head.epochs, head.learning_rate, head.head_learning_rate) == \
-        (None, training.HEAD_LR, training.HEAD_LR)
-    tune = training.TrainConfig.from_options(options("--finetune"))
-    assert (tune.epochs, tune.learning_rate) == (5, training.FINETUNE_LR)
+        (None, train_config.HEAD_LR, train_config.HEAD_LR)
+    tune = train_config.TrainConfig.from_options(options("--finetune"))
+    assert (tune.epochs, tune.learning_rate) == (5, train_config.FINETUNE_LR)
     assert tune.probe() == dataclasses.replace(tune, head="adamw", aug_views=0, epochs=None,
-                                               finetune=False, learning_rate=training.HEAD_LR)
+                                               finetune=False, learning_rate=train_config.HEAD_LR)
     assert (head.head, head.aug_views) == ("logistic", None)  # None: linear_probe decides
-    hidden = training.TrainConfig.from_options(options("--hidden_units", "8"))
+    hidden = train_config.TrainConfig.from_options(options("--hidden_units", "8"))
     assert (hidden.head, hidden.aug_views) == ("adamw", 1)
-    given = training.TrainConfig.from_options(options("--finetune", "--learning_rate", "0.01",
+    given = train_config.TrainConfig.from_options(options("--finetune", "--learning_rate", "0.01",
                                                       "--epochs", "2"))
     assert (given.epochs, given.learning_rate, given.probe().learning_rate) == (2, 0.01, 0.01)
 
 
 def test_config_defaults_are_the_command_lines():
     """Tests and tools build a TrainConfig without the parser: the same defaults."""
-    assert training.TrainConfig.from_options(options("--demo")) == \
-        training.TrainConfig(data_dir="data", demo=True)
+    assert train_config.TrainConfig.from_options(options("--demo")) == \
+        train_config.TrainConfig(data_dir="data", demo=True)
 
 
 # What ckpt["args"] held for options left out, when the parser's defaults were these values.
@@ -83,16 +83,16 @@ def test_the_checkpoint_records_the_options_as_before():
     """ckpt["args"] keeps its keys and values: the defaults, the head's default rate and
     --finetune's default epochs filled in, --finetune's rate None when not given."""
     args = options("--finetune")
-    record = train.recorded_options(args, training.TrainConfig.from_options(args))
+    record = train.recorded_options(args, train_config.TrainConfig.from_options(args))
     assert record == {**vars(args), **RECORDED_DEFAULTS, "epochs": 5, "learning_rate": None,
                       "head": "logistic"}
     args = options()
-    record = train.recorded_options(args, training.TrainConfig.from_options(args))
-    assert record == {**vars(args), **RECORDED_DEFAULTS, "learning_rate": training.HEAD_LR,
+    record = train.recorded_options(args, train_config.TrainConfig.from_options(args))
+    assert record == {**vars(args), **RECORDED_DEFAULTS, "learning_rate": train_config.HEAD_LR,
                       "head": "logistic"}
     args = options("--head", "adamw")
-    record = train.recorded_options(args, training.TrainConfig.from_options(args))
-    assert record == {**vars(args), **RECORDED_DEFAULTS, "learning_rate": training.HEAD_LR,
+    record = train.recorded_options(args, train_config.TrainConfig.from_options(args))
+    assert record == {**vars(args), **RECORDED_DEFAULTS, "learning_rate": train_config.HEAD_LR,
                       "aug_views": 1}
 
 
@@ -109,7 +109,7 @@ def test_the_resume_command_is_the_one_the_run_was_started_with(monkeypatch, arg
 def test_the_resume_command_leaves_out_the_defaults_the_checkpoint_records(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py"])
     args = options("--dropout", "0.3")
-    record = train.recorded_options(args, training.TrainConfig.from_options(args))
+    record = train.recorded_options(args, train_config.TrainConfig.from_options(args))
     assert train.resume_command(record, "c.pth") == \
         "python train.py data --head adamw --aug_views 1 --dropout 0.3 --resume c.pth"
 
@@ -125,7 +125,7 @@ EPOCH_OPTIONS = [["--epochs", "3"], ["--learning_rate", "0.01"], ["--batch_size"
 @pytest.mark.parametrize("argv", EPOCH_OPTIONS, ids=lambda a: a[0])
 def test_an_option_of_epoch_training_selects_the_epoch_head_and_takes_effect(argv, capsys):
     args = options(*argv)
-    config = training.TrainConfig.from_options(args)
+    config = train_config.TrainConfig.from_options(args)
     name, value = argv[0][2:], type(getattr(config, argv[0][2:]))(argv[1])
     assert (config.head, config.aug_views, getattr(config, name)) == ("adamw", 1, value)
     assert train.epoch_head_note(args) == (
@@ -146,13 +146,13 @@ def test_options_of_epoch_training_with_finetune_keep_the_default_head(argv):
     """--finetune trains by epochs itself; its fallback is the default head."""
     args = options(*argv, "--finetune")
     train.check_options(options(*argv, "--finetune", "--head", "logistic"))
-    assert training.TrainConfig.from_options(args).head == "logistic"
+    assert train_config.TrainConfig.from_options(args).head == "logistic"
 
 
 def test_no_note_where_hidden_layers_choose_the_epoch_head():
     args = options("--hidden_units", "8", "--epochs", "3")
-    assert training.epoch_options_choosing_the_head(args) == []
-    assert training.TrainConfig.from_options(args).head == "adamw"
+    assert train_config.epoch_options_choosing_the_head(args) == []
+    assert train_config.TrainConfig.from_options(args).head == "adamw"
 
 
 def test_demo_with_a_data_dir_is_refused():
@@ -172,7 +172,7 @@ def test_check_refuses_the_options_of_training():
 
 
 def test_the_default_head_without_epoch_options_is_the_logistic_one():
-    config = training.TrainConfig.from_options(options("--aug_views", "2", "--balance"))
+    config = train_config.TrainConfig.from_options(options("--aug_views", "2", "--balance"))
     assert (config.head, config.aug_views, config.balance) == ("logistic", 2, True)
 
 
@@ -201,7 +201,7 @@ def test_main_refuses_epoch_options_with_the_logistic_head_in_one_line(capsys):
 def test_always_augment_stores_augmented_views_for_any_data_set():
     """The logistic head stores no augmented views unless asked; --always_augment asks for
     them, so they are stored."""
-    config = training.TrainConfig.from_options(options("--always_augment"))
+    config = train_config.TrainConfig.from_options(options("--always_augment"))
     assert config.aug_views == linear_probe.AUG_VIEWS
 
 

@@ -1,10 +1,8 @@
-"""The installed package: every script in it, the commands, --version, and the version floors.
-
-pyproject.toml maps the project folder to the package imgclf, so every top-level .py file is
-installed as imgclf/NAME.py without a list to keep up to date; these tests build the wheel from
-a copy of the project's files and check what lands in it.
-"""
+"""The installed package: every module of imgclf/ in the wheel and nothing else at its top, each
+importable from any folder, the commands, --version, and the version floors. These tests build
+the wheel from a copy of the project's files and check what lands in it."""
 import glob
+import importlib
 import os
 import re
 import subprocess
@@ -19,8 +17,10 @@ from conftest import ROOT
 SCRIPTS = ("train", "predict", "export", "serve")
 
 
-def top_level_modules():
-    return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
+def package_modules():
+    """imgclf's modules as paths inside the wheel: imgclf/data/decode.py, ..."""
+    paths = glob.glob(os.path.join(ROOT, "imgclf", "**", "*.py"), recursive=True)
+    return sorted(os.path.relpath(p, ROOT).replace(os.sep, "/") for p in paths)
 
 
 def pyproject():
@@ -41,6 +41,10 @@ def wheel(tmp_path_factory):
         if name.endswith((".py", ".toml", ".md", ".json")):
             with open(os.path.join(ROOT, name), "rb") as f:
                 (src / name).write_bytes(f.read())
+    for path in package_modules():
+        (src / path).parent.mkdir(parents=True, exist_ok=True)
+        with open(os.path.join(ROOT, path), "rb") as f:
+            (src / path).write_bytes(f.read())
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
                     "--no-build-isolation", "-w", str(out), str(src)], check=True)
@@ -48,43 +52,43 @@ def wheel(tmp_path_factory):
     return path
 
 
-def test_every_top_level_module_is_in_the_package_and_nothing_else_at_the_top(wheel):
+def test_the_wheel_holds_every_module_of_the_package_and_nothing_else(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    packaged = sorted(n[len("imgclf/"):-3] for n in names
-                      if n.startswith("imgclf/") and n.endswith(".py"))
-    assert packaged == top_level_modules()
+    assert sorted(n for n in names if n.endswith(".py")) == package_modules()
     assert {n.split("/")[0] for n in names} == {"imgclf", wheel.name.split("-py3")[0] + ".dist-info"}
 
 
-def test_no_module_shadows_the_standard_library():
-    # The commands put the package folder first on sys.path (cli.py), so a module named like
-    # one of the standard library's would replace it.
-    assert not set(top_level_modules()) & sys.stdlib_module_names
+def test_every_module_imports_from_the_installed_wheel_in_any_folder(wheel, tmp_path):
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    modules = [p[:-3].replace("/", ".").removesuffix(".__init__") for p in package_modules()]
+    code = "import importlib; [importlib.import_module(m) for m in %r]; print('ok')" % modules
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr[-2000:]
 
 
 def test_the_installed_commands_run_the_scripts(wheel, tmp_path):
     scripts = pyproject()["project"]["scripts"]
     assert sorted(scripts) == sorted(f"imgclf-{s}" for s in SCRIPTS)
-    assert all(target == f"imgclf.cli:{command[len('imgclf-'):]}"
+    assert all(target == f"imgclf.cli:{command[len('imgclf-'):]}_command"
                for command, target in scripts.items())
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
-    # Run from an empty folder with only the unpacked wheel on the path: the flat imports
-    # (predict.py's `import data_utils`) must resolve inside the package.
+    # From an empty folder with only the unpacked wheel on the path.
     code = ("import sys; from imgclf import cli; sys.argv = ['imgclf-predict', '--version']; "
-            "cli.predict()")
+            "cli.predict_command()")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert (done.returncode, done.stdout, done.stderr) == (0, f"imgclf-predict {version()}\n", "")
 
 
 def version():
-    with open(os.path.join(ROOT, "version.py")) as f:
+    with open(os.path.join(ROOT, "imgclf", "version.py")) as f:
         return re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_prints_its_version(script, capsys):
-    module = __import__(script)
+    module = importlib.import_module(f"imgclf.cli.{script}")
     with pytest.raises(SystemExit) as stop:
         module.main(["--version"])
     assert stop.value.code == 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import predict
+from imgclf.cli import predict
 from conftest import ROOT, draw_sample
 
 CLASSES = ["cat", "dog", "fox"]
@@ -305,11 +305,14 @@ def test_one_image_imports_no_plotting_torchvision_or_training(trained, test_dir
                            image, trained["checkpoint"]], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    imported = {line.split("|")[-1].strip().split(".")[0]
-                for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    assert "torch" in imported and "model_utils" in imported  # the check sees real imports
-    for heavy in ("matplotlib", "torchvision", "train", "report", "sklearn", "timm"):
+    modules = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
+               if line.startswith("import time:")}
+    imported = {m.split(".")[0] for m in modules}
+    assert "torch" in imported and "imgclf.checkpoints" in modules  # it sees real imports
+    for heavy in ("matplotlib", "torchvision", "sklearn", "timm"):
         assert heavy not in imported
+    for heavy in ("imgclf.cli.train", "imgclf.analysis.report", "imgclf.engine.feature_trainer"):
+        assert heavy not in modules
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,11 +353,12 @@ def test_precision_fp32_gives_the_float32_models_probabilities(trained, test_dir
     """As on a CPU with native bfloat16 (where auto computes in it): --precision fp32 gives
     the probabilities of a plain float32 forward pass, auto does not."""
     import torch
-    import model_utils
-    monkeypatch.setattr(model_utils, "cpu_has_fast_bf16", lambda: True)
-    model = model_utils.model_from_checkpoint(model_utils.load_checkpoint(trained["checkpoint"]))
+    from imgclf import checkpoints
+    from imgclf.models import hardware
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(trained["checkpoint"]))
     image = os.path.join(test_dir, "fox", "000.jpg")
-    batch = predict.load_image(image, model_utils.load_checkpoint(trained["checkpoint"])
+    batch = predict.load_image(image, checkpoints.load_checkpoint(trained["checkpoint"])
                                ["preprocess"])[None]
     with torch.inference_mode():
         reference = model.eval()(torch.from_numpy(batch)).softmax(1).numpy()

@@ -1,7 +1,7 @@
 """The progress bar: elapsed time, rate and time left on a terminal; one final line elsewhere."""
 import io
 
-import data_utils
+from imgclf.utils import progress
 
 
 class Terminal(io.StringIO):
@@ -11,7 +11,7 @@ class Terminal(io.StringIO):
 
 def test_bar_on_a_terminal_says_time_left():
     out = Terminal()
-    bar = data_utils.Progress(100, "features train", stream=out)
+    bar = progress.Progress(100, "features train", stream=out)
     bar.start -= 30            # as if 30 s had passed: 40 rows in 30 s, 60 to go at that rate
     bar.last = 0
     bar.update(40)
@@ -23,7 +23,7 @@ def test_bar_on_a_terminal_says_time_left():
 
 def test_finished_bar_and_a_log_file_show_no_time_left_or_escape_codes():
     out = io.StringIO()
-    bar = data_utils.Progress(10, "scan", stream=out)
+    bar = progress.Progress(10, "scan", stream=out)
     bar.update(10)
     bar.close()
     line = out.getvalue()
@@ -32,6 +32,6 @@ def test_finished_bar_and_a_log_file_show_no_time_left_or_escape_codes():
 
 
 def test_clock():
-    assert data_utils.clock(5.23) == " 5.2s"
-    assert data_utils.clock(187) == "3:07"
-    assert data_utils.clock(3729) == "1:02:09"
+    assert progress.clock(5.23) == " 5.2s"
+    assert progress.clock(187) == "3:07"
+    assert progress.clock(3729) == "1:02:09"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data_issues
-import report
+from imgclf.analysis import data_issues
+from imgclf.analysis import report
 from conftest import draw_sample
 
 

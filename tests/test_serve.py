@@ -29,8 +29,8 @@ LIMIT = 300_000  # a small upload limit keeps the oversize cases cheap
 
 @pytest.fixture(scope="module")
 def server(trained):
-    import predict
-    import serve
+    from imgclf.cli import predict
+    from imgclf.cli import serve
     app = serve.create_app(predict.load_predictor(trained["checkpoint"]), "checkpoint.pth",
                            top_k=5, max_upload_bytes=LIMIT, max_concurrent=8)
     with serving.background_server(app) as url:
@@ -79,15 +79,15 @@ def test_good_photo_gets_the_predict_json(server, client):
 
 
 def test_answer_matches_the_predictor(server, client):
-    import data_utils
-    import inference
-    import predict
+    from imgclf.data import decode
+    from imgclf.app import inference
+    from imgclf.cli import predict
     path = os.path.join(server["data"], "test", "fox", "002.jpg")
     with open(path, "rb") as f:
         status, answer = client.post_file("/predict", "fox.jpg", f.read())
     predictor = predict.load_predictor(server["checkpoint"])
     probs = predictor.probabilities(
-        data_utils.eval_array(data_utils.load_rgb(path), predictor.preprocess)[None])[0]
+        decode.eval_array(decode.load_rgb(path), predictor.preprocess)[None])[0]
     assert status == 200
     assert answer["predictions"][0]["class"] == predictor.classes[int(np.argmax(probs))]
     # The object of predict.py --json, rounding included.
@@ -144,7 +144,7 @@ def test_oversize_without_content_length_is_413(server):
 
 
 def test_stalled_upload_is_408(server, monkeypatch):
-    import serve
+    from imgclf.cli import serve
     monkeypatch.setattr(serve, "UPLOAD_TIMEOUT_S", 0.5)
     head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
             b"boundary=b\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n")
@@ -205,7 +205,7 @@ def test_health_and_page(server, client):
 
 
 def test_past_the_concurrency_cap_answers_503(trained):
-    import serve
+    from imgclf.cli import serve
     from serve_load import Client
     started, release = threading.Event(), threading.Event()
 
@@ -246,7 +246,7 @@ def test_load_300_requests_8_at_once_a_third_bad_no_5xx(server):
 
 
 def test_serve_cli_errors_are_one_line(trained, capsys, tmp_path):
-    import serve
+    from imgclf.cli import serve
     assert serve.main([str(tmp_path / "missing.pth")]) == 2
     assert "no such file" in capsys.readouterr().err
     busy = socket.socket()
@@ -263,7 +263,7 @@ def test_serve_cli_errors_are_one_line(trained, capsys, tmp_path):
 def test_precision_fp32_reaches_the_predictor(trained, monkeypatch, capsys):
     """serve.py loads its model as predict.py does, --precision included (what fp32 computes
     is tested in test_predict.py)."""
-    import serve
+    from imgclf.cli import serve
     loaded = []
 
     def load_predictor(path, gpu=None, precision="auto"):
@@ -281,7 +281,7 @@ def test_precision_fp32_reaches_the_predictor(trained, monkeypatch, capsys):
 
 
 def test_without_fastapi_serve_says_what_to_install(monkeypatch, capsys, tmp_path):
-    import serve
+    from imgclf.cli import serve
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "fastapi" else real(name, *a))

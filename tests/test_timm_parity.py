@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import data_utils
-import model_utils
+from imgclf.data import decode
+from imgclf.models import backbones
+from imgclf.models import efficientnet_lite
 from conftest import FLOWERS5, draw_sample
 
 timm = pytest.importorskip("timm", reason="timm is not installed (it is in the dev extra: "
@@ -24,21 +25,21 @@ def photos(count=5):
     """Real photos, one a class of flowers5, or generated pictures where flowers5 is absent."""
     found = sorted(glob.glob(os.path.join(FLOWERS5, "test", "*", "*.jpg")))
     if found:
-        return [data_utils.load_rgb(p) for p in found[::max(1, len(found) // count)][:count]]
+        return [decode.load_rgb(p) for p in found[::max(1, len(found) // count)][:count]]
     return [draw_sample(i, seed=i, size=300) for i in range(count)]
 
 
 def test_lite0_matches_timm_on_photos():
-    state_dict = torch.load(model_utils.lite_weights_path("efficientnet_lite0"),
+    state_dict = torch.load(efficientnet_lite.lite_weights_path("efficientnet_lite0"),
                             map_location="cpu", weights_only=True)
-    ours = model_utils.build_lite_backbone("efficientnet_lite0").eval()
+    ours = efficientnet_lite.build_lite_backbone("efficientnet_lite0").eval()
     theirs = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     target = theirs.state_dict()
     assert [v.shape for v in state_dict.values()] == [v.shape for v in target.values()]
     theirs.load_state_dict(dict(zip(target, state_dict.values())))
 
-    preprocess = model_utils.default_preprocessing("efficientnet_lite0")
-    batch = torch.from_numpy(np.stack([data_utils.eval_array(img, preprocess)
+    preprocess = backbones.default_preprocessing("efficientnet_lite0")
+    batch = torch.from_numpy(np.stack([decode.eval_array(img, preprocess)
                                        for img in photos()]))
     with torch.inference_mode():
         features = ours(batch)

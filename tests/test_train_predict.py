@@ -2,8 +2,8 @@ import os
 
 import torch
 
-import predict
-import train
+from imgclf.cli import predict
+from imgclf.cli import train
 from conftest import EPOCHS, FAST
 
 

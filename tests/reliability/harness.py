@@ -198,16 +198,16 @@ def save_loop(path, source, padding_values, first_version, report_path, count=No
     first_version, first_version + 1, ...), larger by padding_values floats, appending each
     finished version to report_path; "ready" is written before the first save."""
     import torch
-    import model_utils
+    from imgclf import checkpoints
     _one_thread()
-    ckpt = model_utils.load_checkpoint(source)
+    ckpt = checkpoints.load_checkpoint(source)
     ckpt["padding"] = torch.arange(padding_values, dtype=torch.float32)
     report = os.open(report_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.write(report, b"ready\n")
     version = first_version
     while count is None or version < first_version + count:
         ckpt["metrics"] = {"version": version}
-        model_utils.save_checkpoint(ckpt, path)
+        checkpoints.save_checkpoint(ckpt, path)
         os.write(report, f"{version}\n".encode())
         version += 1
     os._exit(0)
@@ -239,7 +239,7 @@ def concurrent_writer(path, source, writer, saves, log_path, lock_path):
     from a mixed one. Each rename is logged, under a lock, so the log gives their true order."""
     import fcntl
     import torch
-    import model_utils
+    from imgclf import checkpoints
     _one_thread()
     real_replace = os.replace
 
@@ -250,9 +250,9 @@ def concurrent_writer(path, source, writer, saves, log_path, lock_path):
             with open(log_path, "a") as log:
                 log.write(f"{writer} {seq}\n")
     os.replace = logged_replace  # this process only
-    ckpt = model_utils.load_checkpoint(source)
+    ckpt = checkpoints.load_checkpoint(source)
     for seq in range(saves):
         ckpt["metrics"] = {"writer": writer, "seq": seq}
         ckpt["mark"] = torch.full((500_000,), float(writer * 1000 + seq))
-        model_utils.save_checkpoint(ckpt, path)
+        checkpoints.save_checkpoint(ckpt, path)
     os._exit(0)

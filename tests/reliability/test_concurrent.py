@@ -9,7 +9,7 @@ import time
 
 import torch
 
-import model_utils
+from imgclf import checkpoints
 
 from . import harness
 from .conftest import TINY
@@ -19,7 +19,7 @@ WRITERS, SAVES = 4, 25
 
 def read_whole(path):
     """(writer, seq) of the checkpoint at path, after checking it is one whole save."""
-    ckpt = model_utils.load_checkpoint(path)
+    ckpt = checkpoints.load_checkpoint(path)
     writer, seq = ckpt["metrics"]["writer"], ckpt["metrics"]["seq"]
     assert torch.all(ckpt["mark"] == writer * 1000 + seq), "a file mixing two saves"
     return writer, seq
@@ -73,8 +73,8 @@ def test_concurrent_training_runs(tmp_path, tiny_data, tally):
             t.check(r.returncode == 0 and "Traceback" not in r.stderr,
                     f"round {round_} run {r.pid}: status {r.returncode} {r.stderr[-300:]!r}")
         try:
-            ckpt = model_utils.load_checkpoint(str(save / "checkpoint.pth"))
-            model_utils.model_from_checkpoint(ckpt)
+            ckpt = checkpoints.load_checkpoint(str(save / "checkpoint.pth"))
+            checkpoints.model_from_checkpoint(ckpt)
             seed = str(ckpt["args"]["seed"])
         except Exception as err:
             seed = f"{type(err).__name__}: {err}"

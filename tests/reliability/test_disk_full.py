@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 
-import model_utils
-from data_utils import UserError
+from imgclf import checkpoints
+from imgclf.errors import UserError
 
 from . import harness
 from .conftest import TINY
@@ -106,18 +106,18 @@ def test_write_errors_at_every_stage_of_a_save(tmp_path, trained, monkeypatch, t
                                                    "file")
     save = str(tmp_path / "save")
     before = with_previous_checkpoint(save, trained)
-    ckpt = model_utils.load_checkpoint(os.path.join(save, "checkpoint.pth"))
+    ckpt = checkpoints.load_checkpoint(os.path.join(save, "checkpoint.pth"))
     real_save = torch.save
     for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
         for at in (1, 2, 3, 5, 8, 13, 21):
-            monkeypatch.setattr(model_utils.torch, "save",
+            monkeypatch.setattr(torch, "save",
                                 lambda obj, f: real_save(obj, FailingWrites(f, at, code)))
             try:
-                model_utils.save_checkpoint(ckpt, os.path.join(save, "checkpoint.pth"))
+                checkpoints.save_checkpoint(ckpt, os.path.join(save, "checkpoint.pth"))
                 raised = "nothing"
             except UserError as err:
                 raised = str(err)
-            monkeypatch.setattr(model_utils.torch, "save", real_save)
+            monkeypatch.setattr(torch, "save", real_save)
             intact = digest(os.path.join(save, "checkpoint.pth")) == before
             leftovers = harness.temporaries(save)
             t.check(raised.startswith(f"cannot write the checkpoint {save}") and

@@ -9,7 +9,7 @@ import random
 
 import torch
 
-import model_utils
+from imgclf import checkpoints
 
 from . import harness
 
@@ -84,7 +84,7 @@ def tampered_files(folder, good_path, marker):
     # The default checkpoint names the published backbone weights (backbone_weights); the
     # whole network's, as --finetune and --full_checkpoint store it, is rebuilt from it.
     full = {k: v for k, v in good.items() if k != "backbone_weights"}
-    full.update(format_version=1, state_dict=model_utils.model_from_checkpoint(good).state_dict())
+    full.update(format_version=1, state_dict=checkpoints.model_from_checkpoint(good).state_dict())
 
     def save_altered(name, change, base=good):
         ckpt = dict(base, model_args=dict(base["model_args"]), preprocess=dict(base["preprocess"]),

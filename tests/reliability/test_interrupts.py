@@ -18,10 +18,10 @@ import time
 import pytest
 import torch
 
-import model_utils
-import stopping
-import train
-import training
+from imgclf import checkpoints
+from imgclf.utils import stopping
+from imgclf.cli import train
+from imgclf.engine import epoch_loop
 from conftest import make_image_folder
 
 from . import harness
@@ -34,7 +34,7 @@ SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 def final_state(path):
     """What must match between runs: metrics, history, best epoch and the head's weights."""
-    ckpt = model_utils.load_checkpoint(str(path))
+    ckpt = checkpoints.load_checkpoint(str(path))
     head = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")}
     history = [{k: v for k, v in h.items() if k != "seconds"} for h in ckpt["history"]]
     return dict(metrics=ckpt["metrics"], history=history, epoch=ckpt["epoch"],
@@ -123,7 +123,7 @@ def test_stop_signals_at_random_moments(tmp_path, tiny_data, reference, tally):
             resume_args = args
         elif "resume with: python train.py " in err:
             phase = "during training"
-            ckpt = model_utils.load_checkpoint(str(ckpt_path))
+            ckpt = checkpoints.load_checkpoint(str(ckpt_path))
             ok = ok and not ckpt["complete"] and ckpt["train_state"] is not None and \
                 f"interrupted after epoch {ckpt['epochs_run']}: saved {ckpt_path}" in err
             resume_args = shlex.split(err.split("resume with: ")[1].splitlines()[0])[2:]
@@ -170,7 +170,7 @@ def test_second_signal_stops_at_once(tmp_path, tiny_data, reference, tally):
         err = run.stderr
         at_once += "again: stopped at once" in err
         try:
-            model_utils.load_checkpoint(str(save / "checkpoint.pth"))
+            checkpoints.load_checkpoint(str(save / "checkpoint.pth"))
             loads = True
         except Exception:
             loads = False
@@ -245,13 +245,13 @@ def test_signal_while_python_starts(tmp_path, tiny_data, tally):
 def stop_at_epochs(monkeypatch):
     """Make the in-process run send itself SIGINT while it prints the given epochs."""
     epochs = set()
-    original = training.epoch_line
+    original = epoch_loop.epoch_line
 
     def epoch_line(epoch, *rest):
         if epoch in epochs:
             os.kill(os.getpid(), signal.SIGINT)
         return original(epoch, *rest)
-    monkeypatch.setattr(training, "epoch_line", epoch_line)
+    monkeypatch.setattr(epoch_loop, "epoch_line", epoch_line)
     return epochs
 
 

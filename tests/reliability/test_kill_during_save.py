@@ -1,7 +1,7 @@
 """Case 2: kill -9 at random moments while a checkpoint is written.
 
 A process saves a real checkpoint (made larger, so a write takes a while) again and again with
-model_utils.save_checkpoint, and is killed with SIGKILL at a random moment. After every kill the
+checkpoints.save_checkpoint, and is killed with SIGKILL at a random moment. After every kill the
 checkpoint on disk must load and be the last one saved (or the one being renamed into place), and
 the temporary file the killed process left must be gone once the next process has saved.
 """
@@ -11,7 +11,7 @@ import random
 import signal
 import time
 
-import model_utils
+from imgclf import checkpoints
 from conftest import FAST
 
 from . import harness
@@ -57,7 +57,7 @@ def test_kill_9_while_saving(tmp_path, trained, tally):
         # Once this process finished a save, the previous killed one's files must be gone.
         stale_now = [f for f in stale if os.path.exists(f)] if finished else []
         try:
-            version = model_utils.load_checkpoint(path)["metrics"]["version"]
+            version = checkpoints.load_checkpoint(path)["metrics"]["version"]
             why = ""
         except Exception as err:  # any failure to load is what this test looks for
             version, why = None, f"{type(err).__name__}: {err}"
@@ -99,7 +99,7 @@ def test_kill_9_during_training_runs(tmp_path, small_data, trained, tally):
         run.signal(signal.SIGKILL)
         run.wait()
         try:
-            model_utils.load_checkpoint(str(save / "checkpoint.pth"))
+            checkpoints.load_checkpoint(str(save / "checkpoint.pth"))
             why = ""
         except Exception as err:
             why = str(err)

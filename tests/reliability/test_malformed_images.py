@@ -17,8 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data_utils
-import predict
+from imgclf.data import decode
+
+from imgclf.data import scanning
+
+from imgclf import errors
+from imgclf.cli import predict
 from conftest import FAST, draw_sample
 
 from . import harness
@@ -171,7 +175,7 @@ def test_scan_reports_every_bad_file_and_uses_every_good_one(malformed_folder, t
                                         "and reason; no traceback")
     root, expected = malformed_folder
     for workers in (0, 2):  # the serial scan and the process pool
-        scan = data_utils.scan_dataset(root, workers=workers)
+        scan = scanning.scan_dataset(root, workers=workers)
         used = {p for samples in scan.samples.values() for p, _ in samples}
         skipped = dict(scan.skipped)
         ignored = dict(scan.not_images)
@@ -244,7 +248,7 @@ def test_predict_answers_good_files_and_refuses_bad_ones(malformed_folder, train
 def test_exif_rotation_is_applied(malformed_folder):
     root, expected = malformed_folder
     path = [p for p in expected if p.endswith("exif-rotated.jpg")][0]
-    assert data_utils.load_rgb(path).size == (48, 96)  # stored 96x48, displayed upright
+    assert decode.load_rgb(path).size == (48, 96)  # stored 96x48, displayed upright
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="as a normal user the main folder has this case")
@@ -268,9 +272,9 @@ def test_unreadable_file_as_an_unprivileged_user(tally):
                     predict.load_image(path, dict(size=64, crop_pct=0.875, mean=[0.5] * 3,
                                                   std=[0.5] * 3))
                     said = "loaded"
-                except data_utils.UserError as err:
+                except errors.UserError as err:
                     said = str(err)
-                os.write(write, f"{data_utils.check_file(path).reason}\n{said}".encode())
+                os.write(write, f"{scanning.check_file(path).reason}\n{said}".encode())
             finally:
                 os._exit(0)
         os.close(write)

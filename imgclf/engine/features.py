@@ -11,15 +11,17 @@ import signal
 import numpy as np
 import torch
 
-import atomic
-import data_utils
-import feature_files
-import model_utils
-from errors import UserError
-from stopping import StopSignals
+from .. import checkpoints
+from ..data import decode
+from ..errors import UserError
+from ..models import hardware
+from ..utils import atomic
+from ..utils.progress import Progress
+from ..utils.stopping import StopSignals
+from . import feature_files
 
 FEATURE_CACHE_VERSION = 2  # 2: photos decoded at the scale their views need
-CACHE_WRITE_ERRNOS = model_utils.DISK_FULL_ERRNOS | model_utils.NOT_WRITABLE_ERRNOS
+CACHE_WRITE_ERRNOS = checkpoints.DISK_FULL_ERRNOS | checkpoints.NOT_WRITABLE_ERRNOS
 
 
 def cached_features(backbone, split, views, config, scan, preprocess, job, cache_dir,
@@ -46,7 +48,7 @@ def cache_key(config, scan, preprocess, split, views, device, mirror=False):
                  weights=file_identity(config.weights), preprocess=preprocess,
                  views=views, seed=config.seed if views else None,
                  data=scan.fingerprint, split=split,
-                 precision=model_utils.precision_name(device))
+                 precision=hardware.precision_name(device))
     if mirror:  # absent otherwise, so that the caches of earlier versions stay valid
         parts["mirror"] = True
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -68,8 +70,8 @@ class ViewDataset(torch.utils.data.Dataset):
     def __init__(self, samples, preprocess, views, seed, mirror=False):
         self.samples, self.preprocess, self.views, self.seed = samples, preprocess, views, seed
         self.mirror = int(mirror)
-        self.augment = data_utils.train_augment(preprocess) if views else None
-        self.side = (data_utils.augment_side if views else data_utils.eval_side)(preprocess)
+        self.augment = decode.train_augment(preprocess) if views else None
+        self.side = (decode.augment_side if views else decode.eval_side)(preprocess)
 
     def __len__(self):
         return len(self.samples)
@@ -80,8 +82,8 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        img = data_utils.load_rgb(path, self.side)
-        plain = data_utils.eval_array(img, self.preprocess)
+        img = decode.load_rgb(path, self.side)
+        plain = decode.eval_array(img, self.preprocess)
         views = [plain] + [np.ascontiguousarray(plain[..., ::-1])] * self.mirror
         # Augmented views are numbered 1.. with or without the mirror view. Each view's
         # randomness depends only on (seed, image, view): same features for the same seed,
@@ -98,15 +100,15 @@ class AugmentedDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples, preprocess, seed):
         self.samples, self.seed, self.epoch = samples, seed, 0
-        self.augment = data_utils.train_augment(preprocess)
-        self.side = data_utils.augment_side(preprocess)
+        self.augment = decode.train_augment(preprocess)
+        self.side = decode.augment_side(preprocess)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        img = data_utils.load_rgb(path, self.side)
+        img = decode.load_rgb(path, self.side)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + i)
             return self.augment(img), label
@@ -121,7 +123,7 @@ class EvalDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return data_utils.load_eval_array(path, self.preprocess), label
+        return decode.load_eval_array(path, self.preprocess), label
 
 
 def extract_features(backbone, samples, preprocess, views, seed, workers, path, label_path,
@@ -131,18 +133,18 @@ def extract_features(backbone, samples, preprocess, views, seed, workers, path, 
     dataset = ViewDataset(samples, preprocess, views, seed, mirror)
     per_image = dataset.per_image
     # Whole photos in a batch of about the backbone's batch size: each photo is decoded once.
-    photos_per_batch = -(-model_utils.inference_batch_size(job.device) // per_image)
+    photos_per_batch = -(-hardware.inference_batch_size(job.device) // per_image)
     photos = job.shard(len(dataset), photos_per_batch)  # all photos in a single process
     loader = make_loader(torch.utils.data.Subset(dataset, photos), photos_per_batch, workers, job)
     tmp = job.part_path(path)
     # Row i is view i % per_image of image i // per_image, as in ViewDataset.
     labels = np.repeat(np.array([label for _, label in samples], dtype=np.int64), per_image)
-    forward = model_utils.fast_forward(backbone, job.device)
+    forward = hardware.fast_forward(backbone, job.device)
     extra = ["mirrored"] * bool(mirror) + [f"{views} augmented"] * bool(views)
     desc = f"features {split}" + (f" (+{', '.join(extra)})" if extra else "")
     if job.world_size > 1:
         desc += f" [rank 0's share of {job.world_size}]"
-    progress = data_utils.Progress(len(photos) * per_image, desc, stream=job.progress_stream)
+    progress = Progress(len(photos) * per_image, desc, stream=job.progress_stream)
     signals = StopSignals.active or StopSignals()  # called on its own: nothing sets a signal
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -7,7 +7,7 @@ FILE leaves the photos a user agrees are bad out of the next run.
   test also valid) by cosine similarity of the plain view's features less the train mean,
   computed in blocks so that no all-pairs matrix is held. A pair at or above
   NEAR_DUPLICATE_COSINE is named. So is each pair the scan's perceptual hashes name
-  (data_utils.find_near_duplicates): the features of a small photo, shrunk and recompressed,
+  (data_report.find_near_duplicates): the features of a small photo, shrunk and recompressed,
   move with its texture, which its hash ignores. A pair only the hash names scores
   1 - differing bits / 64 in place of a cosine.
 - Label errors: confident learning (Northcutt et al. 2021, the method of cleanlab's
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import atomic
-import data_utils
-import linear_probe
-import report
-from errors import UserError
+from ..data import data_report
+from ..errors import UserError
+from ..heads import linear_probe
+from ..utils import atomic
+from . import report
 
 CSV_NAME = "data_issues.csv"
 PNG_NAME = "data_issues.png"
@@ -81,7 +81,7 @@ def find_issues(stored, scan, head, seed=0, fit_features=None, device=None):
     plain = {split: x[:, 0] for split, (x, _) in stored.items()}
     paths = {split: [p for p, _ in scan.samples[split]] for split in stored}
     findings.near_duplicates = with_hash_pairs(near_duplicates(plain, paths),
-                                               data_utils.find_near_duplicates(scan))
+                                               data_report.find_near_duplicates(scan))
     fit = [s for s in FIT_SPLITS if s in stored]
     x = torch.cat([stored[s][0] for s in fit]) if fit_features is None else fit_features
     y = np.concatenate([np.asarray(stored[s][1]) for s in fit])
@@ -406,4 +406,3 @@ def _check_classes_left(scan, list_path):
     if empty:
         raise UserError(f"--exclude {list_path}: leaves no train photo of class "
                         f"{', '.join(empty[:5])}; keep some, or remove the class folder")
-

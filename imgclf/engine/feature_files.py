@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 
-import atomic
+from ..utils import atomic
 
 _READ_HEADER = {(1, 0): np.lib.format.read_array_header_1_0,
                 (2, 0): np.lib.format.read_array_header_2_0}

@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import atomic
-import feature_files
-import model_utils
-from errors import UserError
+from ..errors import UserError
+from ..models import hardware
+from ..utils import atomic
+from . import feature_files
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def setup(gpu=None):
     """Join torchrun's process group when there is one; the Job of this process either way."""
     env = torchrun_env()
     if env is None:
-        return Single(model_utils.resolve_device(gpu))
+        return Single(hardware.resolve_device(gpu))
     return Group(*env, device=rank_device(gpu, env[2]))
 
 
@@ -117,7 +117,7 @@ def rank_device(gpu, local_rank):
         raise UserError("--gpu mps: torchrun needs one device per process and a Mac has one; "
                         "run python train.py without torchrun")
     if not gpu.startswith(("cuda", "gpu")):
-        return model_utils.resolve_device(gpu)  # its error names the accepted values
+        return hardware.resolve_device(gpu)  # its error names the accepted values
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise NodeError(f"--gpu: no CUDA GPU is visible to PyTorch on {socket.gethostname()}; "

@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-import atomic
-import data_utils
+from ..data import decode, scanning
+from ..utils import atomic
 
 MISTAKES_SHOWN = 24
 REPORT_FILES = dict(text="report.txt", json="metrics.json", predictions="predictions.csv",
@@ -105,8 +105,8 @@ def write_report(out_dir, probs, labels, classes, names, image_paths, history=No
     if not history:
         files.pop("curves")
     os.makedirs(out_dir, exist_ok=True)
-    data_utils.write_text_atomic(files["text"], "\n".join(report_text(metrics, names)) + "\n")
-    data_utils.write_text_atomic(files["json"], json.dumps(
+    scanning.write_text_atomic(files["text"], "\n".join(report_text(metrics, names)) + "\n")
+    scanning.write_text_atomic(files["json"], json.dumps(
         metrics_document(metrics, classes, names), indent=2) + "\n")
     write_predictions_csv(files["predictions"], probs, labels, names, image_paths)
     plot_confusion(files["confusion"], metrics["confusion"], names)
@@ -127,7 +127,7 @@ def write_predictions_csv(path, probs, labels, names, image_paths):
         best = int(p.argmax())
         writer.writerow([path_i, names[label], names[best], f"{p[best]:.4f}",
                          int(best == label)])
-    data_utils.write_text_atomic(path, buf.getvalue())
+    scanning.write_text_atomic(path, buf.getvalue())
 
 
 HISTORY_CSV = "history.csv"
@@ -151,7 +151,7 @@ def write_history_csv(save_dir, history):
     writer.writerow(columns)
     for row in history:  # repr of a float reads back to the same float
         writer.writerow([_csv_number(row.get(c)) for c in columns])
-    data_utils.write_text_atomic(path, buf.getvalue())
+    scanning.write_text_atomic(path, buf.getvalue())
     return path
 
 
@@ -195,7 +195,7 @@ def write_training_report(save_dir, model, scan, names, preprocess, device, hist
                                list(paths), history)
         _print_summary(summary, started)
         return
-    import inference  # its batched, overlapped image reading
+    from ..app import inference  # its batched, overlapped image reading
     predictor = inference.TorchPredictor.from_model(model, scan.classes, display, preprocess,
                                                     device)
     label_of = dict(scan.samples["test"])
@@ -256,8 +256,8 @@ def _picture(path, square=None):
     a grey tile if the file cannot be read any more."""
     from PIL import ImageOps
     try:
-        img = data_utils.load_rgb(path, 2 * (square or 320))  # twice the drawn size: sharp
-    except data_utils.IMAGE_ERRORS:
+        img = decode.load_rgb(path, 2 * (square or 320))  # twice the drawn size: sharp
+    except decode.IMAGE_ERRORS:
         return np.full((64, 64, 3), 200, dtype=np.uint8)
     if square:
         img = ImageOps.fit(img, (square, square))

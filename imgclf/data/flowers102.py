@@ -14,9 +14,8 @@ import urllib.request
 import zlib
 from pathlib import Path, PurePosixPath
 
-import atomic
-from errors import UserError
-
+from ..errors import UserError
+from ..utils import atomic
 
 # The address and checksums torchvision.datasets.Flowers102 uses.
 FLOWERS102_BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"

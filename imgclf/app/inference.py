@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import UnidentifiedImageError
 
-import data_utils
-from errors import UserError
+from ..data import decode, scanning
+from ..data.category_names import check_category_names, read_category_names
+from ..errors import UserError
+from ..utils.progress import Progress
 
 # Decoding threads that prepare the next batches while the model runs the current one.
 DECODE_THREADS = 2
@@ -34,13 +36,14 @@ class TorchPredictor:
     """A checkpoint from train.py: classes, preprocessing, and batch -> probabilities."""
 
     def __init__(self, path, gpu=None, precision="auto", threads=None):
-        import model_utils
-        device = model_utils.resolve_device(gpu)
+        from .. import checkpoints
+        from ..models import hardware
+        device = hardware.resolve_device(gpu)
         if threads and device.type == "cpu":
             import torch
             torch.set_num_threads(threads)
-        ckpt = model_utils.load_checkpoint(path)
-        model = model_utils.model_from_checkpoint(ckpt, path)
+        ckpt = checkpoints.load_checkpoint(path)
+        model = checkpoints.model_from_checkpoint(ckpt, path)
         self._setup(model, ckpt["classes"], ckpt.get("class_names"), ckpt["preprocess"], device,
                     float32=precision == "fp32")
 
@@ -53,13 +56,14 @@ class TorchPredictor:
 
     def _setup(self, model, classes, class_names, preprocess, device, float32=False):
         import torch
-        import model_utils
+
+        from ..models import hardware
         self.classes = list(classes)
         self.class_names = list(class_names or self.classes)
         self.preprocess = preprocess
         self.model = model
-        self.batch_size = model_utils.inference_batch_size(device)
-        self._forward = model_utils.fast_forward(model, device, float32)
+        self.batch_size = hardware.inference_batch_size(device)
+        self._forward = hardware.fast_forward(model, device, float32)
         # Whether the model averages each photo with its mirror image (predict.py --tta would
         # change nothing)
         self.averages_mirror = bool(getattr(model, "flip_tta", False))
@@ -139,8 +143,8 @@ def load_predictor(path, gpu=None, precision="auto", threads=None):
 
 def display_names(classes, stored_names, category_names=None):
     if category_names:
-        names = data_utils.read_category_names(category_names)
-        return list(data_utils.check_category_names(names, classes, category_names).values())
+        names = read_category_names(category_names)
+        return list(check_category_names(names, classes, category_names).values())
     return list(stored_names or classes)
 
 
@@ -170,13 +174,13 @@ def read_image(item, preprocess):
     if not os.path.isfile(path):  # a pipe or a device: reading it would block or never end
         return None, f"image {path}: not a regular file; give the path of a photo"
     try:
-        array = data_utils.load_eval_array(path, preprocess)
+        array = decode.load_eval_array(path, preprocess)
     except UnidentifiedImageError:
-        if item.found and not path.lower().endswith(data_utils.IMAGE_EXTENSIONS):
+        if item.found and not path.lower().endswith(scanning.IMAGE_EXTENSIONS):
             return None, None  # a stray file in a folder of photos, as in training
         return None, f"image {path}: cannot be read: not an image (unknown format); {IMAGE_FIX}"
-    except data_utils.IMAGE_ERRORS as err:
-        return None, (f"image {path}: cannot be read: {data_utils.describe_image_error(err)}; "
+    except decode.IMAGE_ERRORS as err:
+        return None, (f"image {path}: cannot be read: {decode.describe_image_error(err)}; "
                       f"{IMAGE_FIX}")
     return array, None
 
@@ -214,7 +218,7 @@ def read_batches(items, preprocess, batch_size, threads=DECODE_THREADS):
 def predict_paths(predictor, items, tta=False, threads=DECODE_THREADS):
     """A Result per item (litter left out): probabilities, or the reason it failed."""
     batch_size = getattr(predictor, "batch_size", 16)
-    progress = data_utils.Progress(len(items), "predicting") if len(items) > batch_size else None
+    progress = Progress(len(items), "predicting") if len(items) > batch_size else None
     results = []
     for chunk, decoded in read_batches(items, predictor.preprocess, batch_size, threads):
         good = [array for array, error in decoded if array is not None]

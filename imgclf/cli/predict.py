@@ -1,0 +1,331 @@
+"""Name what photos show, with a checkpoint written by train.py.
+
+    python predict.py IMAGE [IMAGE ...] CHECKPOINT [--top_k 5] [--category_names JSON] [--gpu]
+    python predict.py photos/ CHECKPOINT --json            # a folder, searched recursively
+    python predict.py 'photos/*.jpg' CHECKPOINT --csv out.csv --plot out.png
+    python predict.py DATA_DIR/test CHECKPOINT --evaluate  # the report for a labelled folder
+
+Start-up matters here: this script imports only what the run needs (torch and model_utils for a
+checkpoint; never torchvision, matplotlib or the training code unless a run asks for them).
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+
+from .. import errors
+from ..app import inference
+
+# The inference names that predict.py offered before inference.py held them.
+from ..app.inference import (  # noqa: F401
+    IMAGE_FIX,
+    Item,
+    OnnxPredictor,
+    TorchPredictor,
+    batch_probabilities,
+    display_names,
+    load_image,
+    load_predictor,
+    predict_paths,
+    read_image,
+    top_k,
+)
+from ..data import scanning
+from ..errors import UserError
+from ..version import __version__
+
+# Images drawn in one --plot grid: beyond this a grid is too small to read.
+PLOT_LIMIT = 24
+TOP_K = 5  # classes shown where --top_k is not given
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Predict the class of images with a checkpoint from train.py.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("image", nargs="+", metavar="IMAGE",
+                   help="a photo, several photos, a folder (searched recursively) or a quoted "
+                        "glob such as 'photos/*.jpg'")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="checkpoint.pth written by train.py, or model.onnx from export.py")
+    p.add_argument("--top_k", type=int, metavar="K",
+                   help=f"how many of the most likely classes to show (default: {TOP_K})")
+    p.add_argument("--category_names", metavar="JSON",
+                   help="JSON mapping class folder names to display names (default: the names "
+                        "stored in the checkpoint)")
+    p.add_argument("--gpu", nargs="?", const="cuda", metavar="DEVICE",
+                   help="run on an accelerator: --gpu alone for CUDA, or cuda:1, mps "
+                        "(default: the CPU)")
+    p.add_argument("--precision", choices=inference.PRECISIONS, default="auto",
+                   help=inference.PRECISION_HELP)
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the predictions of each image and its "
+                        "mirror image (twice the compute; default: off)")
+    out = p.add_argument_group("Output")
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON document (a list, one object per image) instead of text")
+    out.add_argument("--csv", metavar="FILE",
+                     help="also write one row per image: path, then name and probability of each "
+                          "of the top K (default: none)")
+    out.add_argument("--plot", metavar="FILE.png",
+                     help=f"also draw each photo beside a bar chart of its top K (the first "
+                          f"{PLOT_LIMIT} images, as one grid; default: none)")
+    out.add_argument("--evaluate", action="store_true",
+                     help="IMAGE is a folder of class folders named like the checkpoint's "
+                          "classes: write the evaluation report (accuracy, per-class scores, "
+                          "confusion matrix, confident mistakes) to --report_dir")
+    out.add_argument("--report_dir", metavar="DIR",
+                     help="where --evaluate writes its report (default: report)")
+    return p
+
+
+def main(argv=None):
+    return errors.run_main(build_parser, run, argv)
+
+
+def run(args):
+    check_options(args)
+    if args.evaluate:
+        return evaluate(args)
+    items = find_images(args.image)
+    single = len(items) == 1 and not items[0].found  # one named photo: today's short output
+    if single and not os.path.exists(items[0].path):  # say so before the model loads
+        raise UserError(read_image(items[0], None)[1])
+    # One photo computes on one thread: its forward pass took 0.08 s so on a busy 2-core
+    # machine, 0.5 s on both cores, whose threads spent it waiting for one another
+    predictor = load_predictor(args.checkpoint, args.gpu, args.precision,
+                               threads=1 if len(items) == 1 else None)
+    check_tta(args.tta, predictor, args.checkpoint)
+    names = display_names(predictor.classes, predictor.class_names, args.category_names)
+    results = predict_paths(predictor, items, args.tta)
+    if not results:
+        raise UserError(f"image {', '.join(args.image)}: no images found (only files that are "
+                        f"not images); {IMAGE_FIX}")
+    if single and results[0].error:
+        raise UserError(results[0].error)
+    k = clip_top_k(args.top_k or TOP_K, len(names))
+    write_outputs(args, results, predictor.classes, names, k, single)
+    failed = [r for r in results if r.error]
+    for result in failed:
+        print(f"error: {result.error}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(results)} images could not be read; the others were "
+              f"predicted", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def check_options(args):
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top_k {args.top_k}: must be 1 or more")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UserError(f"--plot {args.plot}: the picture is written as PNG; give a name ending "
+                        f"in .png")
+    if args.report_dir and not args.evaluate:
+        raise UserError(f"--report_dir {args.report_dir}: only --evaluate writes a report; add "
+                        f"--evaluate, or drop --report_dir")
+    if args.evaluate:
+        others = [flag for flag, on in (("--json", args.json), ("--csv", args.csv),
+                                        ("--plot", args.plot), ("--top_k", args.top_k)) if on]
+        if others:
+            raise UserError(f"--evaluate writes its own report files; drop {', '.join(others)}")
+        if len(args.image) != 1:
+            raise UserError("--evaluate takes one folder of class folders, e.g. "
+                            "python predict.py DATA_DIR/test checkpoint.pth --evaluate")
+
+
+def check_tta(tta, predictor, path):
+    """--tta averages each photo with its mirror image: refused for a model that does so
+    already (the head was chosen so in training), where it would change nothing."""
+    if tta and predictor.averages_mirror:
+        raise UserError(f"--tta: {path} averages each photo with its mirror image already (its "
+                        f"head was chosen so in training); drop --tta")
+
+
+def clip_top_k(top_k, num_classes):
+    k = min(top_k, num_classes)
+    if k < top_k:
+        print(f"note: --top_k {top_k} is more than the {num_classes} classes; showing {k}",
+              file=sys.stderr)
+    return k
+
+
+def write_outputs(args, results, classes, names, k, single):
+    tops = [top_k(r.probs, k) if r.error is None else None for r in results]
+    if args.json:
+        print(json.dumps(json_document(results, k, classes, names), indent=2))
+    else:
+        print_human(results, tops, names, single)
+    if args.csv:
+        write_csv(args.csv, results, tops, names, k)
+        print(f"wrote {args.csv}", file=sys.stderr)
+    if args.plot:
+        plot(args.plot, results, tops, names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading images
+# ---------------------------------------------------------------------------------------------
+def find_images(sources):
+    """The files that IMAGE arguments name, in order and without repeats: files as given,
+    folders searched recursively (hidden and system files left out, as in training), globs
+    expanded. A named file that does not exist is kept, to be reported with the others."""
+    items, seen = [], set()
+    for source in sources:
+        if os.path.isdir(source):
+            paths, found = folder_files(source), True
+            if not paths:
+                raise UserError(f"image folder {source}: no files in it or its subfolders; "
+                                f"give a folder that holds photos (JPEG, HEIC, PNG, WebP, BMP, "
+                                f"TIFF, GIF)")
+        elif os.path.exists(source) or not glob.has_magic(source):
+            paths, found = [source], False
+        else:
+            paths, found = expand_glob(source), True
+        for path in paths:
+            if path not in seen:
+                seen.add(path)
+                items.append(Item(path, found))
+    return items
+
+
+def folder_files(folder):
+    return scanning._walk_files(folder, Counter())
+
+
+def expand_glob(pattern):
+    paths = []
+    for match in sorted(glob.glob(pattern, recursive=True)):
+        paths += folder_files(match) if os.path.isdir(match) else [match]
+    if not paths:
+        raise UserError(f"image {pattern}: no file matches this pattern; check the path")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+def format_top_k(names, indices, probs, width=None):
+    width = width or max(len(names[i]) for i in indices)
+    return [f"{rank:>2}. {names[i]:<{width}}  {100 * p:5.1f}%"
+            for rank, (i, p) in enumerate(zip(indices, probs), 1)]
+
+
+def print_human(results, tops, names, single):
+    if single:
+        print("\n".join(format_top_k(names, *tops[0])))
+        return
+    width = max(len(name) for name in names)  # one column of percentages for all images
+    for result, top in zip(results, tops):
+        if result.error:
+            continue  # reported on stderr
+        print(result.path)
+        print("\n".join("  " + line for line in format_top_k(names, *top, width=width)))
+
+
+def json_document(results, k, classes, names):
+    return [{"image": r.path, "error": r.error} if r.error else
+            inference.prediction_object(r.path, r.probs, k, classes, names) for r in results]
+
+
+def write_csv(path, results, tops, names, k):
+    import csv
+    import io
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    header = ["image"]
+    for rank in range(1, k + 1):
+        header += [f"name_{rank}", f"probability_{rank}"]
+    writer.writerow(header + ["error"])
+    for result, top in zip(results, tops):
+        row = [result.path]
+        if result.error:
+            writer.writerow(row + [""] * (2 * k) + [result.error])
+            continue
+        for i, p in zip(*top):
+            row += [names[i], f"{p:.4f}"]
+        writer.writerow(row + [""])
+    try:
+        scanning.write_text_atomic(path, buf.getvalue())
+    except OSError as err:
+        raise UserError(f"--csv {path}: cannot write it ({err.strerror}); give a writable "
+                        f"path") from None
+
+
+def plot(path, results, tops, names):
+    from ..analysis import report
+    shown = [(r.path, [names[i] for i in top[0]], top[1])
+             for r, top in zip(results, tops) if not r.error]
+    if len(shown) > PLOT_LIMIT:
+        print(f"note: --plot draws the first {PLOT_LIMIT} of the {len(shown)} images",
+              file=sys.stderr)
+        shown = shown[:PLOT_LIMIT]
+    if shown:
+        try:
+            report.plot_predictions(path, shown)
+        except OSError as err:
+            raise UserError(f"--plot {path}: cannot write it ({err}); give a writable "
+                            f"path") from None
+        print(f"wrote {path}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# --evaluate
+# ---------------------------------------------------------------------------------------------
+def evaluate(args):
+    root = args.image[0]
+    predictor = load_predictor(args.checkpoint, args.gpu, args.precision)
+    check_tta(args.tta, predictor, args.checkpoint)
+    names = display_names(predictor.classes, predictor.class_names, args.category_names)
+    items, labels = labelled_images(root, predictor.classes)
+    results = predict_paths(predictor, items, args.tta)
+    label_of = dict(zip((item.path for item in items), labels))
+    good = [r for r in results if r.error is None]
+    failed = [r for r in results if r.error]
+    if not good:
+        raise UserError(f"{root}: none of its images could be read; {IMAGE_FIX}")
+    from ..analysis import report
+    summary = report.write_report(args.report_dir or "report", np.stack([r.probs for r in good]),
+                                  np.array([label_of[r.path] for r in good]),
+                                  predictor.classes, names, [r.path for r in good])
+    print("\n".join(report.summary_lines(summary)))
+    for result in failed:
+        print(f"error: {result.error}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(results)} images could not be read and were left out",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def labelled_images(root, classes):
+    """(items, labels) for a folder of class folders named like the checkpoint's classes."""
+    if not os.path.isdir(root):
+        raise UserError(f"--evaluate {root}: no such folder; give a folder of class folders, "
+                        f"e.g. DATA_DIR/test")
+    by_class = scanning.list_class_files(root, Counter())
+    unknown = sorted(set(by_class) - set(classes))
+    if unknown:
+        hint = ""
+        if "test" in scanning.find_split_dirs(root):
+            hint = f" (it holds split folders: did you mean {os.path.join(root, 'test')}?)"
+        raise UserError(f"--evaluate {root}: class folder(s) the checkpoint does not know: "
+                        f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}{hint}; "
+                        f"its classes are {', '.join(classes[:10])}"
+                        f"{' ...' if len(classes) > 10 else ''}")
+    index = {c: i for i, c in enumerate(classes)}
+    items, labels = [], []
+    for cls in sorted(by_class, key=index.get):
+        for path in by_class[cls]:
+            items.append(Item(path, found=True))
+            labels.append(index[cls])
+    if not items:
+        raise UserError(f"--evaluate {root}: no images in its class folders; give a folder "
+                        f"like DATA_DIR/test with one folder of photos per class")
+    return items, labels
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,459 @@
+"""Try a model in the browser: a small web page and a JSON API.
+
+    python serve.py CHECKPOINT_OR_ONNX [--host 127.0.0.1] [--port 8000] [--top_k 5]
+
+  GET  /          the page: drop or pick a photo, see it beside a bar chart of the top classes
+  POST /predict   the photo as multipart form field "file"; answers the JSON object that
+                  predict.py --json gives per image:
+                  {"image": "rose.jpg", "predictions": [{"class": "3", "name": "rose",
+                  "probability": 0.87}, ...]}; errors as {"error": "..."} with a 4xx status
+  GET  /health    {"status": "ok", "model": ..., "backend": ..., "classes": N}
+
+Why FastAPI (on Starlette) and uvicorn: both are well kept and widely used; the async server
+reads uploads without tying up a thread per slow client, multipart parsing comes from
+python-multipart, and the whole stack installs from PyPI as pure Python or small wheels.
+
+Safe to leave running: binds to 127.0.0.1 unless --host says otherwise; an upload over
+--max_upload_mb gets 413 as soon as its Content-Length (or the bytes read so far) pass the limit,
+without reading the rest; anything that does not decode as an image gets 415; the upload's
+file name is only echoed back, never used as a path; an upload stalled for a minute gets 408;
+past --max_concurrent requests in progress the answer is 503. Model and images go through
+inference.load_predictor and decode.load_rgb/eval_array, and the answer is
+inference.prediction_object, so answers are those of predict.py.
+
+Needs the optional packages of the serve extra (fastapi, uvicorn, python-multipart:
+pip install -e '.[serve]'; and those of the export extra for an .onnx model).
+"""
+import argparse
+import base64
+import hashlib
+import html
+import importlib.util
+import logging
+import os
+import socket
+import sys
+import threading
+
+from .. import errors
+from ..app import inference
+from ..data import decode
+from ..errors import UserError
+from ..version import __version__
+
+log = logging.getLogger("serve")
+INSTALL_HINT = "pip install -e '.[serve]'"
+# Room for the multipart boundaries and headers around the file itself.
+MULTIPART_OVERHEAD = 64 * 1024
+UPLOAD_TIMEOUT_S = 60
+# Open connections uvicorn accepts before it answers 503 itself: a bound on sockets and tasks
+# well above --max_concurrent, so that /health and the page still answer under load.
+MAX_CONNECTIONS = 256
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Serve a model from train.py (checkpoint) or export.py (.onnx) as a web "
+                    "page and a JSON API.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("model", metavar="CHECKPOINT_OR_ONNX",
+                   help="checkpoint.pth written by train.py, or model.onnx written by export.py")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                   help="address to listen on; 0.0.0.0 opens it to the network "
+                        "(default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, metavar="N",
+                   help="port to listen on; 0 picks a free one (default: 8000)")
+    p.add_argument("--top_k", type=int, default=5, metavar="K",
+                   help="how many of the most likely classes to answer with (default: 5)")
+    p.add_argument("--max_upload_mb", type=float, default=10.0, metavar="MB",
+                   help="largest photo accepted, in megabytes (default: 10)")
+    p.add_argument("--max_concurrent", type=int, default=8, metavar="N",
+                   help="requests to /predict in progress at once; more get 503 (default: 8)")
+    p.add_argument("--gpu", nargs="?", const="cuda", metavar="DEVICE",
+                   help="run the model on an accelerator, as in predict.py (default: the CPU)")
+    p.add_argument("--precision", choices=inference.PRECISIONS, default="auto",
+                   help=inference.PRECISION_HELP)
+    return p
+
+
+def main(argv=None):
+    return errors.run_main(build_parser, run, argv)
+
+
+def run(args):
+    require_serving()
+    if args.top_k < 1:
+        raise UserError(f"--top_k {args.top_k}: must be 1 or more")
+    if args.max_upload_mb <= 0 or args.max_concurrent < 1:
+        raise UserError("--max_upload_mb and --max_concurrent must be more than 0")
+    predictor = inference.load_predictor(args.model, args.gpu, args.precision)
+    app = create_app(predictor, os.path.basename(args.model), top_k=args.top_k,
+                     max_upload_bytes=int(args.max_upload_mb * 1e6),
+                     max_concurrent=args.max_concurrent)
+    sock = bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {args.model} on http://{'[' + host + ']' if ':' in host else host}:{port}/ "
+          f"(Ctrl+C to stop)", flush=True)
+    serve(app, sock)
+    return 0
+
+
+def require_serving():
+    """fastapi, uvicorn and python-multipart are optional: say in one line how to get them."""
+    for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"),
+                            ("python_multipart", "python-multipart")):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"serve.py needs the optional package {package}: {INSTALL_HINT}")
+
+
+def bind(host, port):
+    """Open the listening socket ourselves: a busy port becomes a one-line error, and port 0
+    gives a free port whose number we can print."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(128)
+    except (OSError, IndexError) as err:
+        raise UserError(f"cannot listen on {host}:{port} ({getattr(err, 'strerror', err)}); "
+                        f"choose another --port or --host") from None
+    return sock
+
+
+def serve(app, sock, access_log=True):
+    """Run uvicorn on an open socket until Ctrl+C (or server.should_exit)."""
+    server = make_server(app, access_log)
+    server.run(sockets=[sock])
+
+
+def make_server(app, access_log=True):
+    import uvicorn
+    config = uvicorn.Config(app, log_level="info" if access_log else "warning",
+                            access_log=access_log, timeout_keep_alive=5,
+                            limit_concurrency=MAX_CONNECTIONS)
+    return uvicorn.Server(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The application
+# ---------------------------------------------------------------------------------------------
+class ApiError(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def create_app(predictor, model_name, top_k=5, max_upload_bytes=10_000_000, max_concurrent=8):
+    """The FastAPI app around a predictor (see inference.load_predictor)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="image classifier", docs_url=None, redoc_url=None, openapi_url=None)
+    model = Model(predictor, top_k)
+    in_progress = {"n": 0}  # touched only on the event loop's thread: no lock needed
+    page, script_hash = render_page(model_name, len(model.classes), max_upload_bytes)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):  # 404, 405 ...: the same JSON shape as our errors
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return JSONResponse({"error": "bad request"}, status_code=400)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc):
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        if exc.status == 413:
+            headers = {"Connection": "close"}  # the rest of the body is never read
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page, headers={
+            "Content-Security-Policy": f"default-src 'none'; img-src blob:; "
+                                       f"style-src 'unsafe-inline'; connect-src 'self'; "
+                                       f"script-src '{script_hash}'; base-uri 'none'; "
+                                       f"form-action 'none'; frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "backend": model.backend,
+                "classes": len(model.classes), "top_k": model.top_k}
+
+    @app.post("/predict")
+    async def predict_endpoint(request: Request):
+        if in_progress["n"] >= max_concurrent:
+            raise ApiError(503, f"busy: {max_concurrent} requests in progress; try again")
+        in_progress["n"] += 1
+        try:
+            name, data = await read_upload(request, max_upload_bytes)
+            batch = await run_in_threadpool(model.preprocess_bytes, data)
+            probs = await run_in_threadpool(model.probabilities, batch)
+            return model.answer(name, probs)
+        finally:
+            in_progress["n"] -= 1
+
+    return app
+
+
+class Model:
+    """The predictor, its names, and one inference at a time: a single run already uses every
+    core, so parallel runs would only make each other slower."""
+
+    def __init__(self, predictor, top_k):
+        self.predictor = predictor
+        self.classes = list(predictor.classes)
+        self.names = list(predictor.class_names or self.classes)
+        self.top_k = min(top_k, len(self.classes))
+        self.backend = "onnxruntime" if type(predictor).__name__ == "OnnxPredictor" else "torch"
+        self.lock = threading.Lock()
+
+    def preprocess_bytes(self, data):
+        try:
+            return decode.load_eval_array(data, self.predictor.preprocess)[None]
+        except decode.IMAGE_ERRORS as err:
+            raise ApiError(415, f"not a usable image: {decode.describe_image_error(err)}; "
+                                f"send a JPEG, HEIC, PNG, WebP, BMP, TIFF or GIF photo") from None
+
+    def probabilities(self, batch):
+        with self.lock:
+            return self.predictor.probabilities(batch)[0]
+
+    def answer(self, image_name, probs):
+        return inference.prediction_object(image_name, probs, self.top_k, self.classes,
+                                           self.names)
+
+
+async def read_upload(request, limit):
+    """(file name, bytes) of form field "file", reading at most limit bytes of the body."""
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    body = await read_body(request, limit + MULTIPART_OVERHEAD, limit)
+    if not body:
+        raise ApiError(400, "empty request: send the photo as multipart form field 'file'")
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(400, "send the photo as multipart/form-data, in form field 'file'")
+
+    async def replay():  # hand the body we already hold to Starlette's multipart parser
+        return {"type": "http.request", "body": body, "more_body": False}
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+    except (HTTPException, ValueError, KeyError) as err:
+        raise ApiError(400, f"malformed multipart body ({getattr(err, 'detail', err)})") from None
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(400, "no file in form field 'file'")
+    data = await upload.read()
+    if not data:
+        raise ApiError(400, "the uploaded file is empty")
+    if len(data) > limit:
+        raise ApiError(413, f"the photo is over the {limit / 1e6:g} MB limit")
+    return safe_name(upload.filename), data
+
+
+async def read_body(request, body_limit, file_limit):
+    """The request body, refused with 413 as soon as it is known to be too large: from its
+    Content-Length before reading anything, else while reading, without reading the rest."""
+    import anyio
+    too_large = ApiError(413, f"the upload is over the {file_limit / 1e6:g} MB limit")
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ApiError(400, "bad Content-Length")
+        if int(length) > body_limit:
+            raise too_large
+    body = bytearray()
+    try:
+        with anyio.fail_after(UPLOAD_TIMEOUT_S):  # a stalled upload must not hold its slot
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > body_limit:
+                    raise too_large
+    except TimeoutError:
+        raise ApiError(408, f"the upload took over {UPLOAD_TIMEOUT_S}s; try again") from None
+    return bytes(body)
+
+
+def safe_name(filename):
+    """The upload's name for display only: its last path part, printable, at most 200 chars."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable())[:200]
+    return name or "upload"
+
+
+# ---------------------------------------------------------------------------------------------
+# The page: one HTML file, style and script inline, no outside assets
+# ---------------------------------------------------------------------------------------------
+def render_page(model_name, num_classes, max_upload_bytes):
+    """The page's HTML and the CSP hash of its inline script (the only script allowed)."""
+    script = PAGE_SCRIPT.replace("__MAX_BYTES__", str(int(max_upload_bytes)))
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    page = (PAGE_HTML.replace("__MODEL__", html.escape(model_name))
+            .replace("__CLASSES__", str(num_classes))
+            .replace("__LIMIT__", f"{max_upload_bytes / 1e6:g} MB")
+            .replace("__SCRIPT__", script))
+    return page, f"sha256-{digest}"
+
+
+PAGE_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>What is in this photo?</title>
+<style>
+  :root { --ink: #1d2330; --muted: #5d6575; --line: #d9dee7; --accent: #2f6fde;
+          --bar: #9db9ee; --bg: #f5f7fb; --card: #fff; --bad: #b3261e; }
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 16px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+         color: var(--ink); background: var(--bg); }
+  main { max-width: 880px; margin: 0 auto; padding: 20px 16px 40px; }
+  h1 { font-size: 1.5rem; margin: 0 0 4px; }
+  .sub { color: var(--muted); margin: 0 0 18px; font-size: .95rem; }
+  .drop { display: block; border: 2px dashed #aab4c5; border-radius: 14px; background: var(--card);
+          padding: 28px 16px; text-align: center; cursor: pointer; transition: .15s; }
+  .drop:hover, .drop.over { border-color: var(--accent); background: #eef3fd; }
+  .drop:focus-within { outline: 3px solid #9db9ee; outline-offset: 2px; }
+  .drop strong { color: var(--accent); }
+  .drop small { display: block; color: var(--muted); margin-top: 6px; }
+  .visually-hidden { position: absolute; width: 1px; height: 1px; overflow: hidden;
+                     clip: rect(0 0 0 0); white-space: nowrap; }
+  #status { min-height: 1.5em; margin: 14px 2px; color: var(--muted); }
+  #status.error { color: var(--bad); font-weight: 600; }
+  #result { display: none; gap: 20px; grid-template-columns: minmax(0, 1fr) minmax(0, 1.2fr);
+            background: var(--card); border: 1px solid var(--line); border-radius: 14px;
+            padding: 16px; align-items: start; }
+  #result.ready { display: grid; }
+  #photo { width: 100%; max-height: 420px; object-fit: contain; border-radius: 10px;
+           background: #eef0f4; }
+  #top { font-size: 1.25rem; margin: 0 0 12px; }
+  #top span { color: var(--muted); font-weight: 400; font-size: 1rem; }
+  .row { display: grid; grid-template-columns: minmax(0, 9em) 1fr 4.2em; gap: 10px;
+         align-items: center; margin: 8px 0; font-size: .95rem; }
+  .name { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+  .track { height: 14px; background: #edf0f5; border-radius: 7px; overflow: hidden; }
+  .fill { height: 100%; background: var(--bar); border-radius: 7px; }
+  .row:first-child .fill { background: var(--accent); }
+  .row:first-child .name { font-weight: 600; }
+  .pct { text-align: right; font-variant-numeric: tabular-nums; color: var(--muted); }
+  footer { color: var(--muted); font-size: .85rem; margin-top: 18px; }
+  @media (max-width: 620px) {
+    #result.ready { grid-template-columns: 1fr; }
+    #photo { max-height: 240px; }
+    .row { grid-template-columns: minmax(0, 7.5em) 1fr 3.8em; }
+  }
+</style>
+</head>
+<body>
+<main>
+  <h1>What is in this photo?</h1>
+  <p class="sub">Model <b>__MODEL__</b> &middot; __CLASSES__ classes</p>
+  <label class="drop" id="drop">
+    <input class="visually-hidden" type="file" id="file" accept="image/*,.heic,.heif">
+    <strong>Choose a photo</strong> or drop one here
+    <small>JPEG, HEIC, PNG, WebP, BMP, TIFF or GIF, up to __LIMIT__. The photo is only used for this
+      answer.</small>
+  </label>
+  <div id="status" role="status" aria-live="polite"></div>
+  <section id="result" aria-label="Result">
+    <img id="photo" alt="The photo you chose">
+    <div>
+      <h2 id="top"></h2>
+      <div id="bars"></div>
+    </div>
+  </section>
+  <footer>Also an API: <code>POST /predict</code> with form field <code>file</code>.</footer>
+</main>
+<script>__SCRIPT__</script>
+</body>
+</html>
+"""
+
+PAGE_SCRIPT = """
+const MAX_BYTES = __MAX_BYTES__;
+const input = document.getElementById('file'), drop = document.getElementById('drop');
+const status = document.getElementById('status'), result = document.getElementById('result');
+const photo = document.getElementById('photo'), bars = document.getElementById('bars');
+const top1 = document.getElementById('top');
+let shownUrl = null;
+
+function say(text, isError) {
+  status.textContent = text;
+  status.className = isError ? 'error' : '';
+}
+
+function pct(p) { return (100 * p).toFixed(p >= 0.995 || p < 0.001 ? 0 : 1) + '%'; }
+
+function render(data) {
+  bars.replaceChildren();
+  for (const p of data.predictions) {
+    const row = document.createElement('div'); row.className = 'row';
+    const name = document.createElement('div'); name.className = 'name';
+    name.textContent = p.name; name.title = p.name + ' (' + p['class'] + ')';
+    const track = document.createElement('div'); track.className = 'track';
+    const fill = document.createElement('div'); fill.className = 'fill';
+    fill.style.width = (100 * p.probability).toFixed(1) + '%';
+    track.appendChild(fill);
+    const value = document.createElement('div'); value.className = 'pct';
+    value.textContent = pct(p.probability);
+    row.append(name, track, value);
+    bars.appendChild(row);
+  }
+  const best = data.predictions[0];
+  top1.textContent = best.name + ' ';
+  const sure = document.createElement('span'); sure.textContent = pct(best.probability);
+  top1.appendChild(sure);
+}
+
+async function classify(file) {
+  if (!file) return;
+  if (file.size > MAX_BYTES) {
+    say('That file is over the ' + (MAX_BYTES / 1e6) + ' MB limit; choose a smaller photo.', true);
+    return;
+  }
+  if (shownUrl) URL.revokeObjectURL(shownUrl);
+  shownUrl = URL.createObjectURL(file);
+  photo.src = shownUrl;
+  result.classList.remove('ready');
+  say('Looking at ' + file.name + '\u2026');
+  const form = new FormData(); form.append('file', file, file.name);
+  const started = performance.now();
+  try {
+    const response = await fetch('/predict', {method: 'POST', body: form});
+    const data = await response.json().catch(() => ({error: 'the server answered ' +
+                                                              response.status}));
+    if (!response.ok) throw new Error(data.error || ('the server answered ' + response.status));
+    render(data);
+    result.classList.add('ready');
+    result.scrollIntoView({block: 'nearest'});  // on a phone the chart starts below the fold
+    say(data.image + ' \u00b7 answered in ' + Math.round(performance.now() - started) + ' ms');
+  } catch (err) {
+    say('Could not classify this file: ' + err.message, true);
+  }
+}
+
+input.addEventListener('change', () => classify(input.files[0]));
+['dragenter', 'dragover'].forEach(t => drop.addEventListener(t, e => {
+  e.preventDefault(); drop.classList.add('over');
+}));
+['dragleave', 'drop'].forEach(t => drop.addEventListener(t, e => {
+  e.preventDefault(); drop.classList.remove('over');
+}));
+drop.addEventListener('drop', e => classify(e.dataTransfer.files[0]));
+// A photo dropped beside the box should not make the browser leave the page.
+window.addEventListener('dragover', e => e.preventDefault());
+window.addEventListener('drop', e => e.preventDefault());
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
