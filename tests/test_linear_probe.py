@@ -248,3 +248,58 @@ def test_the_progress_bar_shows_only_when_the_fits_take_a_while(monkeypatch, cap
     slow.close()
     err = capsys.readouterr().err
     assert err.count("fitting the head") == 1 and "3/3" in err
+
+
+def cold_cross_validation(x, y, view_sets, grid, k=lp.FOLDS, seed=0):
+    """{(view set, C): held-out mean log loss}: every fold of every C fitted from zero, as the
+    cross-validation did before its fits were warm-started and its paths cut short."""
+    labels = torch.as_tensor(y)
+    folds = torch.from_numpy(lp.photo_folds(y, k, seed))
+    losses = {}
+    for view_set in view_sets:
+        rows, row_labels, weights = lp.training_rows(x, labels, view_set)
+        scaler = lp.Standardizer(rows)
+        row_folds = folds.repeat_interleave(len(view_set.train))
+        for c in grid:
+            total = 0.0
+            for fold in range(k):
+                held = folds == fold
+                fit = lp.fit_logistic(scaler(rows), row_labels, 4, c, weights * (row_folds != fold))
+                logits = lp.Head(*fit, view_set, c).logits(scaler(x[held]))
+                total += torch.nn.functional.cross_entropy(logits, labels[held],
+                                                           reduction="sum").item()
+            losses[view_set, c] = total / len(y)
+    return losses
+
+
+def test_the_warm_started_cut_short_cross_validation_chooses_as_cold_fits():
+    """Warm starts reach the cold fits' optimum (the same held-out losses), and the paths that
+    stop once the loss has risen twice leave out only C that could not win."""
+    x, y = blobs(photos=150, views=2, spread=1.5, seed=4)
+    view_sets = [lp.PLAIN, lp.MIRRORED]
+    scores = lp.cross_validate(x, y, 4, view_sets)
+    cold = cold_cross_validation(x, y, view_sets, lp.C_GRID)
+    assert len(scores) < len(cold)  # some weak-L2 fits were left out
+    for key, (loss, _) in scores.items():
+        assert loss == pytest.approx(cold[key], abs=2e-3)
+    assert min(scores, key=lambda key: scores[key][0]) == min(cold, key=cold.get)
+
+
+def test_the_final_fit_from_the_folds_mean_reaches_the_cold_fit():
+    x, y = blobs(photos=150, views=2, spread=1.5, seed=4)
+    head, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN, lp.MIRRORED])
+    cold = lp.fit_head(x, y, 4, head.view_set, head.c)
+    ref = cold.logits(x)
+    assert (head.logits(x) - ref).abs().max() < 0.01 * ref.abs().max()
+
+
+def test_the_head_keeps_the_held_out_probabilities_of_its_cross_validation():
+    from imgclf.analysis import data_issues
+    x, y = blobs(photos=150, views=2, spread=1.5, seed=4)
+    head, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN, lp.MIRRORED])
+    # what the search for label errors fitted before: k heads warm-started from the head
+    refits = data_issues.out_of_fold_probs(x, y, 4, head)
+    assert head.held_out_probs.shape == (150, 4)
+    assert np.abs(head.held_out_probs - refits).max() < 0.01
+    balanced, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN], class_weight=torch.ones(4))
+    assert balanced.held_out_probs is None  # the search fits unweighted heads of its own
