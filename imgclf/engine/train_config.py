@@ -2,7 +2,6 @@
 import dataclasses
 from dataclasses import dataclass, field
 
-pass  # was: import data_utils
 from ..heads import linear_probe
 from ..models import backbones
 
