@@ -38,10 +38,8 @@ from . import report
 CSV_NAME = "data_issues.csv"
 PNG_NAME = "data_issues.png"
 CSV_COLUMNS = ("path", "issue", "other", "score")
-# On features centred on the train split's mean. Chosen on flowers5 with 40 planted copies
-# (85% size, JPEG quality 80; the lowest scored 0.93) and checked on handwritten digits, where
-# it names 9 of 898 valid and test photos (docs/data_issues.md). Uncentred, every digit has a
-# neighbour above 0.92: what all photos share drowns what tells two apart.
+# On features centred on the train split's mean: uncentred, what all photos share drowns what
+# tells two apart. Chosen on planted copies (docs/data_issues.md).
 NEAR_DUPLICATE_COSINE = 0.92
 # Rows per block of the nearest-neighbour search: a 4096 x 4096 block of similarities is
 # 64 MiB, whatever the size of the data set.

@@ -84,8 +84,8 @@ def run(args):
     single = len(items) == 1 and not items[0].found  # one named photo: today's short output
     if single and not os.path.exists(items[0].path):  # say so before the model loads
         raise UserError(read_image(items[0], None)[1])
-    # One photo computes on one thread: its forward pass took 0.08 s so on a busy 2-core
-    # machine, 0.5 s on both cores, whose threads spent it waiting for one another
+    # One photo computes on one thread: on a busy machine the threads of so short a forward
+    # pass spend it waiting for one another (docs/design.md, "Figures behind the constants")
     predictor = load_predictor(args.checkpoint, args.gpu, args.precision,
                                threads=1 if len(items) == 1 else None)
     check_tta(args.tta, predictor, args.checkpoint)

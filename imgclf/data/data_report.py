@@ -6,9 +6,8 @@ import numpy as np
 
 from ..utils.text import plural
 
-# Two photos whose perceptual hashes differ in at most this many of 64 bits are near-duplicates.
-# Chosen on flowers5 with 40 planted copies (85% size, JPEG quality 80): the smallest that
-# names 95% of them; checked on handwritten digits (docs/data_issues.md).
+# Two photos whose perceptual hashes differ in at most this many of 64 bits are near-duplicates:
+# the smallest that names 95% of planted copies (docs/data_issues.md).
 NEAR_DUPLICATE_BITS = 4
 
 

@@ -185,8 +185,8 @@ class FeatureTrainer:
                       self.config, self.scan, self.preprocess, self.job, self.cache_dir)
                   for split in self.scan.samples if split in self.splits}
         if not self.job.is_main:
-            # The head trains in seconds: on rank 0 alone, measured faster than DDP (README,
-            # "Scaling up"); the other ranks' work ends with their share of features.
+            # The head trains in seconds: on rank 0 alone, faster than DDP (docs/scaling.md);
+            # the other ranks' work ends with their share of features.
             return None
         train, valid = stored["train"], stored["valid"]
         with StopSignals() as signals, single_thread():
