@@ -13,15 +13,20 @@ import glob
 import json
 import os
 import sys
-from collections import Counter
 
 import numpy as np
 
 from .. import errors
 from ..app import inference
-
-from ..app.inference import (IMAGE_FIX, Item, display_names, load_predictor, predict_paths,
-                             read_image, top_k)
+from ..app.inference import (
+    IMAGE_FIX,
+    Item,
+    display_names,
+    load_predictor,
+    predict_paths,
+    read_image,
+    top_k,
+)
 from ..data import scanning
 from ..errors import UserError
 from ..utils import atomic
@@ -182,7 +187,7 @@ def find_images(sources):
 
 
 def folder_files(folder):
-    return scanning._walk_files(folder, Counter())
+    return scanning.walk_files(folder)
 
 
 def expand_glob(pattern):
@@ -290,8 +295,7 @@ def labelled_images(root, classes):
     if not os.path.isdir(root):
         raise UserError(f"--evaluate {root}: no such folder; give a folder of class folders, "
                         f"e.g. DATA_DIR/test")
-    by_class = scanning.list_class_files(root, Counter())
-    unknown = sorted(set(by_class) - set(classes))
+    paths, labels, unknown = scanning.labelled_files(root, classes)
     if unknown:
         hint = ""
         if "test" in scanning.find_split_dirs(root):
@@ -300,12 +304,7 @@ def labelled_images(root, classes):
                         f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}{hint}; "
                         f"its classes are {', '.join(classes[:10])}"
                         f"{' ...' if len(classes) > 10 else ''}")
-    index = {c: i for i, c in enumerate(classes)}
-    items, labels = [], []
-    for cls in sorted(by_class, key=index.get):
-        for path in by_class[cls]:
-            items.append(Item(path, found=True))
-            labels.append(index[cls])
+    items = [Item(path, found=True) for path in paths]
     if not items:
         raise UserError(f"--evaluate {root}: no images in its class folders; give a folder "
                         f"like DATA_DIR/test with one folder of photos per class")

@@ -195,13 +195,28 @@ def list_class_files(split_dir, litter):
             litter["hidden or system"] += 1
             continue
         if entry.is_dir():
-            classes[entry.name] = _walk_files(entry.path, litter)
+            classes[entry.name] = walk_files(entry.path, litter)
         else:
             litter["outside the class folders"] += 1
     return classes
 
 
-def _walk_files(folder, litter):
+def labelled_files(folder, classes):
+    """The files in folder's class folders as (paths, labels), labels indexing classes, in the
+    order of classes; and the class folders that classes does not name."""
+    by_class = list_class_files(folder, Counter())
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels = [], []
+    for cls in sorted(set(by_class) & set(index), key=index.get):
+        paths += by_class[cls]
+        labels += [index[cls]] * len(by_class[cls])
+    return paths, labels, sorted(set(by_class) - set(index))
+
+
+def walk_files(folder, litter=None):
+    """Every file under folder (recursive, sorted), hidden and system files left out and
+    counted in litter."""
+    litter = Counter() if litter is None else litter
     files = []
     for dirpath, dirnames, filenames in os.walk(folder):
         hidden = [d for d in dirnames if is_litter_name(d)]

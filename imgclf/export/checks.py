@@ -8,7 +8,6 @@ from the checkpoint's float32 network by more than the format's tolerance.
 """
 import os
 import shutil
-from collections import Counter
 from functools import cached_property
 
 import numpy as np
@@ -236,15 +235,12 @@ def find_images(root, classes, splits, data=None):
 
 
 def labelled_files(folder, classes):
-    by_class = scanning.list_class_files(folder, Counter())
-    if by_class and set(by_class) <= set(classes):
-        paths = [p for c in sorted(by_class) for p in by_class[c]]
-        labels = [classes.index(c) for c in sorted(by_class) for _ in by_class[c]]
+    paths, labels, unknown = scanning.labelled_files(folder, classes)
+    if paths and not unknown:
         return paths, labels
     # Not this model's classes: every image file under the folder, without labels.
-    paths = [os.path.join(d, n) for d, _, names in sorted(os.walk(folder)) for n in sorted(names)
-             if n.lower().endswith(scanning.IMAGE_EXTENSIONS) and not n.startswith(".")]
-    return paths, None
+    return [p for p in scanning.walk_files(folder)
+            if p.lower().endswith(scanning.IMAGE_EXTENSIONS)], None
 
 
 def preprocess_images(paths, labels, preprocess, count, source):
