@@ -90,6 +90,18 @@ class Scan:
     def counts(self, split):
         return Counter(label for _, label in self.samples.get(split, []))
 
+    def leave_out(self, paths):
+        """Drop these (absolute) paths from every split, in place, and record them in
+        excluded; the fingerprint takes them in, so features of the full set are not reused."""
+        for split, samples in self.samples.items():
+            self.samples[split] = [(p, y) for p, y in samples if os.path.abspath(p) not in paths]
+        if self.split_files is not None:
+            self.split_files = {s: [os.path.relpath(p, self.root) for p, _ in v]
+                                for s, v in self.samples.items()}
+        self.excluded = sorted(os.path.relpath(p, os.path.abspath(self.root)) for p in paths)
+        left_out = hashlib.sha1("\n".join(self.excluded).encode()).hexdigest()[:16]
+        self.fingerprint = f"{self.fingerprint}-exclude-{left_out}"
+
 
 def is_litter_name(name):
     lower = name.lower()
