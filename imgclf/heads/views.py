@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils.text import plural
+
 # Augmented views are stored only on request (--aug_views N, --always_augment: this many).
 # Stored by default for sets up to 1,000 photos, they were chosen on two of the panel's four
 # small sets, for 3 and 8 test photos of 868, at 4 more backbone passes of every train and
@@ -30,7 +32,7 @@ MIRRORED = ViewSet("plain + mirrored views", (0, 1), (0, 1))
 
 
 def augmented(views):
-    name = f"plain + mirrored + {views} augmented view{'s' * (views > 1)}"
+    name = f"plain + mirrored + {plural(views, 'augmented view')}"
     return ViewSet(name, tuple(range(2 + views)), (0, 1))
 
 
