@@ -261,7 +261,8 @@ def cold_cross_validation(x, y, view_sets, grid, k=lp.FOLDS, seed=0):
             total = 0.0
             for fold in range(k):
                 held = folds == fold
-                fit = lp.fit_logistic(scaler(rows), row_labels, 4, c, weights * (row_folds != fold))
+                fit = lp.fit_logistic(scaler(rows), row_labels, 4, c,
+                                      weights * (row_folds != fold))
                 logits = lp.Head(*fit, view_set, c).logits(scaler(x[held]))
                 total += torch.nn.functional.cross_entropy(logits, labels[held],
                                                            reduction="sum").item()
@@ -272,7 +273,7 @@ def cold_cross_validation(x, y, view_sets, grid, k=lp.FOLDS, seed=0):
 def test_the_warm_started_cut_short_cross_validation_chooses_as_cold_fits():
     """Warm starts reach the cold fits' optimum (the same held-out losses), and the paths that
     stop once the loss has risen twice leave out only C that could not win."""
-    x, y = blobs(photos=150, views=2, spread=1.5, seed=4)
+    x, y = blobs(photos=100, d=64, views=2, spread=6.0, seed=4)  # noisy: C=0.1 wins
     view_sets = [lp.PLAIN, lp.MIRRORED]
     scores = lp.cross_validate(x, y, 4, view_sets)
     cold = cold_cross_validation(x, y, view_sets, lp.C_GRID)
@@ -297,6 +298,8 @@ def test_the_head_keeps_the_held_out_probabilities_of_its_cross_validation():
     # what the search for label errors fitted before: k heads warm-started from the head
     refits = data_issues.out_of_fold_probs(x, y, 4, head)
     assert head.held_out_probs.shape == (150, 4)
-    assert np.abs(head.held_out_probs - refits).max() < 0.01
+    # the same optima, reached from other starts: within L-BFGS's stopping tolerance
+    assert np.abs(head.held_out_probs - refits).max() < 0.03
+    assert np.abs(head.held_out_probs - refits).mean() < 1e-3
     balanced, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN], class_weight=torch.ones(4))
     assert balanced.held_out_probs is None  # the search fits unweighted heads of its own
