@@ -11,9 +11,9 @@ train split in the few-shot case.
 
 The cross-validation does not fit what cannot win: C runs from the strongest L2 to the
 weakest, each fold's fit warm-started (the mirrored view set's from the plain one's at the same
-C), and a view set's path ends once its held-out loss has risen twice; the final fit starts
-from the mean of the chosen fold fits. The held-out probabilities of the chosen fits are kept
-for the search for label errors (data_issues.py), which then fits nothing.
+C), and a view set's path ends once its held-out loss has risen twice. The held-out
+probabilities of the chosen fits are kept for the search for label errors (data_issues.py),
+which then fits nothing.
 
 Measured on five data sets (flowers and handwritten digits, 10 photos a class to 600; see
 docs/design.md), against the AdamW head with early stopping this replaced: +3.3 points on
@@ -204,9 +204,9 @@ def photo_folds(labels, k, seed):
 
 @dataclass
 class FoldPath:
-    """One view set's cross-validation along C: its standardised rows and each fold's latest
-    fit; at its best C so far, the mean of the fold fits (where the final fit starts) and every
-    photo's held-out probabilities; and how often its held-out loss has risen since."""
+    """One view set's cross-validation along C: its standardised rows, each fold's latest fit,
+    every photo's held-out probabilities at its best C so far, and how often its held-out loss
+    has risen since."""
     view_set: ViewSet
     rows: tuple  # (rows, labels, weights, folds) of training_rows, standardised, with folds
     scaler: Standardizer
@@ -215,7 +215,6 @@ class FoldPath:
     c: float = None  # of the latest fits
     best: float = float("inf")
     rises: int = 0
-    start: tuple = None
     probs: torch.Tensor = None
 
 
@@ -284,8 +283,6 @@ def fit_folds(path, first, labels, num_classes, c, folds, on_fit=None):
     path.c = c
     loss = F.cross_entropy(logits, labels, reduction="sum").item() / len(labels)
     if loss < path.best:
-        fits = [fit for fit in path.fits if fit is not None]
-        path.start = tuple(torch.stack(part).mean(0) for part in zip(*fits))
         path.best, path.rises, path.probs = loss, 0, torch.softmax(logits, 1)
     else:
         path.rises += 1
@@ -398,7 +395,7 @@ def choose_and_fit(photos, labels, num_classes, view_sets, seed=0, class_weight=
                                        class_weight=class_weight, on_fit=fitted)
         view_set, c = min(scores, key=lambda key: scores[key][0])
         path = paths[view_sets.index(view_set)]
-        head = fit_head(photos, labels_t, num_classes, view_set, c, class_weight, path.start)
+        head = fit_head(photos, labels_t, num_classes, view_set, c, class_weight)
         if class_weight is None:  # the search for label errors fits unweighted heads
             head.held_out_probs = path.probs.cpu().numpy()
         held_out = Head.held_out
