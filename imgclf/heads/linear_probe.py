@@ -248,9 +248,10 @@ def validate_paths(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, 
     view set predicts. Each view set's rows are standardised once with all their photos'
     statistics (no labels involved), and a fold's held-out rows get weight 0 rather than a
     copy of the matrix. C runs from the strongest L2 to the weakest; each fold's fit starts
-    from the first view set's fit of the same fold and C (the same head, other rows: closer
-    than the C before), or for the first view set from its own fit at the C before. A view
-    set's path stops once its held-out loss has risen PATH_PATIENCE times in a row (weaker L2
+    from its own fit at the C before or, for the view sets after the first, from the first
+    one's fit of the same fold and C where that has the lower objective (the same head on
+    other rows is often closer, not always: a mirrored digit is another digit). A view set's
+    path stops once its held-out loss has risen PATH_PATIENCE times in a row (weaker L2
     only overfits more). on_fit() is called after each fit."""
     folds = torch.from_numpy(photo_folds(labels.cpu().numpy(), k, seed)).to(photos.device)
     paths = [fold_path(photos, labels, view_set, folds, class_weight) for view_set in view_sets]
@@ -265,6 +266,20 @@ def validate_paths(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, 
         paths
 
 
+def objective(rows, labels, weights, c, fit):
+    """fit_logistic's objective at fit = (weight, bias), a chunk of rows at a time."""
+    weight, bias = fit
+    n = float(weights.sum())
+    total = weight.pow(2).sum().item() / (2.0 * c * n)
+    step = chunk_rows(len(bias), rows.shape[1])
+    for start in range(0, len(rows), step):
+        part = slice(start, start + step)
+        ce = F.cross_entropy(torch.addmm(bias, rows[part], weight.T), labels[part],
+                             reduction="none")
+        total += (weights[part] * ce).sum().item() / n
+    return total
+
+
 def fit_folds(path, first, labels, num_classes, c, folds, on_fit=None):
     """Fit each fold of path at C; its held-out (mean log loss, accuracy), and path updated."""
     rows, row_labels, row_weights, row_folds = path.rows
@@ -273,10 +288,13 @@ def fit_folds(path, first, labels, num_classes, c, folds, on_fit=None):
         held = folds == fold
         if not held.any():
             continue
-        if path is not first and first.c == c:
-            init = rescaled(first.fits[fold], first.scaler, path.scaler)
-        path.fits[fold] = fit_logistic(rows, row_labels, num_classes, c,
-                                       row_weights * (row_folds != fold), init)
+        fold_weights = row_weights * (row_folds != fold)
+        if path is not first and first.c == c:  # the start of the lower objective
+            shared = rescaled(first.fits[fold], first.scaler, path.scaler)
+            if init is None or objective(rows, row_labels, fold_weights, c, shared) < \
+                    objective(rows, row_labels, fold_weights, c, init):
+                init = shared
+        path.fits[fold] = fit_logistic(rows, row_labels, num_classes, c, fold_weights, init)
         logits[held] = Head(*path.fits[fold], path.view_set, c).logits(path.photos[held])
         if on_fit:
             on_fit()
