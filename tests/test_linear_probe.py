@@ -247,40 +247,18 @@ def test_the_progress_bar_shows_only_when_the_fits_take_a_while(monkeypatch, cap
     assert err.count("fitting the head") == 1 and "3/3" in err
 
 
-def cold_cross_validation(x, y, view_sets, grid, k=lp.FOLDS, seed=0):
-    """{(view set, C): held-out mean log loss}: every fold of every C fitted from zero, as the
-    cross-validation did before its fits were warm-started and its paths cut short."""
-    labels = torch.as_tensor(y)
-    folds = torch.from_numpy(lp.photo_folds(y, k, seed))
-    losses = {}
-    for view_set in view_sets:
-        rows, row_labels, weights = lp.training_rows(x, labels, view_set)
-        scaler = lp.Standardizer(rows)
-        row_folds = folds.repeat_interleave(len(view_set.train))
-        for c in grid:
-            total = 0.0
-            for fold in range(k):
-                held = folds == fold
-                fit = lp.fit_logistic(scaler(rows), row_labels, 4, c,
-                                      weights * (row_folds != fold))
-                logits = lp.Head(*fit, view_set, c).logits(scaler(x[held]))
-                total += torch.nn.functional.cross_entropy(logits, labels[held],
-                                                           reduction="sum").item()
-            losses[view_set, c] = total / len(y)
-    return losses
-
-
-def test_the_warm_started_cut_short_cross_validation_chooses_as_cold_fits():
-    """Warm starts reach the cold fits' optimum (the same held-out losses), and the paths that
-    stop once the loss has risen twice leave out only C that could not win."""
+def test_the_cut_short_cross_validation_scores_and_chooses_as_fitting_every_c(monkeypatch):
+    """Each view set's path stops once its held-out loss has risen twice: the C it leaves out
+    could not win, and the C it fits score as when every C is fitted."""
     x, y = blobs(photos=100, d=64, views=2, spread=6.0, seed=4)  # noisy: C=0.1 wins
     view_sets = [lp.PLAIN, lp.MIRRORED]
     scores = lp.cross_validate(x, y, 4, view_sets)
-    cold = cold_cross_validation(x, y, view_sets, lp.C_GRID)
-    assert len(scores) < len(cold)  # some weak-L2 fits were left out
-    for key, (loss, _) in scores.items():
-        assert loss == pytest.approx(cold[key], abs=2e-3)
-    assert min(scores, key=lambda key: scores[key][0]) == min(cold, key=cold.get)
+    monkeypatch.setattr(lp, "PATH_PATIENCE", len(lp.C_GRID))
+    every = lp.cross_validate(x, y, 4, view_sets)
+    assert len(every) == 2 * len(lp.C_GRID) and len(scores) < len(every)
+    for key, (loss, accuracy) in scores.items():
+        assert loss == pytest.approx(every[key][0], rel=1e-5) and accuracy == every[key][1]
+    assert min(scores, key=lambda key: scores[key][0]) == min(every, key=lambda k: every[k][0])
 
 
 def test_the_final_fit_is_the_one_fitting_every_c_gave():

@@ -10,8 +10,8 @@ alone is mostly noise. The final head is then fitted on train+valid, twice the p
 train split in the few-shot case.
 
 The cross-validation does not fit what cannot win: C runs from the strongest L2 to the
-weakest, each fold's fit warm-started (the mirrored view set's from the plain one's at the same
-C), and a view set's path ends once its held-out loss has risen twice. The held-out
+weakest, each fold's fit warm-started from its fit at the C before, and a view set's path ends
+once its held-out loss has risen twice. The held-out
 probabilities of the chosen fits are kept for the search for label errors (data_issues.py),
 which then fits nothing.
 
@@ -205,14 +205,13 @@ def photo_folds(labels, k, seed):
 @dataclass
 class FoldPath:
     """One view set's cross-validation along C: its standardised rows, each fold's latest fit,
-    every photo's held-out probabilities at its best C so far, and how often its held-out loss
+    every photo's held-out probabilities at the best C so far, and how often the held-out loss
     has risen since."""
     view_set: ViewSet
     rows: tuple  # (rows, labels, weights, folds) of training_rows, standardised, with folds
     scaler: Standardizer
     photos: torch.Tensor  # standardised
     fits: list
-    c: float = None  # of the latest fits
     best: float = float("inf")
     rises: int = 0
     probs: torch.Tensor = None
@@ -226,12 +225,6 @@ def fold_path(photos, labels, view_set, folds, class_weight):
                     scaler(photos), [None] * (int(folds.max()) + 1))
 
 
-def rescaled(fit, source, target):
-    """A fit on source's standardised rows as the same head on target's."""
-    weight, bias = source.unscaled(*fit)
-    return weight * target.scale, bias + weight @ target.mean
-
-
 def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, k=FOLDS,
                    class_weight=None, on_fit=None):
     """Held-out (mean log loss, accuracy) over k folds of photos for each (view set, C) fitted
@@ -243,44 +236,27 @@ def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, 
 
 def validate_paths(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, k=FOLDS,
                    class_weight=None, on_fit=None):
-    """({(view set, C): held-out (mean log loss, accuracy)}, [FoldPath of each view set]) over
-    k folds of photos. A photo's views stay in its fold; held-out photos are predicted as the
+    """({(view set, C): held-out (mean log loss, accuracy)}, {view set: every photo's held-out
+    probabilities at its best C}) over k folds of photos. A photo's views stay in its fold; held-out photos are predicted as the
     view set predicts. Each view set's rows are standardised once with all their photos'
     statistics (no labels involved), and a fold's held-out rows get weight 0 rather than a
-    copy of the matrix. C runs from the strongest L2 to the weakest; each fold's fit starts
-    from its own fit at the C before or, for the view sets after the first, from the first
-    one's fit of the same fold and C where that has the lower objective (the same head on
-    other rows is often closer, not always: a mirrored digit is another digit). A view set's
-    path stops once its held-out loss has risen PATH_PATIENCE times in a row (weaker L2
-    only overfits more). on_fit() is called after each fit."""
+    copy of the matrix. C runs from the strongest L2 to the weakest, each fold's fit
+    warm-started from its fit at the C before (so each score is the one fitting every C gave),
+    and a view set's path stops once its held-out loss has risen PATH_PATIENCE times in a row
+    (weaker L2 only overfits more). on_fit() is called after each fit."""
     folds = torch.from_numpy(photo_folds(labels.cpu().numpy(), k, seed)).to(photos.device)
-    paths = [fold_path(photos, labels, view_set, folds, class_weight) for view_set in view_sets]
-    scores = {}
-    for c in sorted(grid):
-        for path in paths:
-            if path.rises < PATH_PATIENCE:
-                scores[path.view_set, c] = fit_folds(path, paths[0], labels, num_classes, c,
-                                                     folds, on_fit)
-    # in the order of the grid: a tie keeps the earlier view set and the stronger L2
-    return {(v, c): scores[v, c] for v in view_sets for c in sorted(grid) if (v, c) in scores}, \
-        paths
+    scores, probs = {}, {}
+    for view_set in view_sets:  # one view set's standardised rows at a time
+        path = fold_path(photos, labels, view_set, folds, class_weight)
+        for c in sorted(grid):
+            scores[view_set, c] = fit_folds(path, labels, num_classes, c, folds, on_fit)
+            if path.rises == PATH_PATIENCE:
+                break
+        probs[view_set] = path.probs
+    return scores, probs
 
 
-def objective(rows, labels, weights, c, fit):
-    """fit_logistic's objective at fit = (weight, bias), a chunk of rows at a time."""
-    weight, bias = fit
-    n = float(weights.sum())
-    total = weight.pow(2).sum().item() / (2.0 * c * n)
-    step = chunk_rows(len(bias), rows.shape[1])
-    for start in range(0, len(rows), step):
-        part = slice(start, start + step)
-        ce = F.cross_entropy(torch.addmm(bias, rows[part], weight.T), labels[part],
-                             reduction="none")
-        total += (weights[part] * ce).sum().item() / n
-    return total
-
-
-def fit_folds(path, first, labels, num_classes, c, folds, on_fit=None):
+def fit_folds(path, labels, num_classes, c, folds, on_fit=None):
     """Fit each fold of path at C; its held-out (mean log loss, accuracy), and path updated."""
     rows, row_labels, row_weights, row_folds = path.rows
     logits = torch.zeros(len(labels), num_classes, device=labels.device)
@@ -288,17 +264,11 @@ def fit_folds(path, first, labels, num_classes, c, folds, on_fit=None):
         held = folds == fold
         if not held.any():
             continue
-        fold_weights = row_weights * (row_folds != fold)
-        if path is not first and first.c == c:  # the start of the lower objective
-            shared = rescaled(first.fits[fold], first.scaler, path.scaler)
-            if init is None or objective(rows, row_labels, fold_weights, c, shared) < \
-                    objective(rows, row_labels, fold_weights, c, init):
-                init = shared
-        path.fits[fold] = fit_logistic(rows, row_labels, num_classes, c, fold_weights, init)
+        path.fits[fold] = fit_logistic(rows, row_labels, num_classes, c,
+                                       row_weights * (row_folds != fold), init)
         logits[held] = Head(*path.fits[fold], path.view_set, c).logits(path.photos[held])
         if on_fit:
             on_fit()
-    path.c = c
     loss = F.cross_entropy(logits, labels, reduction="sum").item() / len(labels)
     if loss < path.best:
         path.best, path.rises, path.probs = loss, 0, torch.softmax(logits, 1)
@@ -409,13 +379,12 @@ def choose_and_fit(photos, labels, num_classes, view_sets, seed=0, class_weight=
         labels_t = labels_t.to(photos.device)
         if class_weight is not None:
             class_weight = class_weight.to(photos.device)
-        scores, paths = validate_paths(photos, labels_t, num_classes, view_sets, seed,
+        scores, probs = validate_paths(photos, labels_t, num_classes, view_sets, seed,
                                        class_weight=class_weight, on_fit=fitted)
         view_set, c = min(scores, key=lambda key: scores[key][0])
-        path = paths[view_sets.index(view_set)]
         head = fit_head(photos, labels_t, num_classes, view_set, c, class_weight)
         if class_weight is None:  # the search for label errors fits unweighted heads
-            head.held_out_probs = path.probs.cpu().numpy()
+            head.held_out_probs = probs[view_set].cpu().numpy()
         held_out = Head.held_out
     else:
         photos = on_device(torch.as_tensor(photos), device)
