@@ -11,9 +11,8 @@ train split in the few-shot case.
 
 The cross-validation does not fit what cannot win: C runs from the strongest L2 to the
 weakest, each fold's fit warm-started from its fit at the C before, and a view set's path ends
-once its held-out loss has risen twice. The held-out
-probabilities of the chosen fits are kept for the search for label errors (data_issues.py),
-which then fits nothing.
+once its held-out loss has risen twice. The held-out probabilities of the chosen fits are kept
+for the search for label errors (data_issues.py), which then fits nothing.
 
 Measured on five data sets (flowers and handwritten digits, 10 photos a class to 600; see
 docs/design.md), against the AdamW head with early stopping this replaced: +3.3 points on
@@ -209,7 +208,6 @@ class FoldPath:
     has risen since."""
     view_set: ViewSet
     rows: tuple  # (rows, labels, weights, folds) of training_rows, standardised, with folds
-    scaler: Standardizer
     photos: torch.Tensor  # standardised
     fits: list
     best: float = float("inf")
@@ -221,8 +219,8 @@ def fold_path(photos, labels, view_set, folds, class_weight):
     rows, row_labels, row_weights = training_rows(photos, labels, view_set, class_weight)
     scaler = Standardizer(rows)
     row_folds = folds.repeat_interleave(len(view_set.train))
-    return FoldPath(view_set, (scaler(rows), row_labels, row_weights, row_folds), scaler,
-                    scaler(photos), [None] * (int(folds.max()) + 1))
+    return FoldPath(view_set, (scaler(rows), row_labels, row_weights, row_folds), scaler(photos),
+                    [None] * (int(folds.max()) + 1))
 
 
 def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, k=FOLDS,
@@ -237,13 +235,14 @@ def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, 
 def validate_paths(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, k=FOLDS,
                    class_weight=None, on_fit=None):
     """({(view set, C): held-out (mean log loss, accuracy)}, {view set: every photo's held-out
-    probabilities at its best C}) over k folds of photos. A photo's views stay in its fold; held-out photos are predicted as the
-    view set predicts. Each view set's rows are standardised once with all their photos'
-    statistics (no labels involved), and a fold's held-out rows get weight 0 rather than a
-    copy of the matrix. C runs from the strongest L2 to the weakest, each fold's fit
-    warm-started from its fit at the C before (so each score is the one fitting every C gave),
-    and a view set's path stops once its held-out loss has risen PATH_PATIENCE times in a row
-    (weaker L2 only overfits more). on_fit() is called after each fit."""
+    probabilities at its best C}) over k folds of photos. A photo's views stay in its fold;
+    held-out photos are predicted as the view set predicts. Each view set's rows are
+    standardised once with all their photos' statistics (no labels involved), and a fold's
+    held-out rows get weight 0 rather than a copy of the matrix. C runs from the strongest L2
+    to the weakest, each fold's fit warm-started from its fit at the C before (so each score
+    is the one fitting every C gave), and a view set's path stops once its held-out loss has
+    risen PATH_PATIENCE times in a row (weaker L2 only overfits more). on_fit() is called
+    after each fit."""
     folds = torch.from_numpy(photo_folds(labels.cpu().numpy(), k, seed)).to(photos.device)
     scores, probs = {}, {}
     for view_set in view_sets:  # one view set's standardised rows at a time
