@@ -31,10 +31,22 @@ def onnx_writer(job):
     return to_onnx.write(job)
 
 
+def tflite_writer(job):
+    from ..export import to_tflite
+    return to_tflite.write(job)
+
+
+def coreml_writer(job):
+    from ..export import to_coreml
+    return to_coreml.write(job)
+
+
 # --format -> the function that checks and writes it: writer(job) -> the path written. Each
 # imports its converter only when chosen.
 FORMATS = {
     "onnx": onnx_writer,
+    "tflite": tflite_writer,
+    "coreml": coreml_writer,
 }
 
 
