@@ -4,7 +4,7 @@
                      [--check_images DIR] [--check_count N]
 
 Each format is one module of imgclf/export/ with a write(job) function, listed in FORMATS:
-  onnx    model.onnx, the whole network with the softmax, for ONNX Runtime (imgclf/export/to_onnx.py)
+  onnx    model.onnx, the whole network with its softmax, ONNX Runtime (imgclf/export/to_onnx.py)
   tflite  model.tflite, LiteRT (TensorFlow Lite) for Android (imgclf/export/to_tflite.py)
   coreml  model.mlpackage, Core ML for iOS and macOS (imgclf/export/to_coreml.py)
 Every export predicts the check photos (the test images of the data the checkpoint was trained

@@ -4,9 +4,9 @@ litert-torch (no TensorFlow needed), int8 by ai-edge-quantizer, checked with Lit
   input  float32 (1, SIZE, SIZE, 3): one photo, channels last (as an Android Bitmap's pixels),
          preprocessed as predict.py does: resize, centre crop, (pixel / 255 - mean) / std
   output float32 (1, classes): probabilities (softmax applied), in the order of "classes"
-The flatbuffer's metadata entry "imgclf" holds a JSON object with what prediction needs besides
-the weights (METADATA_NAME; app/litert_predictor.read_metadata reads it): classes, class_names, preprocess, layout,
-quantization, averages_mirror. predict.py and serve.py read it, so the file alone is enough.
+The flatbuffer's metadata entry "imgclf" (METADATA_NAME; app/litert_predictor.read_metadata
+reads it) holds a JSON object with what prediction needs besides the weights: classes,
+class_names, preprocess, layout, quantization, averages_mirror. predict.py and serve.py read it, so the file alone is enough.
 
 Needs the optional packages of the mobile extra: pip install -e '.[mobile]'.
 """
@@ -154,6 +154,7 @@ def add_metadata(path, ckpt, quantized):
     model.buffers.append(buffer)
     entry = schema.MetadataT()
     entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
-    model.metadata = [m for m in (model.metadata or []) if m.name != METADATA_NAME.encode()]
+    model.metadata = [m for m in (model.metadata or [])  # names read back are bytes
+                      if m.name not in (METADATA_NAME, METADATA_NAME.encode())]
     model.metadata.append(entry)
     flatbuffer_utils.write_model(model, path)
