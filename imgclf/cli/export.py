@@ -18,8 +18,10 @@ ONNX Runtime's probabilities must match PyTorch's within 1e-4 and name the same 
 Needs the optional packages of the export extra (onnx, onnxruntime): pip install -e '.[export]'.
 """
 import argparse
+import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +42,7 @@ OPSET = 17
 CHECK_COUNT = 32            # photos checked where --check_count is not given
 GENERATED_CHECK_IMAGES = 8  # where no photos are at hand
 PARITY_ATOL = 1e-4          # the largest |probability difference| a float export may show
+FORMATS = ("onnx", "web")
 INSTALL_HINT = "pip install -e '.[export]'"
 
 
@@ -59,9 +62,13 @@ def build_parser():
                     "class names and preprocessing in its metadata), checked against PyTorch.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pth written by train.py")
+    p.add_argument("--format", choices=FORMATS, default="onnx", metavar="FORMAT",
+                   help=f"what to write: {' or '.join(FORMATS)}; web: a folder with a page that "
+                        f"classifies photos in the browser (default: onnx)")
     p.add_argument("--out", metavar="PATH",
-                   help="the .onnx file to write (default: model.onnx beside the checkpoint, "
-                        "model.int8.onnx with --quantize)")
+                   help="the .onnx file to write, or the folder for --format web (default: "
+                        "model.onnx beside the checkpoint, model.int8.onnx with --quantize, "
+                        "web/ with --format web)")
     p.add_argument("--quantize", action="store_true",
                    help="write an 8-bit model: about 4x smaller, slightly less exact; static "
                         "per-channel int8 calibrated on training images (default: float32)")
@@ -72,6 +79,10 @@ def build_parser():
     p.add_argument("--check_count", type=int, metavar="N",
                    help=f"how many of those photos to check, spread over the classes; 0 for "
                         f"all of them (default: {CHECK_COUNT})")
+    p.add_argument("--web_runtime", metavar="PATH",
+                   help="--format web: copy ONNX Runtime Web into the folder from this npm "
+                        "package (.tgz from npm pack, or its folder) (default: the page loads it "
+                        "from jsDelivr)")
     return p
 
 
@@ -83,6 +94,10 @@ def run(args):
     onnx, ort = require_onnx()
     if (args.check_count or 0) < 0:
         raise UserError(f"--check_count {args.check_count}: must be 0 (all) or more")
+    if args.web_runtime and args.format != "web":
+        raise UserError(f"--web_runtime {args.web_runtime}: only for --format web; drop it")
+    if args.format == "web":
+        return export_web(args, onnx, ort)
     from .. import checkpoints
     ckpt = checkpoints.load_checkpoint(args.checkpoint)
     model = checkpoints.model_from_checkpoint(ckpt, args.checkpoint)
@@ -100,6 +115,54 @@ def run(args):
         write_file_atomic(path, out)
     print(f"wrote {out} ({mb(out)})")
     return 0
+
+
+def export_web(args, onnx, ort):
+    """--format web: the ONNX export, checked as always, in a folder with the page; the page
+    itself checked in headless Chromium where one is installed; then the folder moved to
+    --out."""
+    from .. import checkpoints
+    from ..app import web_export
+    runtime = web_export.find_runtime(args.web_runtime) if args.web_runtime else None
+    ckpt = checkpoints.load_checkpoint(args.checkpoint)
+    model = checkpoints.model_from_checkpoint(ckpt, args.checkpoint)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "web")
+    check = load_check_images(args.check_images, ckpt, args.check_count)
+    print(f"checking on {check.describe()}")
+    folder = web_export.staging_folder(out)
+    try:
+        with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            reference = export_and_check(model, ckpt["preprocess"]["size"], path, check, ort)
+            if args.quantize:  # the page runs the int8 model: its answers are the reference
+                path = quantize_and_report(ort, ckpt, path, check, reference)
+                reference = batched(onnx_runner(ort, path), check.arrays)
+            add_metadata(onnx, path, ckpt, quantized=args.quantize)
+            outputs = [o.name for o in onnx.load(path).graph.output]
+            web_export.write_files(folder, web_export.page_files(path, ckpt, outputs, runtime))
+        check_page(folder, check, ckpt, reference,
+                   "int8 ONNX Runtime" if args.quantize else "PyTorch")
+        web_export.move_into_place(folder, out)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    print(f"wrote {out}{os.sep} (index.html, model.onnx {mb(os.path.join(out, 'model.onnx'))}"
+          f"{', the runtime' if runtime else ''}): serve it from any static host")
+    return 0
+
+
+def check_page(folder, check, ckpt, reference, what):
+    """The page in headless Chromium on the check photos, against the reference's answers."""
+    from ..app import web_export
+    try:
+        probs, median_ms = web_export.run_in_browser(folder, check.paths or check.files,
+                                                     ckpt["preprocess"])
+    except web_export.PageNotRun as why:
+        print(f"not checked in a browser ({why}): ONNX Runtime was, above; the page was not")
+        return
+    print(parity_line(f"the page in headless Chromium vs {what}", probs, reference, check)
+          + f"; median answer {median_ms:.0f} ms")
+    check_parity(probs, reference, who="The page", than=what)
 
 
 def export_and_check(model, size, path, check, ort):
@@ -253,14 +316,14 @@ def batched(fn, arrays, batch_size=16):
                            for i in range(0, len(arrays), batch_size)])
 
 
-def check_parity(probs, reference):
+def check_parity(probs, reference, who="ONNX Runtime", than="PyTorch"):
     diff = float(np.abs(probs - reference).max())
     if diff > PARITY_ATOL:
-        raise CheckFailed(f"ONNX Runtime's probabilities differ from PyTorch's by up to "
+        raise CheckFailed(f"{who}'s probabilities differ from {than}'s by up to "
                           f"{diff:.2e} (allowed {PARITY_ATOL:.0e})")
     differ = int((probs.argmax(1) != reference.argmax(1)).sum())
     if differ:
-        raise CheckFailed(f"ONNX Runtime names another top class than PyTorch on {differ} "
+        raise CheckFailed(f"{who} names another top class than {than} on {differ} "
                           f"image(s)")
 
 
@@ -283,10 +346,12 @@ def mb(path):
 
 
 class ImageSet:
-    """Preprocessed images, their labels (or None), and where they came from."""
+    """Preprocessed images, their labels (or None), and where they came from: their paths, or
+    for generated images their PNG files as [(name, bytes)] (for the web page's check)."""
 
-    def __init__(self, arrays, labels, source, skipped=0):
+    def __init__(self, arrays, labels, source, skipped=0, paths=None, files=None):
         self.arrays, self.labels, self.source, self.skipped = arrays, labels, source, skipped
+        self.paths, self.files = paths, files
 
     def describe(self):
         text = f"{len(self.arrays)} {self.source}"
@@ -365,7 +430,7 @@ def preprocess_images(paths, labels, preprocess, count, source):
     picks = range(len(paths))
     if count and len(paths) > count:
         picks = np.linspace(0, len(paths) - 1, count).round().astype(int).tolist()
-    arrays, kept_labels, skipped = [], [], 0
+    arrays, kept_labels, kept_paths, skipped = [], [], [], 0
     for i in picks:
         try:
             arrays.append(decode.load_eval_array(paths[i], preprocess))
@@ -373,26 +438,30 @@ def preprocess_images(paths, labels, preprocess, count, source):
             skipped += 1
             continue
         kept_labels.append(labels[i] if labels is not None else None)
+        kept_paths.append(paths[i])
     labelled = labels is not None and all(label is not None and label >= 0
                                           for label in kept_labels)
     if not arrays:
         raise UserError(f"none of the {len(picks)} image files of {source} could be read")
-    return ImageSet(arrays, kept_labels if labelled else None, source, skipped)
+    return ImageSet(arrays, kept_labels if labelled else None, source, skipped, paths=kept_paths)
 
 
 def generated_images(preprocess, n):
     """Stand-in photos where no real ones are at hand: smooth colour fields with shapes."""
     from PIL import Image, ImageDraw
     rng = np.random.default_rng(0)
-    arrays = []
-    for _ in range(n):
+    arrays, files = [], []
+    for i in range(n):
         base = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
         img = Image.fromarray(base).resize((256, 256), Image.BICUBIC)
         draw = ImageDraw.Draw(img)
         x0, y0 = rng.integers(0, 128, size=2)
         draw.ellipse([x0, y0, x0 + 100, y0 + 100], fill=tuple(rng.integers(0, 256, 3).tolist()))
         arrays.append(decode.eval_array(img, preprocess))
-    return ImageSet(arrays, None, "generated images (no real photos found)")
+        png = io.BytesIO()
+        img.save(png, format="PNG")
+        files.append((f"generated-{i}.png", png.getvalue()))
+    return ImageSet(arrays, None, "generated images (no real photos found)", files=files)
 
 
 if __name__ == "__main__":
