@@ -55,12 +55,12 @@ function imageSize(file) {
 // none), transparency on white (as decode.to_rgb in Python). A JPEG at least twice the size
 // the resize needs comes at the scale Pillow's draft decode gives (the browser's downscaled
 // decode, not libjpeg's DCT scaling: the one difference from Python); draftDone says so.
-async function decode(file, meta, isJpeg) {
+async function decode(file, pre, isJpeg) {
   let resize = {};
   let draftDone = false;
   if (isJpeg) {
     const [w, h] = await imageSize(file);
-    const scale = jpegDraftScale(w, h, evalSide(meta.preprocess));
+    const scale = jpegDraftScale(w, h, evalSide(pre));
     if (scale > 1) {
       resize = {resizeWidth: Math.ceil(w / scale), resizeHeight: Math.ceil(h / scale),
                 resizeQuality: DRAFT_RESIZE};
@@ -81,14 +81,20 @@ async function decode(file, meta, isJpeg) {
           draftDone};
 }
 
-async function predict(model, file) {
-  const t0 = performance.now();
+// A photo file -> the model's input, float32 (3 * size * size), as Python computes it.
+async function modelInput(file, pre) {
   const head = new Uint8Array(await file.slice(0, 3).arrayBuffer());
+  const {img, draftDone} = await decode(file, pre, isJpegBytes(head));
+  const decoded = performance.now();
+  return {input: evalTensorData(img, pre, isJpegBytes(head) && !draftDone), decoded,
+          width: img.width, height: img.height};
+}
+
+async function predict(model, file) {
   const {meta, session} = model;
-  const {img, draftDone} = await decode(file, meta, isJpegBytes(head));
-  const t1 = performance.now();
   const size = meta.preprocess.size;
-  const input = evalTensorData(img, meta.preprocess, isJpegBytes(head) && !draftDone);
+  const t0 = performance.now();
+  const {input, decoded, width, height} = await modelInput(file, meta.preprocess);
   const t2 = performance.now();
   const outputs = await session.run({[meta.input]: new ort.Tensor('float32', input,
                                                                   [1, 3, size, size])});
@@ -97,8 +103,8 @@ async function predict(model, file) {
     probabilities: Array.from(outputs[meta.outputs.probabilities].data),
     novelty: meta.outputs.novelty ? outputs[meta.outputs.novelty].data[0] : null,
     heatmap: meta.outputs.heatmap ? outputs[meta.outputs.heatmap] : null,
-    width: img.width, height: img.height,
-    timing: {decode: t1 - t0, preprocess: t2 - t1, model: t3 - t2, total: t3 - t0},
+    width, height,
+    timing: {decode: decoded - t0, preprocess: t2 - decoded, model: t3 - t2, total: t3 - t0},
   };
 }
 
@@ -175,6 +181,7 @@ async function classify(modelReady, file) {
     const answer = await predict(model, file);
     render(model.meta, answer);
     answer.timing.shown = performance.now() - started;
+    window.imgclf.last = answer;
     $('result').classList.add('ready');
     $('result').scrollIntoView({block: 'nearest'});  // on a phone the chart starts below
     const t = answer.timing;
@@ -225,4 +232,8 @@ window.imgclf = {
   ready: modelReady.then(() => true),
   offline: registerOffline().catch(() => false),
   classify: blob => classify(modelReady, blob),
+  // The model's input for a photo, with the model's preprocessing or another one
+  input: async (blob, pre) => Array.from(
+    (await modelInput(blob, pre || (await modelReady).meta.preprocess)).input),
+  last: null,
 };
