@@ -237,3 +237,44 @@ def test_web_runtime_takes_the_npm_tarball_or_its_folder(tmp_path):
     (pkg / "ort.wasm.min.js").unlink()
     with pytest.raises(web_export.UserError, match=r"has no ort.wasm.min.js"):
         web_export.find_runtime(str(pkg))
+
+
+def tiny_model_with_novelty(path, size, threshold):
+    """An ONNX model shaped like an export with the unknown verdict: probabilities of 3
+    classes (a softmax of the channel means) and a novelty (N,) (the mean of the image)."""
+    import onnx
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["means"]),
+             helper.make_node("Softmax", ["means"], ["probabilities"], axis=1),
+             helper.make_node("ReduceMean", ["means"], ["novelty"], axes=[1], keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                      ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("novelty", TensorProto.FLOAT, ["batch"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.metadata_props.add(key="unknown_threshold", value=json.dumps(threshold))
+    onnx.save(model, path)
+
+
+def test_the_page_shows_the_unknown_verdict_of_a_novelty_output(trained, ort_web, with_browser,
+                                                                tmp_path):
+    from imgclf import checkpoints
+    ckpt = checkpoints.load_checkpoint(trained["checkpoint"])
+    size = ckpt["preprocess"]["size"]
+    tiny_model_with_novelty(str(tmp_path / "tiny.onnx"), size, threshold=-100.0)
+    folder = tmp_path / "site"
+    folder.mkdir()
+    files = web_export.page_files(str(tmp_path / "tiny.onnx"), ckpt,
+                                  web_export.find_runtime(ort_web))
+    web_export.write_files(str(folder), files)
+    meta = json.loads(files["model.json"])
+    assert meta["outputs"]["novelty"] == "novelty" and meta["novelty"] == {"threshold": -100.0}
+    with browser.serve_folder(str(folder)) as (url, _), browser.headless_chromium() as driver:
+        browser.open_page(driver, url)
+        with open(os.path.join(trained["data"], "test", "cat", "000.jpg"), "rb") as f:
+            browser.classify_in_page(driver, f.read(), "000.jpg")
+        verdict = driver.find_element("id", "verdict")
+        assert verdict.is_displayed() and "Probably none of these" in verdict.text

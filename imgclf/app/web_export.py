@@ -75,8 +75,9 @@ def page_asset(name):
     return resources.files(__package__).joinpath("web", name).read_text(encoding="utf-8")
 
 
-def model_json(ckpt, outputs, runtime_base):
-    """What the page needs besides the weights: the facts the .onnx metadata carries."""
+def model_json(ckpt, outputs, runtime_base, onnx_meta):
+    """What the page needs besides the weights: the facts the .onnx metadata carries.
+    outputs: the model's output names; onnx_meta: its metadata_props as a dict."""
     classes = list(ckpt["classes"])
     data_root = str((ckpt.get("data") or {}).get("root") or "").rstrip("/\\")
     meta = {
@@ -91,19 +92,24 @@ def model_json(ckpt, outputs, runtime_base):
         "outputs": {name: name for name in outputs},
         "runtime_base": runtime_base, "runtime_version": RUNTIME_VERSION,
     }
-    novelty = ckpt.get("novelty")  # the unknown verdict's threshold, where train.py stored one
-    if "novelty" in outputs and isinstance(novelty, dict) and "threshold" in novelty:
-        meta["novelty"] = {"threshold": float(novelty["threshold"])}
+    # The unknown verdict: an output "novelty" (N,) and its threshold in the metadata
+    if "novelty" in outputs and "unknown_threshold" in onnx_meta:
+        meta["novelty"] = {"threshold": float(json.loads(onnx_meta["unknown_threshold"]))}
     return meta
 
 
-def page_files(onnx_path, ckpt, outputs, runtime_files=None):
-    """{file name: bytes} of the folder."""
+def page_files(onnx_path, ckpt, runtime_files=None):
+    """{file name: bytes} of the folder, for the .onnx file at onnx_path."""
+    import onnx
+    graph = onnx.load(onnx_path)
+    outputs = [o.name for o in graph.graph.output]
+    onnx_meta = {p.key: p.value for p in graph.metadata_props}
     runtime_base = "./" if runtime_files else RUNTIME_CDN
     files = dict(runtime_files or {})
     with open(onnx_path, "rb") as f:
         files["model.onnx"] = f.read()
-    files["model.json"] = json.dumps(model_json(ckpt, outputs, runtime_base), indent=1).encode()
+    files["model.json"] = json.dumps(model_json(ckpt, outputs, runtime_base, onnx_meta),
+                                     indent=1).encode()
     files["index.html"] = page_asset("index.html").replace(
         "__RUNTIME_SCRIPT__", runtime_base + RUNTIME_SCRIPT).encode()
     for name in ("app.js", "preprocess.js"):

@@ -138,8 +138,7 @@ def export_web(args, onnx, ort):
                 path = quantize_and_report(ort, ckpt, path, check, reference)
                 reference = batched(onnx_runner(ort, path), check.arrays)
             add_metadata(onnx, path, ckpt, quantized=args.quantize)
-            outputs = [o.name for o in onnx.load(path).graph.output]
-            web_export.write_files(folder, web_export.page_files(path, ckpt, outputs, runtime))
+            web_export.write_files(folder, web_export.page_files(path, ckpt, runtime))
         check_page(folder, check, ckpt, reference,
                    "int8 ONNX Runtime" if args.quantize else "PyTorch")
         web_export.move_into_place(folder, out)
