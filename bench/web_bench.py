@@ -21,7 +21,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from imgclf.app import browser
+from imgclf.export import browser
 from imgclf.app.inference import load_predictor
 from imgclf.data import decode
 

@@ -9,9 +9,9 @@ The API (imgclf/api.py): train, load, Classifier, Prediction, UserError. Sub-pac
 (images, the scan), models (backbones, the head), heads (the logistic head), engine (training),
 analysis (reports, data issues), app (inference), cli (the commands); docs/design.md has a map.
 """
+from .errors import UserError
 # Before anything imports torch: how its CPU threads wait (see utils/cpu_threads.py).
 from .utils import cpu_threads  # noqa: F401
-from .errors import UserError
 from .version import __version__
 
 __all__ = ["train", "load", "Classifier", "Prediction", "UserError", "__version__"]

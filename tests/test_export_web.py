@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from imgclf.app import browser, web_export
+from imgclf.export import browser, web_page
 from imgclf.cli import export
 from imgclf.data import decode
 
@@ -44,14 +44,14 @@ def ort_web():
     given = os.environ.get("IMGCLF_ORT_WEB")
     if given:
         return given
-    tgz = os.path.join(RUNTIME_CACHE, f"onnxruntime-web-{web_export.RUNTIME_VERSION}.tgz")
+    tgz = os.path.join(RUNTIME_CACHE, f"onnxruntime-web-{web_page.RUNTIME_VERSION}.tgz")
     if not os.path.isfile(tgz) and shutil.which("npm"):
         os.makedirs(RUNTIME_CACHE, exist_ok=True)
-        subprocess.run(["npm", "pack", f"onnxruntime-web@{web_export.RUNTIME_VERSION}",
+        subprocess.run(["npm", "pack", f"onnxruntime-web@{web_page.RUNTIME_VERSION}",
                         "--pack-destination", RUNTIME_CACHE], capture_output=True, timeout=600)
     if not os.path.isfile(tgz):
         skip_or_fail(f"no ONNX Runtime Web: set IMGCLF_ORT_WEB, or npm pack "
-                     f"onnxruntime-web@{web_export.RUNTIME_VERSION} into {RUNTIME_CACHE}")
+                     f"onnxruntime-web@{web_page.RUNTIME_VERSION} into {RUNTIME_CACHE}")
     return tgz
 
 
@@ -90,7 +90,7 @@ def test_the_export_checks_the_page_on_every_test_photo_and_writes_the_folder(ex
     assert float(re.search(r"difference\| ([0-9.e+-]+)", line)[1]) <= export.PARITY_ATOL
     names = sorted(os.listdir(exported["out"]))
     assert names == sorted(["index.html", "app.js", "preprocess.js", "sw.js", "model.json",
-                            "model.onnx", *web_export.RUNTIME_FILES])
+                            "model.onnx", *web_page.RUNTIME_FILES])
     # Relative URLs only, so that any static host (or a sub-folder of one) serves it
     for name in ("index.html", "app.js", "sw.js", "model.json"):
         with open(os.path.join(exported["out"], name)) as f:
@@ -175,16 +175,16 @@ def test_without_a_browser_the_export_says_what_was_checked(trained, tmp_path, m
     printed = capsys.readouterr().out
     assert "not checked in a browser (no chromium (test))" in printed
     with open(out / "index.html") as f:
-        assert web_export.RUNTIME_CDN + web_export.RUNTIME_SCRIPT in f.read()
+        assert web_page.RUNTIME_CDN + web_page.RUNTIME_SCRIPT in f.read()
     with open(out / "sw.js") as f:  # the runtime from the CDN is kept for offline use too
-        assert web_export.RUNTIME_CDN + "ort-wasm-simd-threaded.wasm" in f.read()
+        assert web_page.RUNTIME_CDN + "ort-wasm-simd-threaded.wasm" in f.read()
 
 
 def test_a_page_that_disagrees_writes_nothing(trained, tmp_path, monkeypatch, capsys):
     def wrong(folder, photos, preprocess):
         probs = np.full((len(photos), 3), 1 / 3, dtype=np.float32)
         return probs, 100.0
-    monkeypatch.setattr(web_export, "run_in_browser", wrong)
+    monkeypatch.setattr(web_page, "run_in_browser", wrong)
     out = tmp_path / "site"
     assert export.main([trained["checkpoint"], "--format", "web", "--out", str(out)]) == 1
     assert "the export failed its check, nothing written: The page" in capsys.readouterr().err
@@ -225,18 +225,18 @@ def test_web_runtime_takes_the_npm_tarball_or_its_folder(tmp_path):
     import tarfile
     pkg = tmp_path / "package" / "dist"
     pkg.mkdir(parents=True)
-    for name in web_export.RUNTIME_FILES:
+    for name in web_page.RUNTIME_FILES:
         (pkg / name).write_bytes(name.encode())
     tgz = tmp_path / "ort.tgz"
     with tarfile.open(tgz, "w:gz") as tar:
         tar.add(tmp_path / "package", arcname="package")
-    expected = {n: n.encode() for n in web_export.RUNTIME_FILES}
-    assert web_export.find_runtime(str(tgz)) == expected
-    assert web_export.find_runtime(str(tmp_path / "package")) == expected
-    assert web_export.find_runtime(str(pkg)) == expected
+    expected = {n: n.encode() for n in web_page.RUNTIME_FILES}
+    assert web_page.find_runtime(str(tgz)) == expected
+    assert web_page.find_runtime(str(tmp_path / "package")) == expected
+    assert web_page.find_runtime(str(pkg)) == expected
     (pkg / "ort.wasm.min.js").unlink()
-    with pytest.raises(web_export.UserError, match=r"has no ort.wasm.min.js"):
-        web_export.find_runtime(str(pkg))
+    with pytest.raises(web_page.UserError, match=r"has no ort.wasm.min.js"):
+        web_page.find_runtime(str(pkg))
 
 
 def tiny_model_with_novelty(path, size, threshold):
@@ -267,9 +267,9 @@ def test_the_page_shows_the_unknown_verdict_of_a_novelty_output(trained, ort_web
     tiny_model_with_novelty(str(tmp_path / "tiny.onnx"), size, threshold=-100.0)
     folder = tmp_path / "site"
     folder.mkdir()
-    files = web_export.page_files(str(tmp_path / "tiny.onnx"), ckpt,
-                                  web_export.find_runtime(ort_web))
-    web_export.write_files(str(folder), files)
+    files = web_page.page_files(str(tmp_path / "tiny.onnx"), ckpt,
+                                  web_page.find_runtime(ort_web))
+    web_page.write_files(str(folder), files)
     meta = json.loads(files["model.json"])
     assert meta["outputs"]["novelty"] == "novelty" and meta["novelty"] == {"threshold": -100.0}
     with browser.serve_folder(str(folder)) as (url, _), browser.headless_chromium() as driver:

@@ -1,4 +1,5 @@
-"""export.py --format web: a folder that classifies photos in the browser, with no server.
+"""The folder of export.py --format web: a page that classifies photos in the browser, with no
+server (to_web.py exports and checks it).
 
     DIR/index.html      the page: take or choose a photo, see the top classes
     DIR/app.js          loads the model once, runs it on each photo, draws the answer
@@ -16,14 +17,11 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
-import tempfile
 from importlib import resources
 
 from ..data import decode
 from ..errors import UserError
-from ..utils import atomic
 
 RUNTIME_VERSION = "1.30.0"
 RUNTIME_CDN = f"https://cdn.jsdelivr.net/npm/onnxruntime-web@{RUNTIME_VERSION}/dist/"
@@ -125,20 +123,12 @@ def page_files(onnx_path, ckpt, runtime_files=None):
     return files
 
 
-def staging_folder(out):
-    """A fresh folder beside --out to build the export in, renamed into place once checked."""
-    parent = os.path.dirname(os.path.abspath(out))
+def refuse_other_folder(out):
+    """--out may be a new folder, an empty one or an earlier web export (replaced): not a
+    folder of something else, which the export would delete."""
     if os.path.exists(out) and not is_web_export(out):
         raise UserError(f"--out {out}: exists and is not a web export; give a new folder, or "
                         f"remove it first")
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(os.path.abspath(out))}-",
-                               dir=parent)
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot write there ({err.strerror})") from None
-    os.chmod(tmp, 0o777 & ~atomic.current_umask())  # a static host must be able to read it
-    return tmp
 
 
 def is_web_export(folder):
@@ -150,23 +140,10 @@ def is_web_export(folder):
 
 
 def write_files(folder, files):
+    """Into a private folder, moved into place atomically afterwards (checks.py)."""
     for name, data in files.items():
         with open(os.path.join(folder, name), "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def move_into_place(tmp, out):
-    """The checked folder replaces --out (a previous web export, or an empty folder) at once."""
-    old = None
-    if os.path.exists(out):
-        old = tmp + ".old"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    atomic.fsync_folder(os.path.dirname(os.path.abspath(out)))
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class PageNotRun(Exception):
