@@ -36,6 +36,9 @@ def build_parser():
     p.add_argument("--limit", type=int, default=0, metavar="N",
                    help="photos per set, spread evenly over the sorted list; 0 for all "
                         "(default: 0)")
+    p.add_argument("--picture", metavar="FILE.png",
+                   help="also draw the first 4 canvases of each set with their heatmaps "
+                        "(default: none)")
     p.add_argument("--gpu", nargs="?", const="cuda", metavar="DEVICE",
                    help="run on an accelerator (default: the CPU)")
     return p
@@ -67,7 +70,7 @@ def quadrant_of(heatmap, size):
     return 2 * (row >= 0.5) + (col >= 0.5)
 
 
-def run_set(name, checkpoint, folder, limit, gpu):
+def run_set(name, checkpoint, folder, limit, gpu, drawn):
     from imgclf.app import inference
     from imgclf.data import decode
     predictor = inference.load_predictor(checkpoint, gpu)
@@ -83,6 +86,8 @@ def run_set(name, checkpoint, folder, limit, gpu):
         batch = np.stack([decode.eval_array(canvas_with(decode.load_rgb(path), q, side), pre)
                           for (path, _), q in zip(chunk, quadrants)])
         probs, maps = predictor.explain(batch)
+        if start == 0:  # the first canvases, for --picture
+            drawn += [(name, batch[i], maps[i], pre) for i in range(min(4, len(chunk)))]
         for (path, cls), q, p, m in zip(chunk, quadrants, probs, maps):
             hit, correct = quadrant_of(m, pre["size"]) == q, int(p.argmax()) == index[cls]
             hits, right, hits_right = hits + hit, right + correct, hits_right + (hit and correct)
@@ -92,14 +97,37 @@ def run_set(name, checkpoint, folder, limit, gpu):
     return hits / n
 
 
+def draw(path, drawn):
+    """Each canvas as the network saw it, its heatmap over it, the peak marked."""
+    from imgclf.analysis import heatmaps, report
+    from imgclf.models.explain import peak_position
+    plt = report._pyplot()
+    fig, axes = plt.subplots(1, len(drawn), figsize=(2.2 * len(drawn), 2.5), squeeze=False)
+    for ax, (name, array, heatmap, pre) in zip(axes[0], drawn):
+        std, mean = np.asarray(pre["std"])[:, None, None], np.asarray(pre["mean"])[:, None, None]
+        picture = np.clip((array * std + mean).transpose(1, 2, 0), 0, 1)
+        heatmaps.draw_heatmap(ax, picture, heatmap, 1.0)  # already the network's crop
+        row, col = peak_position(heatmap, pre["size"])
+        ax.plot(col * pre["size"], row * pre["size"], "w+", ms=14, mew=2)
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+    fig.suptitle("photo in one quadrant of a grey canvas: heatmap of the top class, + its peak",
+                 fontsize=10)
+    report._save(fig, path)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     print(f"{'set':<10} {'photos':>6}  {'peak in':>9}  {'peak in, top':>14}  {'top-1 acc':>13}"
           f"  {'time':>7}")
     print(f"{'':<10} {'':>6}  {'quadrant':>9}  {'class right':>14}  {'on canvases':>13}")
+    drawn = []
     for name, checkpoint, folder in args.set:
-        run_set(name, checkpoint, folder, args.limit, args.gpu)
+        run_set(name, checkpoint, folder, args.limit, args.gpu, drawn)
     print("chance: 25% (4 quadrants); goal: >= 80%")
+    if args.picture:
+        draw(args.picture, drawn)
     return 0
 
 

@@ -228,6 +228,18 @@ def test_serve_answers_the_heatmap_when_asked(trained):
     assert "const EXPLAIN = true" in page and "drawHeat(data.heatmap" in page
     assert '<canvas id="heat"' in page
 
+    class NoExplain:  # an .onnx model's predictor: no explain()
+        def __init__(self, real):
+            self.classes, self.class_names = real.classes, real.class_names
+            self.preprocess, self.probabilities = real.preprocess, real.probabilities
+    onnx_like = TestClient(serve.create_app(NoExplain(inference.load_predictor(
+        trained["checkpoint"])), "model.onnx"))
+    refused = onnx_like.post("/predict?explain=1", files={"file": ("dog.jpg", data, "image/jpeg")})
+    assert refused.status_code == 400 and "does not carry the heatmap" in refused.json()["error"]
+    assert "const EXPLAIN = false" in onnx_like.get("/").text
+    assert onnx_like.post("/predict", files={"file": ("dog.jpg", data, "image/jpeg")}).json()[
+        "predictions"] == plain["predictions"]
+
 
 def test_mistakes_png_has_a_heatmap_per_mistake(trained, tmp_path, monkeypatch):
     predictor = inference.load_predictor(trained["checkpoint"])

@@ -8,8 +8,9 @@ import numpy as np
 
 from ..errors import UserError
 
-# Opacity of the heatmap over the photo: enough to read the colours, the photo still visible.
-HEAT_ALPHA = 0.45
+# Opacity of the heatmap over the photo, from no evidence to the most: the photo stays visible
+# where the model found nothing, the colours readable where it found the most.
+HEAT_ALPHA = (0.15, 0.6)
 HEAT_CMAP = "jet"
 HEAT_NOTE = "heatmap: where the model found the predicted class (red: most)"
 
@@ -49,7 +50,10 @@ def scaled_heat(heatmap, height, width):
 def draw_heatmap(ax, picture, heatmap, crop_pct):
     """The network's view of the picture (an RGB array fitted to a square), the heatmap over
     it."""
+    import matplotlib
     view = network_view(picture, crop_pct)
+    heat = scaled_heat(heatmap, *view.shape[:2])
+    colours = matplotlib.colormaps[HEAT_CMAP](heat)
+    colours[..., 3] = HEAT_ALPHA[0] + (HEAT_ALPHA[1] - HEAT_ALPHA[0]) * heat
     ax.imshow(view)
-    ax.imshow(scaled_heat(heatmap, *view.shape[:2]), cmap=HEAT_CMAP, alpha=HEAT_ALPHA, vmin=0,
-              vmax=1, interpolation="nearest")
+    ax.imshow(colours, interpolation="nearest")

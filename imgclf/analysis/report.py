@@ -2,9 +2,9 @@
 
 write_report: accuracy, top-5 accuracy and per-class precision/recall/F1 (report.txt and
 metrics.json), every prediction (predictions.csv), the confusion matrix (confusion_matrix.png),
-the most confident mistakes (mistakes.png) and, given a training history, the training curves
-(curves.png). plot_predictions draws predict.py's --plot; plot_data_issues the suspect labels
-and near-duplicates of data_issues.py.
+the most confident mistakes (mistakes.png, each with its heatmap: analysis/heatmaps.py) and,
+given a training history, the training curves (curves.png). plot_predictions draws
+predict.py's --plot; plot_data_issues the suspect labels and near-duplicates of data_issues.py.
 
 matplotlib is imported inside the plotting functions only, with the Agg backend (files, no
 window): predicting one photo never pays for it.

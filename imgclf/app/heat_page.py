@@ -10,8 +10,9 @@ HEAT_CSS = """  #heat { display: none; width: 100%; max-width: 420px; border-rad
   #result.heated #photo { display: none; }
   #heatnote { color: var(--muted); font-size: .85rem; margin: 6px 0 0; }"""
 
-HEAT_SCRIPT = """// The heatmap over the network's view of the photo (its centre crop): each cell coloured from
-// blue (no evidence) to red (the most), half transparent, smoothed by the canvas's scaling.
+HEAT_SCRIPT = """// The heatmap over the network's view of the photo (its centre crop): each
+// cell coloured from blue (no evidence) to red (the most), more opaque the more evidence,
+// smoothed by the canvas's scaling.
 async function drawHeat(grid, name) {
   await photo.decode();
   const w = photo.naturalWidth, h = photo.naturalHeight, side = Math.min(w, h) * CROP;
@@ -22,7 +23,8 @@ async function drawHeat(grid, name) {
   const small = document.createElement('canvas'); small.width = cols; small.height = rows;
   const sctx = small.getContext('2d');
   grid.forEach((row, r) => row.forEach((v, c) => {
-    sctx.fillStyle = 'hsla(' + Math.round(240 * (1 - v)) + ', 100%, 50%, 0.45)';
+    sctx.fillStyle = 'hsla(' + Math.round(240 * (1 - v)) + ', 100%, 50%, ' +
+                     (0.15 + 0.45 * v).toFixed(2) + ')';
     sctx.fillRect(c, r, 1, 1);
   }));
   ctx.imageSmoothingEnabled = true;

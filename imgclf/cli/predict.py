@@ -4,6 +4,7 @@
     python predict.py photos/ CHECKPOINT --json            # a folder, searched recursively
     python predict.py 'photos/*.jpg' CHECKPOINT --csv out.csv --plot out.png
     python predict.py DATA_DIR/test CHECKPOINT --evaluate  # the report for a labelled folder
+    python predict.py photos/ CHECKPOINT --explain --plot out.png  # where the model looked
 
 Start-up matters here: this script imports only what the run needs (torch and model_utils for a
 checkpoint; never torchvision, matplotlib or the training code unless a run asks for them).
@@ -334,7 +335,8 @@ def evaluate(args):
     from ..analysis import report
     summary = report.write_report(args.report_dir or "report", np.stack([r.probs for r in good]),
                                   np.array([label_of[r.path] for r in good]),
-                                  predictor.classes, names, [r.path for r in good])
+                                  predictor.classes, names, [r.path for r in good],
+                                  predictor=predictor, tta=args.tta)
     print("\n".join(report.summary_lines(summary)))
     for result in failed:
         print(f"error: {result.error}", file=sys.stderr)

@@ -158,8 +158,7 @@ def create_app(predictor, model_name, top_k=5, max_upload_bytes=10_000_000, max_
     model = Model(predictor, top_k)
     in_progress = {"n": 0}  # touched only on the event loop's thread: no lock needed
     page, script_hash = render_page(model_name, len(model.classes), max_upload_bytes,
-                                    model.explain_error is None,
-                                    model.predictor.preprocess["crop_pct"])
+                                    *model.page_heatmap)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):  # 404, 405 ...: the same JSON shape as our errors
@@ -195,16 +194,12 @@ def create_app(predictor, model_name, top_k=5, max_upload_bytes=10_000_000, max_
     async def predict_endpoint(request: Request):
         if in_progress["n"] >= max_concurrent:
             raise ApiError(503, f"busy: {max_concurrent} requests in progress; try again")
-        explain = request.query_params.get("explain", "0") not in ("0", "false", "")
-        if explain and model.explain_error:
-            raise ApiError(400, model.explain_error)
         in_progress["n"] += 1
         try:
             name, data = await read_upload(request, max_upload_bytes)
             batch = await run_in_threadpool(model.preprocess_bytes, data)
-            if explain:
-                probs, heatmap = await run_in_threadpool(model.explained, batch)
-                return model.answer(name, probs, heatmap)
+            if model.explain_asked(request):  # ?explain=1
+                return model.answer(name, *await run_in_threadpool(model.explained, batch))
             probs = await run_in_threadpool(model.probabilities, batch)
             return model.answer(name, probs)
         finally:
@@ -225,6 +220,15 @@ class Model:
         self.backend = "onnxruntime" if type(predictor).__name__ == "OnnxPredictor" else "torch"
         self.lock = threading.Lock()
         self.explain_error = heat_page.explain_error(predictor)  # None where ?explain=1 works
+        # render_page's explain and crop_pct: whether the page asks for and draws the heatmap
+        self.page_heatmap = (self.explain_error is None, predictor.preprocess["crop_pct"])
+
+    def explain_asked(self, request):
+        """Whether the request asks for the heatmap (?explain=1); 400 where there is none."""
+        asked = request.query_params.get("explain", "0") not in ("0", "false", "")
+        if asked and self.explain_error:
+            raise ApiError(400, self.explain_error)
+        return asked
 
     def preprocess_bytes(self, data):
         try:
