@@ -14,22 +14,15 @@ import glob
 import json
 import os
 import sys
-from collections import Counter
 
 import numpy as np
 
 from .. import errors
 from ..app import inference
-
-# The inference names that predict.py offered before inference.py held them.
-from ..app.inference import (  # noqa: F401
+from ..app.inference import (
     IMAGE_FIX,
     Item,
-    OnnxPredictor,
-    TorchPredictor,
-    batch_probabilities,
     display_names,
-    load_image,
     load_predictor,
     predict_paths,
     read_image,
@@ -37,6 +30,7 @@ from ..app.inference import (  # noqa: F401
 )
 from ..data import scanning
 from ..errors import UserError
+from ..utils import atomic
 from ..version import __version__
 
 # Images drawn in one --plot grid: beyond this a grid is too small to read.
@@ -100,8 +94,8 @@ def run(args):
     single = len(items) == 1 and not items[0].found  # one named photo: today's short output
     if single and not os.path.exists(items[0].path):  # say so before the model loads
         raise UserError(read_image(items[0], None)[1])
-    # One photo computes on one thread: its forward pass took 0.08 s so on a busy 2-core
-    # machine, 0.5 s on both cores, whose threads spent it waiting for one another
+    # One photo computes on one thread: on a busy machine the threads of so short a forward
+    # pass spend it waiting for one another (docs/design.md, "Figures behind the constants")
     predictor = load_predictor(args.checkpoint, args.gpu, args.precision,
                                threads=1 if len(items) == 1 else None)
     check_tta(args.tta, predictor, args.checkpoint)
@@ -217,7 +211,7 @@ def find_images(sources):
 
 
 def folder_files(folder):
-    return scanning._walk_files(folder, Counter())
+    return scanning.walk_files(folder)
 
 
 def expand_glob(pattern):
@@ -275,24 +269,20 @@ def json_document(results, k, classes, names):
 
 
 def write_csv(path, results, tops, names, k):
-    import csv
-    import io
-    buf = io.StringIO()
-    writer = csv.writer(buf)
     header = ["image"]
     for rank in range(1, k + 1):
         header += [f"name_{rank}", f"probability_{rank}"]
-    writer.writerow(header + ["error"])
+    rows = [header + ["error"]]
     for result, top in zip(results, tops):
         row = [result.path]
         if result.error:
-            writer.writerow(row + [""] * (2 * k) + [result.error])
+            rows.append(row + [""] * (2 * k) + [result.error])
             continue
         for i, p in zip(*top):
             row += [names[i], f"{p:.4f}"]
-        writer.writerow(row + [""])
+        rows.append(row + [""])
     try:
-        scanning.write_text_atomic(path, buf.getvalue())
+        atomic.write_csv(path, rows)
     except OSError as err:
         raise UserError(f"--csv {path}: cannot write it ({err.strerror}); give a writable "
                         f"path") from None
@@ -351,8 +341,7 @@ def labelled_images(root, classes):
     if not os.path.isdir(root):
         raise UserError(f"--evaluate {root}: no such folder; give a folder of class folders, "
                         f"e.g. DATA_DIR/test")
-    by_class = scanning.list_class_files(root, Counter())
-    unknown = sorted(set(by_class) - set(classes))
+    paths, labels, unknown = scanning.labelled_files(root, classes)
     if unknown:
         hint = ""
         if "test" in scanning.find_split_dirs(root):
@@ -361,12 +350,7 @@ def labelled_images(root, classes):
                         f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}{hint}; "
                         f"its classes are {', '.join(classes[:10])}"
                         f"{' ...' if len(classes) > 10 else ''}")
-    index = {c: i for i, c in enumerate(classes)}
-    items, labels = [], []
-    for cls in sorted(by_class, key=index.get):
-        for path in by_class[cls]:
-            items.append(Item(path, found=True))
-            labels.append(index[cls])
+    items = [Item(path, found=True) for path in paths]
     if not items:
         raise UserError(f"--evaluate {root}: no images in its class folders; give a folder "
                         f"like DATA_DIR/test with one folder of photos per class")
