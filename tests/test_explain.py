@@ -188,6 +188,19 @@ def test_text_output_draws_the_map_and_plain_runs_have_none(trained, capsys):
     assert "heatmap" not in json.loads(out)[0]
 
 
+def test_python_api_gives_the_heatmap_when_asked(trained):
+    import imgclf
+    clf = imgclf.load(trained["checkpoint"])
+    photo = os.path.join(trained["data"], "test", "fox", "000.jpg")
+    with Image.open(photo) as img:
+        in_memory = img.convert("RGB")
+    from_file, from_memory = clf.predict([photo, in_memory], top_k=2, explain=True)
+    assert from_file.heatmap.shape == from_memory.heatmap.shape == (2, 2)
+    np.testing.assert_allclose(from_file.heatmap, from_memory.heatmap, atol=1e-3)
+    assert from_file.heatmap.max() == 1.0
+    assert clf.predict(photo)[0].heatmap is None
+
+
 def test_explain_refusals_are_one_line(trained, capsys, monkeypatch):
     photo = os.path.join(trained["data"], "test", "cat", "000.jpg")
     status, _, err = run_predict(capsys, os.path.dirname(photo), trained["checkpoint"],
