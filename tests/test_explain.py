@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from conftest import draw_sample
+# serve.py's fixtures: the page in a headless browser (skipped where there is none)
+from test_serve import MISSING, browser, live_server, screenshot_dir  # noqa: F401
 from imgclf.analysis import heatmaps, report
 from imgclf.app import heat_page, inference
 from imgclf.cli import predict
@@ -221,9 +223,9 @@ def test_explain_refusals_are_one_line(trained, capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # serve.py and the report
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(bool(MISSING), reason=f"{', '.join(MISSING)} not installed (optional: "
+                    "pip install -e '.[serve]')")
 def test_serve_answers_the_heatmap_when_asked(trained):
-    pytest.importorskip("fastapi")
-    pytest.importorskip("python_multipart")
     from fastapi.testclient import TestClient
     from imgclf.cli import serve
     app = serve.create_app(inference.load_predictor(trained["checkpoint"]), "checkpoint.pth")
@@ -269,3 +271,27 @@ def test_mistakes_png_has_a_heatmap_per_mistake(trained, tmp_path, monkeypatch):
     with Image.open(summary["files"]["mistakes"]) as img:
         img.load()
     assert drawn == [(2, 2)] * len(paths)
+
+
+@pytest.mark.skipif(bool(MISSING), reason=f"{', '.join(MISSING)} not installed (optional: "
+                    "pip install -e '.[serve]')")
+def test_page_draws_the_heatmap_over_the_photo(live_server, browser, trained, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser.set_window_size(1100, 900)
+    browser.get(live_server)
+    browser.find_element(By.ID, "file").send_keys(
+        os.path.join(trained["data"], "test", "fox", "001.jpg"))
+    WebDriverWait(browser, 60).until(ec.visibility_of_element_located((By.CSS_SELECTOR,
+                                                                       "#result.heated")))
+    assert browser.find_element(By.ID, "heat").is_displayed()
+    assert not browser.find_element(By.ID, "photo").is_displayed()
+    assert browser.find_element(By.ID, "heatnote").text.startswith("Heatmap: where the model saw")
+    # the canvas holds the photo and the colours over it, not a blank
+    distinct = browser.execute_script(
+        "const d = document.getElementById('heat').getContext('2d').getImageData(0, 0, 420, 420)"
+        ".data; const seen = new Set(); for (let i = 0; i < d.length; i += 4 * 97) "
+        "seen.add(d[i] + ',' + d[i + 1] + ',' + d[i + 2]); return seen.size;")
+    assert distinct > 50
+    browser.save_screenshot(os.path.join(screenshot_dir(tmp_path), "serve-heatmap.png"))
