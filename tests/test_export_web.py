@@ -180,6 +180,19 @@ def test_without_a_browser_the_export_says_what_was_checked(trained, tmp_path, m
         assert web_page.RUNTIME_CDN + "ort-wasm-simd-threaded.wasm" in f.read()
 
 
+def test_an_int8_page_is_judged_as_int8_models_are(trained, ort_web, with_browser, tmp_path,
+                                                  capsys):
+    out = tmp_path / "site"
+    assert export.main([trained["checkpoint"], "--format", "web", "--quantize", "--out",
+                        str(out), "--web_runtime", ort_web, "--check_count", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"the page vs the int8 model in ONNX Runtime: max \|probability "
+                     r"difference\| [0-9.e+-]+, top-1 same on 6/6", printed), printed
+    import onnx
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert meta["quantization"].startswith("int8")
+
+
 def test_a_page_that_disagrees_writes_nothing(trained, tmp_path, monkeypatch, capsys):
     def wrong(folder, photos, preprocess):
         probs = np.full((len(photos), 3), 1 / 3, dtype=np.float32)
