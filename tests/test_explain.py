@@ -203,6 +203,19 @@ def test_python_api_gives_the_heatmap_when_asked(trained):
     assert clf.predict(photo)[0].heatmap is None
 
 
+def test_tta_and_the_estimate_note_reach_predict(trained, capsys, monkeypatch):
+    photo = os.path.join(trained["data"], "test", "dog", "001.jpg")
+    status, out, err = run_predict(capsys, photo, trained["checkpoint"], "--explain", "--tta",
+                                   "--json")
+    assert status == 0 and np.array(json.loads(out)[0]["heatmap"]).shape == (2, 2)
+    assert "estimate" not in err  # the test checkpoint's head is linear: the exact map
+    monkeypatch.setattr(explain, "is_exact", lambda model: False)  # as with --hidden_units
+    status, out, err = run_predict(capsys, photo, trained["checkpoint"], "--explain",
+                                   "--top_k", 3)
+    assert status == 0 and err.count("\n") == 1
+    assert "gradient x activation estimate, not an exact class activation map" in err
+
+
 def test_explain_refusals_are_one_line(trained, capsys, monkeypatch):
     photo = os.path.join(trained["data"], "test", "cat", "000.jpg")
     status, _, err = run_predict(capsys, os.path.dirname(photo), trained["checkpoint"],
