@@ -9,6 +9,7 @@ import glob
 import hashlib
 import os
 import signal
+import socket
 import time
 
 import numpy as np
@@ -22,6 +23,7 @@ from ..utils import atomic
 from ..utils.progress import Progress
 from ..utils.stopping import StopSignals
 from . import feature_store
+from .distributed import NodeError
 
 FEATURE_STORE_VERSION = 3  # 3: stored per photo (2: whole-split files, photos decoded at scale)
 CACHE_WRITE_ERRNOS = checkpoints.DISK_FULL_ERRNOS | checkpoints.NOT_WRITABLE_ERRNOS
@@ -62,6 +64,10 @@ def cached_features(backbone, split, views, config, scan, preprocess, job, cache
         return None, labels
     store.refresh()
     positions = store.find(keys)
+    if (positions < 0).any():
+        raise NodeError(f"--cache_dir {cache_dir}: the features the other processes wrote are "
+                        f"not found here ({socket.gethostname()}): it must be a folder that "
+                        f"every node sees at the same path (a shared file system)")
     store.touch(positions)
     prune_quietly(cache_dir)
     return feature_store.StoredRows(store, positions), labels
