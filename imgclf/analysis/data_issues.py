@@ -21,7 +21,6 @@ nor the random streams training uses.
 """
 import csv
 import hashlib
-import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,15 +32,14 @@ from ..data import data_report
 from ..errors import UserError
 from ..heads import linear_probe
 from ..utils import atomic
+from ..utils.text import plural
 from . import report
 
 CSV_NAME = "data_issues.csv"
 PNG_NAME = "data_issues.png"
 CSV_COLUMNS = ("path", "issue", "other", "score")
-# On features centred on the train split's mean. Chosen on flowers5 with 40 planted copies
-# (85% size, JPEG quality 80; the lowest scored 0.93) and checked on handwritten digits, where
-# it names 9 of 898 valid and test photos (docs/data_issues.md). Uncentred, every digit has a
-# neighbour above 0.92: what all photos share drowns what tells two apart.
+# On features centred on the train split's mean: uncentred, what all photos share drowns what
+# tells two apart. Chosen on planted copies (docs/data_issues.md).
 NEAR_DUPLICATE_COSINE = 0.92
 # Rows per block of the nearest-neighbour search: a 4096 x 4096 block of similarities is
 # 64 MiB, whatever the size of the data set.
@@ -318,22 +316,19 @@ def write_report(save_dir, findings, names):
 
 
 def write_csv(path, findings):
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for earlier, later, cosine in findings.near_duplicates:
-        writer.writerow([earlier, "near_duplicate", later, f"{cosine:.4f}"])
-    for path_i, _, suggested, confidence in findings.labels:
-        writer.writerow([path_i, "label", suggested, f"{confidence:.4f}"])
-    with atomic.AtomicFile(path, "w") as f:
-        f.write(buf.getvalue())
+    rows = [CSV_COLUMNS]
+    rows += [[earlier, "near_duplicate", later, f"{cosine:.4f}"]
+             for earlier, later, cosine in findings.near_duplicates]
+    rows += [[path_i, "label", suggested, f"{confidence:.4f}"]
+             for path_i, _, suggested, confidence in findings.labels]
+    atomic.write_csv(path, rows, lineterminator="\n")
 
 
 def summary_line(findings, out_dir):
     dups, labels = len(findings.near_duplicates), len(findings.labels)
     files = f"{out_dir}/{CSV_NAME}" + (f" and {PNG_NAME}" if dups or labels else "")
-    return (f"data issues: {dups} near-duplicate{'s' * (dups != 1)} across splits, {labels} "
-            f"photo{'s' * (labels != 1)} that look{'s' * (labels == 1)} mislabelled; see "
+    return (f"data issues: {plural(dups, 'near-duplicate')} across splits, "
+            f"{plural(labels, 'photo')} that look{'s' * (labels == 1)} mislabelled; see "
             f"{files}  [{findings.seconds:.1f}s]")
 
 
@@ -384,8 +379,7 @@ def exclude_photos(scan, list_path):
     scan.excluded = sorted(os.path.relpath(p, os.path.abspath(scan.root))
                            for p in wanted - set(missing))
     _check_classes_left(scan, list_path)
-    scan.notes.append(f"--exclude {list_path}: left out {len(scan.excluded)} photo"
-                      f"{'s' * (len(scan.excluded) != 1)}")
+    scan.notes.append(f"--exclude {list_path}: left out {plural(len(scan.excluded), 'photo')}")
     left_out = hashlib.sha1("\n".join(scan.excluded).encode()).hexdigest()[:16]
     scan.fingerprint = f"{scan.fingerprint}-exclude-{left_out}"
     return scan

@@ -9,8 +9,6 @@ and near-duplicates of data_issues.py.
 matplotlib is imported inside the plotting functions only, with the Agg backend (files, no
 window): predicting one photo never pays for it.
 """
-import csv
-import io
 import json
 import math
 import numbers
@@ -20,7 +18,7 @@ import time
 
 import numpy as np
 
-from ..data import decode, scanning
+from ..data import decode
 from ..utils import atomic
 
 MISTAKES_SHOWN = 24
@@ -105,8 +103,8 @@ def write_report(out_dir, probs, labels, classes, names, image_paths, history=No
     if not history:
         files.pop("curves")
     os.makedirs(out_dir, exist_ok=True)
-    scanning.write_text_atomic(files["text"], "\n".join(report_text(metrics, names)) + "\n")
-    scanning.write_text_atomic(files["json"], json.dumps(
+    atomic.write_text(files["text"], "\n".join(report_text(metrics, names)) + "\n")
+    atomic.write_text(files["json"], json.dumps(
         metrics_document(metrics, classes, names), indent=2) + "\n")
     write_predictions_csv(files["predictions"], probs, labels, names, image_paths)
     plot_confusion(files["confusion"], metrics["confusion"], names)
@@ -120,14 +118,11 @@ def write_report(out_dir, probs, labels, classes, names, image_paths, history=No
 
 
 def write_predictions_csv(path, probs, labels, names, image_paths):
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["image", "true", "predicted", "probability", "correct"])
+    rows = [["image", "true", "predicted", "probability", "correct"]]
     for path_i, p, label in zip(image_paths, probs, labels):
         best = int(p.argmax())
-        writer.writerow([path_i, names[label], names[best], f"{p[best]:.4f}",
-                         int(best == label)])
-    scanning.write_text_atomic(path, buf.getvalue())
+        rows.append([path_i, names[label], names[best], f"{p[best]:.4f}", int(best == label)])
+    atomic.write_csv(path, rows)
 
 
 HISTORY_CSV = "history.csv"
@@ -146,12 +141,9 @@ def write_history_csv(save_dir, history):
         return None
     columns = list(HISTORY_COLUMNS) + [c for c in HISTORY_OPTIONAL_COLUMNS
                                        if any(c in row for row in history)]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in history:  # repr of a float reads back to the same float
-        writer.writerow([_csv_number(row.get(c)) for c in columns])
-    scanning.write_text_atomic(path, buf.getvalue())
+    # repr of a float reads back to the same float
+    rows = [columns] + [[_csv_number(row.get(c)) for c in columns] for row in history]
+    atomic.write_csv(path, rows, lineterminator="\n")
     return path
 
 

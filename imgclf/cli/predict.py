@@ -20,22 +20,11 @@ import numpy as np
 from .. import errors
 from ..app import inference
 
-# The inference names that predict.py offered before inference.py held them.
-from ..app.inference import (  # noqa: F401
-    IMAGE_FIX,
-    Item,
-    OnnxPredictor,
-    TorchPredictor,
-    batch_probabilities,
-    display_names,
-    load_image,
-    load_predictor,
-    predict_paths,
-    read_image,
-    top_k,
-)
+from ..app.inference import (IMAGE_FIX, Item, display_names, load_predictor, predict_paths,
+                             read_image, top_k)
 from ..data import scanning
 from ..errors import UserError
+from ..utils import atomic
 from ..version import __version__
 
 # Images drawn in one --plot grid: beyond this a grid is too small to read.
@@ -95,8 +84,8 @@ def run(args):
     single = len(items) == 1 and not items[0].found  # one named photo: today's short output
     if single and not os.path.exists(items[0].path):  # say so before the model loads
         raise UserError(read_image(items[0], None)[1])
-    # One photo computes on one thread: its forward pass took 0.08 s so on a busy 2-core
-    # machine, 0.5 s on both cores, whose threads spent it waiting for one another
+    # One photo computes on one thread: on a busy machine the threads of so short a forward
+    # pass spend it waiting for one another (docs/design.md, "Figures behind the constants")
     predictor = load_predictor(args.checkpoint, args.gpu, args.precision,
                                threads=1 if len(items) == 1 else None)
     check_tta(args.tta, predictor, args.checkpoint)
@@ -232,24 +221,20 @@ def json_document(results, k, classes, names):
 
 
 def write_csv(path, results, tops, names, k):
-    import csv
-    import io
-    buf = io.StringIO()
-    writer = csv.writer(buf)
     header = ["image"]
     for rank in range(1, k + 1):
         header += [f"name_{rank}", f"probability_{rank}"]
-    writer.writerow(header + ["error"])
+    rows = [header + ["error"]]
     for result, top in zip(results, tops):
         row = [result.path]
         if result.error:
-            writer.writerow(row + [""] * (2 * k) + [result.error])
+            rows.append(row + [""] * (2 * k) + [result.error])
             continue
         for i, p in zip(*top):
             row += [names[i], f"{p:.4f}"]
-        writer.writerow(row + [""])
+        rows.append(row + [""])
     try:
-        scanning.write_text_atomic(path, buf.getvalue())
+        atomic.write_csv(path, rows)
     except OSError as err:
         raise UserError(f"--csv {path}: cannot write it ({err.strerror}); give a writable "
                         f"path") from None

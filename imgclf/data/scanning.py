@@ -28,7 +28,7 @@ LITTER_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
                     ".ppm", ".pgm", ".pbm", ".jfif", ".pjpeg", ".heic", ".heif", ".avif")
 from ..utils.progress import Progress
-from .data_report import _plural
+from ..utils.text import plural
 from .decode import (
     IMAGE_ERRORS,
     ORIENTATION_TAG,
@@ -293,14 +293,9 @@ def save_scan_cache(cache_dir, root, checks):
             "files": {os.path.relpath(p, root): c.__dict__ for p, c in checks.items()
                       if not c.retry}}
     try:
-        write_text_atomic(path, json.dumps(data))
+        atomic.write_text(path, json.dumps(data))
     except OSError as err:
         log.warning("could not save the scan cache %s: %s", path, err)
-
-
-def write_text_atomic(path, text):
-    with atomic.AtomicFile(path, "w") as f:
-        f.write(text)
 
 
 def scan_dataset(root, split=(0.7, 0.1, 0.2), seed=0, cache_dir=None, workers=None):
@@ -434,7 +429,7 @@ def _check_split_classes(parts, classes, scan):
             raise UserError(f"{where}: no usable images; add images or remove the folder")
         missing = sorted(c for c in classes if not parts[split].get(c))
         if missing:
-            scan.warnings.append(f"{split} has no images of {_plural(len(missing), 'class')}: "
+            scan.warnings.append(f"{split} has no images of {plural(len(missing), 'class')}: "
                                  f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
                                  f"; {split} accuracy will cover the other classes only")
 
