@@ -85,3 +85,20 @@ def test_prune_removes_the_blocks_read_longest_ago(tmp_path):
     held = [(store.find(fs.row_keys(d, VIEWS)) >= 0).all() for d in blocks]
     assert held == [True, True, False, False]  # block 2 (age 300), block 3 (age 200) went
     assert fs.store_bytes(store_dir) == 2 * one
+
+
+def test_the_cache_command_reports_and_prunes(tmp_path, capsys):
+    from imgclf.cli import cache
+    folder = tmp_path / "cache" / "features" / "maker"
+    for b in range(3):
+        digests = [f"{b * 100 + i:032d}" for i in range(50)]
+        fs.write_block(str(folder), fs.row_keys(digests, VIEWS), fake_rows(digests, 512))
+    size = fs.store_bytes(str(folder))
+    assert cache.main([str(tmp_path / "cache")]) == 0
+    assert f"{size / 2**20:.1f} MiB" in capsys.readouterr().out
+    assert fs.store_bytes(str(folder)) == size  # only reported
+    assert cache.main([str(tmp_path / "cache"), "--max_gib", str(size / 2 / 2**30)]) == 0
+    assert "removed 2 blocks" in capsys.readouterr().out
+    assert fs.store_bytes(str(folder)) == size // 3
+    assert cache.main([str(tmp_path / "elsewhere")]) == 2
+    assert "holds no feature store" in capsys.readouterr().err

@@ -3,13 +3,14 @@ lines name what changed, the head equals a fresh run's."""
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import FAST, draw_sample, make_image_folder
 from imgclf import checkpoints
 from imgclf.cli import train
-from imgclf.engine import features
+from imgclf.engine import feature_store, features
 from imgclf.models import hardware
 
 PER_SPLIT = {"train": 8, "valid": 3, "test": 3}
@@ -107,10 +108,25 @@ def test_a_class_added_goes_through_the_backbone_alone(rerun):
     assert "  classes added: 1 (emu)" in lines
 
 
-def test_the_same_photos_rerun_say_nothing_changed(rerun):
+def test_the_same_photos_rerun_say_nothing_changed(rerun, tmp_path, monkeypatch):
+    # A whole-split file of an earlier version goes; the store is kept under its bound, the
+    # blocks read longest ago first, never this run's.
+    old = tmp_path / "cache" / "features-train-0123456789abcdef.npy"
+    old.write_bytes(b"x" * 2**20)
+    unused = tmp_path / "cache" / "features" / "other-backbone"
+    feature_store.write_block(str(unused), feature_store.row_keys(["0" * 32], ["plain"]),
+                              np.zeros((1, 1280), np.float16))
+    for name in os.listdir(unused):
+        os.utime(unused / name, (0, 0))
+    monkeypatch.setattr(features, "CACHE_LIMIT_BYTES", 1)
     rows, lines = rerun()
     assert rows == 0
     assert lines[0].endswith("none, the same classes and photos")
+    assert not old.exists() and any("removed 1 whole-split feature files" in x for x in lines)
+    assert not os.listdir(unused)
+    assert any(line.startswith("features: the store was over") for line in lines)
+    rows, _ = rerun()
+    assert rows == 0  # this run's blocks stayed
 
 
 def test_the_epoch_head_reuses_the_store_too(rerun):

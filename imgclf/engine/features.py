@@ -112,9 +112,10 @@ def retire_whole_split_files(cache_dir):
           f"{cache_dir} ({freed / 2**20:.0f} MiB); features are stored per photo now")
 
 
-def prune_quietly(cache_dir, limit=CACHE_LIMIT_BYTES):
-    """Keep the store under its bound: the blocks read longest ago go first, never those read
-    in the last hour (this run's, a concurrent run's)."""
+def prune_quietly(cache_dir, limit=None):
+    """Keep the store under its bound (limit, else CACHE_LIMIT_BYTES): the blocks read longest
+    ago go first, never those read in the last hour (this run's, a concurrent run's)."""
+    limit = CACHE_LIMIT_BYTES if limit is None else limit
     removed, freed = feature_store.prune(os.path.join(cache_dir, "features"), limit,
                                          keep_since=time.time() - 3600)
     if removed:
