@@ -2,13 +2,16 @@
 lines name what changed, the head equals a fresh run's."""
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, draw_sample, make_image_folder
+from conftest import FAST, ROOT, draw_sample, make_image_folder
 from imgclf import checkpoints
+from imgclf.analysis import changes
 from imgclf.cli import train
 from imgclf.engine import feature_store, features
 from imgclf.models import hardware
@@ -40,11 +43,10 @@ def rerun(first_run, tmp_path, monkeypatch, capsys):
         return lambda x: photos.append(len(x)) or forward(x)
     monkeypatch.setattr(hardware, "fast_forward", counting)
 
-    def run(*options):
+    def run(*options, data=tmp_path / "data", save=tmp_path / "run", cache=tmp_path / "cache"):
         photos.clear()
         capsys.readouterr()
-        args = [str(tmp_path / "data"), "--save_dir", str(tmp_path / "run"), "--cache_dir",
-                str(tmp_path / "cache"), *FAST, *options]
+        args = [str(data), "--save_dir", str(save), "--cache_dir", str(cache), *FAST, *options]
         assert train.main(args) == 0
         return sum(photos), capsys.readouterr().out.splitlines()
     run.data = tmp_path / "data"
@@ -137,3 +139,63 @@ def test_the_epoch_head_reuses_the_store_too(rerun):
 def test_finetune_says_it_cannot_reuse_features(rerun):
     _, lines = rerun("--finetune", "--epochs", "1")
     assert any("--finetune trains the backbone" in line for line in lines)
+
+
+def test_two_runs_sharing_a_cache_at_once_leave_it_whole(tmp_path, rerun):
+    """Two train.py processes on overlapping data write into one store at once; both finish,
+    and a third run finds every photo there."""
+    other = tmp_path / "other"
+    shutil.copytree(rerun.data, other)
+    draw_sample(1, 777).save(other / "train" / "dog" / "extra.jpg")
+    draw_sample(2, 778).save(rerun.data / "train" / "fox" / "extra.jpg")
+    cache = tmp_path / "shared-cache"
+    procs = [subprocess.Popen([sys.executable, "train.py", str(data), "--save_dir",
+                               str(tmp_path / f"run{i}"), "--cache_dir", str(cache), *FAST],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for i, data in enumerate((rerun.data, other))]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+    (store,) = (cache / "features").iterdir()
+    names = os.listdir(store)
+    assert not [n for n in names if n.startswith(".tmp")]
+    assert sorted(n.replace(".keys.", ".rows.") for n in names if ".keys." in n) == \
+        sorted(n for n in names if ".rows." in n)
+    for data in (rerun.data, other):
+        rows, _ = rerun(data=data, save=tmp_path / "third", cache=cache)
+        assert rows == 0
+
+
+def test_compare_matches_photos_by_content():
+    before = {"d1": ("train/cat/1.jpg", "train", "cat"), "d2": ("train/cat/2.jpg", "train", "cat"),
+              "d3": ("valid/dog/3.jpg", "valid", "dog"), "d4": ("train/dog/4.jpg", "train", "dog"),
+              "d5": ("test/dog/5.jpg", "test", "dog"), "d6": ("train/cat/6.jpg", "train", "cat")}
+    after = {"d1": ("train/cat/1.jpg", "train", "cat"), "d2": ("train/dog/2.jpg", "train", "dog"),
+             "d3": ("train/dog/3.jpg", "train", "dog"), "d4": ("train/dog/four.jpg", "train", "dog"),
+             "d7": ("train/cat/7.jpg", "train", "cat")}
+    found, unchanged = changes.compare(before, after, excluded={"d6"})
+    assert found == {"added": ["train/cat/7.jpg"], "removed": ["test/dog/5.jpg"],
+                     "excluded": ["train/cat/6.jpg"],
+                     "moved between classes": ["train/dog/2.jpg (cat -> dog)"],
+                     "moved between splits": ["train/dog/3.jpg (valid -> train)"],
+                     "renamed": ["train/dog/4.jpg -> train/dog/four.jpg"]}
+    assert unchanged == 1
+
+
+def test_a_checkpoint_without_a_photo_list_compares_classes_only(image_folder):
+    from imgclf.data import scanning
+    scan = scanning.scan_dataset(image_folder)
+    old = {"classes": ["cat", "dog", "owl"], "data": {}}
+    lines = changes.change_lines(old, scan, "run")
+    assert lines == ["changes since the last run (run/checkpoint.pth):",
+                     "  classes added: 1 (fox)", "  classes removed: 1 (owl)",
+                     "  photos: not compared (the checkpoint predates its photo list)"]
+
+
+def test_score_lines_name_the_classes_whose_f1_moved_most():
+    before = {"metrics": {"test_acc": 0.8, "test_f1": {"a": 0.5, "b": 0.9, "c": 0.7}}}
+    lines = changes.score_lines(before, {"test_acc": 0.85}, {"a": 0.75, "b": 0.9, "c": 0.6},
+                                ["a", "b", "c"])
+    assert lines == ["since the last run: test acc 80.0% -> 85.0% (+5.0 points; each on its "
+                     "own test split)", "  F1 moved most: a 0.50 -> 0.75, c 0.70 -> 0.60"]

@@ -352,9 +352,8 @@ def read_path_list(list_path):
 
 def exclude_photos(scan, list_path):
     """Leave the photos listed in list_path out of every split of scan (in place): paths are
-    relative to DATA_DIR or absolute. The scan's fingerprint takes them in, so cached
-    features of the full set are not reused, and scan.excluded records them (relative to
-    DATA_DIR). Paths not in the data set are named in a warning; a list with none of them is
+    relative to DATA_DIR or absolute. The scan's fingerprint takes them in, and scan.excluded
+    records them (relative to DATA_DIR); the photos kept find their stored features by content. Paths not in the data set are named in a warning; a list with none of them is
     refused."""
     listed = read_path_list(list_path)
     if not listed:
