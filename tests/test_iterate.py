@@ -172,8 +172,8 @@ def test_compare_matches_photos_by_content():
               "d3": ("valid/dog/3.jpg", "valid", "dog"), "d4": ("train/dog/4.jpg", "train", "dog"),
               "d5": ("test/dog/5.jpg", "test", "dog"), "d6": ("train/cat/6.jpg", "train", "cat")}
     after = {"d1": ("train/cat/1.jpg", "train", "cat"), "d2": ("train/dog/2.jpg", "train", "dog"),
-             "d3": ("train/dog/3.jpg", "train", "dog"), "d4": ("train/dog/four.jpg", "train", "dog"),
-             "d7": ("train/cat/7.jpg", "train", "cat")}
+             "d3": ("train/dog/3.jpg", "train", "dog"), "d7": ("train/cat/7.jpg", "train", "cat"),
+             "d4": ("train/dog/four.jpg", "train", "dog")}
     found, unchanged = changes.compare(before, after, excluded={"d6"})
     assert found == {"added": ["train/cat/7.jpg"], "removed": ["test/dog/5.jpg"],
                      "excluded": ["train/cat/6.jpg"],
