@@ -102,3 +102,15 @@ def test_the_cache_command_reports_and_prunes(tmp_path, capsys):
     assert fs.store_bytes(str(folder)) == size // 3
     assert cache.main([str(tmp_path / "elsewhere")]) == 2
     assert "holds no feature store" in capsys.readouterr().err
+
+
+def test_what_a_killed_writer_left_goes_with_the_next_block(tmp_path):
+    store_dir = tmp_path / "s"
+    store_dir.mkdir()
+    dead = store_dir / f"{fs.TMP_PREFIX}999999999-abc.rows.npy"  # no such process
+    dead.write_bytes(b"half a block")
+    alive = store_dir / f"{fs.TMP_PREFIX}{os.getpid()}-abc.rows.npy"  # a writer at work
+    alive.write_bytes(b"being written")
+    fs.write_block(str(store_dir), fs.row_keys(["0" * 32], VIEWS), fake_rows(["0" * 32]))
+    assert not dead.exists() and alive.exists()
+    assert len(fs.FeatureStore(str(store_dir)).keys) == 2

@@ -27,6 +27,7 @@ from . import feature_files
 
 BLOCK_ROWS = 8192  # rows per block: 20 MiB at 1,280 float16 values
 KEYS, ROWS = ".keys.npy", ".rows.npy"
+TMP_PREFIX = ".tmp-block-"  # + the writer's process id: atomic.remove_stale_temporaries
 
 
 def maker_key(**parts):
@@ -166,16 +167,23 @@ def _read_into(rows, first, out):
 
 
 def write_block(folder, keys, rows):
-    """One block, all or nothing: the rows file, then the keys file, each renamed into
-    place; a reader sees the block once its keys file is there."""
+    """One block, all or nothing: the rows file, then the keys file, each written to a
+    temporary name and renamed into place; a reader sees the block once its keys file is
+    there. What killed writers left is removed first."""
     os.makedirs(folder, exist_ok=True)
+    atomic.remove_stale_temporaries(folder, TMP_PREFIX)
     block_id = f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
     path = os.path.join(folder, block_id)
     rows = np.ascontiguousarray(rows, np.float16)
-    with atomic.AtomicFile(path + ROWS) as f:
+    prefix = f"{TMP_PREFIX}{os.getpid()}-"
+    with atomic.AtomicFile(path + ROWS, prefix=prefix) as f:
         np.save(f, rows)
-    with atomic.AtomicFile(path + KEYS) as f:
-        np.save(f, np.ascontiguousarray(keys, np.uint64))
+    try:
+        with atomic.AtomicFile(path + KEYS, prefix=prefix) as f:
+            np.save(f, np.ascontiguousarray(keys, np.uint64))
+    except BaseException:
+        atomic.remove_quietly(path + ROWS)  # rows without keys: no block
+        raise
     return block_id
 
 

@@ -228,7 +228,7 @@ def extract_features(backbone, samples, preprocess, views, seed, workers, folder
             out.flush()
     except OSError as err:
         if err.errno in CACHE_WRITE_ERRNOS:
-            raise UserError(f"cannot write the feature store {folder}: {err.strerror}; free "
+            raise UserError(f"cannot write the feature cache {folder}: {err.strerror}; free "
                             f"some disk space or pass --cache_dir DIR on another disk") from None
         raise
     progress.close()
