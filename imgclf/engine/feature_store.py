@@ -177,14 +177,21 @@ def write_block(folder, keys, rows):
     rows = np.ascontiguousarray(rows, np.float16)
     prefix = f"{TMP_PREFIX}{os.getpid()}-"
     with atomic.AtomicFile(path + ROWS, prefix=prefix) as f:
-        np.save(f, rows)
+        _save(f, rows)
     try:
         with atomic.AtomicFile(path + KEYS, prefix=prefix) as f:
-            np.save(f, np.ascontiguousarray(keys, np.uint64))
+            _save(f, np.ascontiguousarray(keys, np.uint64))
     except BaseException:
         atomic.remove_quietly(path + ROWS)  # rows without keys: no block
         raise
     return block_id
+
+
+def _save(f, array):
+    """np.save(f, array), its data written by the file's own write(): a full disk raises the
+    OSError with its errno (numpy's tofile() raises one without)."""
+    np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+    f.write(array.tobytes())
 
 
 class BlockWriter:
