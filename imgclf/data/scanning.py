@@ -90,6 +90,19 @@ class Scan:
     def counts(self, split):
         return Counter(label for _, label in self.samples.get(split, []))
 
+    def leave_out(self, paths):
+        """Drop these (absolute) paths from every split, in place, and record them in
+        excluded; the fingerprint takes them in. (The photos kept find their stored features by
+        content, engine/feature_store.py.)"""
+        for split, samples in self.samples.items():
+            self.samples[split] = [(p, y) for p, y in samples if os.path.abspath(p) not in paths]
+        if self.split_files is not None:
+            self.split_files = {s: [os.path.relpath(p, self.root) for p, _ in v]
+                                for s, v in self.samples.items()}
+        self.excluded = sorted(os.path.relpath(p, os.path.abspath(self.root)) for p in paths)
+        left_out = hashlib.sha1("\n".join(self.excluded).encode()).hexdigest()[:16]
+        self.fingerprint = f"{self.fingerprint}-exclude-{left_out}"
+
 
 def is_litter_name(name):
     lower = name.lower()
@@ -195,13 +208,28 @@ def list_class_files(split_dir, litter):
             litter["hidden or system"] += 1
             continue
         if entry.is_dir():
-            classes[entry.name] = _walk_files(entry.path, litter)
+            classes[entry.name] = walk_files(entry.path, litter)
         else:
             litter["outside the class folders"] += 1
     return classes
 
 
-def _walk_files(folder, litter):
+def labelled_files(folder, classes):
+    """The files in folder's class folders as (paths, labels), labels indexing classes, in the
+    order of classes; and the class folders that classes does not name."""
+    by_class = list_class_files(folder, Counter())
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels = [], []
+    for cls in sorted(set(by_class) & set(index), key=index.get):
+        paths += by_class[cls]
+        labels += [index[cls]] * len(by_class[cls])
+    return paths, labels, sorted(set(by_class) - set(index))
+
+
+def walk_files(folder, litter=None):
+    """Every file under folder (recursive, sorted), hidden and system files left out and
+    counted in litter."""
+    litter = Counter() if litter is None else litter
     files = []
     for dirpath, dirnames, filenames in os.walk(folder):
         hidden = [d for d in dirnames if is_litter_name(d)]
