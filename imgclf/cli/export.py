@@ -62,7 +62,7 @@ def build_parser():
                         "model.onnx, model.tflite, model.mlpackage or web/; model.int8.onnx or "
                         "model.int8.tflite with --quantize)")
     p.add_argument("--quantize", action="store_true",
-                   help="write an 8-bit model (onnx, tflite): about 4x smaller, slightly less "
+                   help="write an 8-bit model (onnx, tflite, web): about 4x smaller, slightly less "
                         "exact; static int8 calibrated on training images (default: float32)")
     p.add_argument("--check_images", metavar="DIR",
                    help="photos to check the export on: a folder of class folders, a data "
