@@ -49,7 +49,8 @@ def train(data_dir=None, **options):
 
 
 def load(path, gpu=None, precision="auto"):
-    """A Classifier for a checkpoint from train.py or an .onnx model from export.py."""
+    """A Classifier for a checkpoint from train.py or an .onnx or .tflite model from
+    export.py."""
     from .app.inference import load_predictor
     return Classifier(path, load_predictor(path, gpu, precision))
 
@@ -92,6 +93,8 @@ class Prediction:
     error: str = None
     probabilities: np.ndarray = field(default=None, repr=False)
     image: object = field(default=None, repr=False)  # the PIL image or array given, if any
+    # predict(explain=True): the top class's heatmap, as predict.py --json gives it
+    heatmap: np.ndarray = field(default=None, repr=False)
 
     def _repr_html_(self):
         """A notebook shows the photo beside its top classes."""
@@ -125,6 +128,14 @@ class Prediction:
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def as_heatmap(evidence):
+    """The map as predict.py --json gives it (rows top to bottom, 0..1), as an array."""
+    if evidence is None:
+        return None
+    from .models.explain import heatmap_grid
+    return np.array(heatmap_grid(evidence))
+
+
 def to_pil(image):
     """A PIL image or an HxW / HxWx3 / HxWx4 uint8 array -> an RGB PIL image."""
     from PIL import Image
@@ -152,15 +163,19 @@ class Classifier:
         shown = ", ".join(self.names[:5]) + (", ..." if len(self.names) > 5 else "")
         return f"Classifier({self.path!r}, {len(self.names)} classes: {shown})"
 
-    def predict(self, images, top_k=5):
+    def predict(self, images, top_k=5, explain=False):
         """One Prediction per image, in order. images: a path (file or folder, searched like
-        predict.py's IMAGE), a PIL image, a uint8 array, or a list of those."""
+        predict.py's IMAGE), a PIL image, a uint8 array, or a list of those. explain: each
+        Prediction's .heatmap is where the model saw its top class (predict.py --explain)."""
+        if explain:
+            from .cli.predict import check_explain
+            check_explain(self.predictor, self.path)
         if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "getpixel"):
             images = [images]
         k = max(1, min(int(top_k), len(self.names)))
-        entries = list(self._entries(images))
+        entries = list(self._entries(images, explain))
         paths = [e for e in entries if not isinstance(e, Prediction)]
-        by_path = self._predict_paths(paths)
+        by_path = self._predict_paths(paths, explain)
         results = []
         for entry in entries:
             result = entry if isinstance(entry, Prediction) else by_path[entry.path]
@@ -170,7 +185,7 @@ class Classifier:
             results.append(result)
         return results
 
-    def _entries(self, images):
+    def _entries(self, images, explain=False):
         """Item (a file to read) or a ready Prediction (an in-memory image), input by input."""
         from .app.inference import Item
         from .cli.predict import find_images
@@ -182,27 +197,31 @@ class Classifier:
                 else:
                     yield Item(source)
             else:
-                yield self._predict_image(image)
+                yield self._predict_image(image, explain)
 
-    def _predict_image(self, image):
+    def _predict_image(self, image, explain=False):
         from .app.inference import batch_probabilities
         from .data import decode
         array = decode.eval_array(to_pil(image), self.preprocess)
+        if explain:
+            probs, maps = self.predictor.explain(array[None])
+            return Prediction(probabilities=probs[0], image=image, heatmap=as_heatmap(maps[0]))
         probs = batch_probabilities(self.predictor, array[None])[0]
         return Prediction(probabilities=probs, image=image)
 
-    def _predict_paths(self, items):
+    def _predict_paths(self, items, explain=False):
         from .app.inference import predict_paths
         if not items:
             return {}
-        results = {r.path: r for r in predict_paths(self.predictor, items)}
+        results = {r.path: r for r in predict_paths(self.predictor, items, explain=explain)}
         out = {}
         for item in items:
             r = results.get(item.path)
             if r is None:  # a stray non-image file found in a folder: left out, as in training
                 out[item.path] = Prediction(item.path, error=f"image {item.path}: not an image")
             else:
-                out[item.path] = Prediction(item.path, error=r.error, probabilities=r.probs)
+                out[item.path] = Prediction(item.path, error=r.error, probabilities=r.probs,
+                                            heatmap=as_heatmap(r.heatmap))
         return out
 
     def evaluate(self, folder, report_dir=None):
@@ -221,7 +240,7 @@ class Classifier:
         truth = np.array([label_of[r.path] for r in good])
         if report_dir:
             report.write_report(os.fspath(report_dir), probs, truth, self.classes, self.names,
-                                [r.path for r in good])
+                                [r.path for r in good], predictor=self.predictor)
         metrics = report.compute_metrics(probs, truth, len(self.classes))
         return report.metrics_document(metrics, self.classes, self.names)
 
@@ -229,8 +248,10 @@ class Classifier:
         """Write the model for other runtimes (export.py's options by their long names) after
         its parity check; returns the path written."""
         from .cli import export as command
-        if self.path.lower().endswith(".onnx"):
-            raise UserError(f"{self.path}: already an ONNX model; export its checkpoint")
+        kind = {".onnx": "an ONNX", ".tflite": "a LiteRT"}.get(
+            os.path.splitext(self.path.lower())[1])
+        if kind:
+            raise UserError(f"{self.path}: already {kind} model; export its checkpoint")
         args = parse_options(command.build_parser(), [self.path], dict(options, out=out))
         command.run(args)
         return os.fspath(out)

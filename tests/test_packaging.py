@@ -23,6 +23,12 @@ def package_modules():
     return sorted(os.path.relpath(p, ROOT).replace(os.sep, "/") for p in paths)
 
 
+def package_data():
+    """The files of the package that are not modules: the web export's page."""
+    paths = glob.glob(os.path.join(ROOT, "imgclf", "export", "web", "*"))
+    return sorted(os.path.relpath(p, ROOT).replace(os.sep, "/") for p in paths)
+
+
 def pyproject():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         return tomllib.load(f)
@@ -41,7 +47,7 @@ def wheel(tmp_path_factory):
         if name.endswith((".py", ".toml", ".md", ".json")):
             with open(os.path.join(ROOT, name), "rb") as f:
                 (src / name).write_bytes(f.read())
-    for path in package_modules():
+    for path in package_modules() + package_data():
         (src / path).parent.mkdir(parents=True, exist_ok=True)
         with open(os.path.join(ROOT, path), "rb") as f:
             (src / path).write_bytes(f.read())
@@ -56,6 +62,11 @@ def test_the_wheel_holds_every_module_of_the_package_and_nothing_else(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert sorted(n for n in names if n.endswith(".py")) == package_modules()
     assert {n.split("/")[0] for n in names} == {"imgclf", wheel.name.split("-py3")[0] + ".dist-info"}
+
+
+def test_the_wheel_holds_the_web_page_the_web_export_copies(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert package_data() and set(package_data()) <= set(names)
 
 
 def test_every_module_imports_from_the_installed_wheel_in_any_folder(wheel, tmp_path):
@@ -116,9 +127,11 @@ def test_version_floors_are_the_versions_ci_installs():
     project = pyproject()["project"]
     requirements = project["dependencies"] + [
         r for extra in project["optional-dependencies"].values() for r in extra]
-    with open(os.path.join(ROOT, "requirements-lock.txt")) as f:
-        lock = dict(line.strip().split("==") for line in f
-                    if "==" in line and not line.startswith("#"))
+    lock = {}
+    for name in ("requirements-lock.txt", "requirements-mobile.txt"):  # the mobile extra's pins
+        with open(os.path.join(ROOT, name)) as f:
+            lock.update(line.strip().split("==") for line in f
+                        if "==" in line and not line.startswith("#"))
     lock = {normalize(k): v for k, v in lock.items()}
     for requirement in requirements:
         name, floor = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][^,;\s]*)", requirement).groups()

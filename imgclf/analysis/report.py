@@ -2,9 +2,9 @@
 
 write_report: accuracy, top-5 accuracy and per-class precision/recall/F1 (report.txt and
 metrics.json), every prediction (predictions.csv), the confusion matrix (confusion_matrix.png),
-the most confident mistakes (mistakes.png) and, given a training history, the training curves
-(curves.png). plot_predictions draws predict.py's --plot; plot_data_issues the suspect labels
-and near-duplicates of data_issues.py.
+the most confident mistakes (mistakes.png, each with its heatmap: analysis/heatmaps.py) and,
+given a training history, the training curves (curves.png). plot_predictions draws
+predict.py's --plot; plot_data_issues the suspect labels and near-duplicates of data_issues.py.
 
 matplotlib is imported inside the plotting functions only, with the Agg backend (files, no
 window): predicting one photo never pays for it.
@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from ..data import decode
+from . import heatmaps
 from ..utils import atomic
 
 MISTAKES_SHOWN = 24
@@ -95,8 +96,11 @@ def confident_mistakes(probs, labels, limit=MISTAKES_SHOWN):
 # ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
-def write_report(out_dir, probs, labels, classes, names, image_paths, history=None):
-    """Write the report files into out_dir; return its metrics and the files written."""
+def write_report(out_dir, probs, labels, classes, names, image_paths, history=None,
+                 predictor=None, tta=False):
+    """Write the report files into out_dir; return its metrics and the files written.
+    predictor (a checkpoint's, see app/inference.py): draws each mistake's heatmap (tta: as
+    predicted with predict.py --tta)."""
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     metrics = compute_metrics(probs, labels, len(classes))
     files = {key: os.path.join(out_dir, name) for key, name in REPORT_FILES.items()}
@@ -111,7 +115,9 @@ def write_report(out_dir, probs, labels, classes, names, image_paths, history=No
     mistakes = [(image_paths[i], names[labels[i]], names[metrics["predicted"][i]],
                  float(probs[i].max())) for i in confident_mistakes(probs, labels)]
     wrong = int((metrics["predicted"] != labels).sum())
-    plot_mistakes(files["mistakes"], mistakes, wrong, len(labels))
+    maps = heatmaps.mistake_heatmaps(predictor, [m[0] for m in mistakes], tta)
+    plot_mistakes(files["mistakes"], mistakes, wrong, len(labels), maps,
+                  predictor.preprocess["crop_pct"] if maps else None)
     if history:
         plot_curves(history, files["curves"])
     return dict(metrics=metrics, names=list(names), files=files)
@@ -181,22 +187,22 @@ def write_training_report(save_dir, model, scan, names, preprocess, device, hist
         return
     started = time.monotonic()
     display = [names[c] for c in scan.classes]
-    if test_probs is not None:
-        paths, labels = zip(*scan.samples["test"])
-        summary = write_report(out_dir, test_probs, list(labels), scan.classes, display,
-                               list(paths), history)
-        _print_summary(summary, started)
-        return
     from ..app import inference  # its batched, overlapped image reading
     predictor = inference.TorchPredictor.from_model(model, scan.classes, display, preprocess,
                                                     device)
+    if test_probs is not None:
+        paths, labels = zip(*scan.samples["test"])
+        summary = write_report(out_dir, test_probs, list(labels), scan.classes, display,
+                               list(paths), history, predictor)
+        _print_summary(summary, started)
+        return
     label_of = dict(scan.samples["test"])
     results = [r for r in inference.predict_paths(predictor,
                                                   [inference.Item(p) for p in label_of])
                if r.error is None]
     summary = write_report(out_dir, np.stack([r.probs for r in results]),
                            [label_of[r.path] for r in results], scan.classes, display,
-                           [r.path for r in results], history)
+                           [r.path for r in results], history, predictor)
     _print_summary(summary, started)
 
 
@@ -295,8 +301,9 @@ def plot_confusion(path, confusion, names):
     _save(fig, path, dpi=130 if n > 60 else 100)  # small names get more pixels
 
 
-def plot_mistakes(path, mistakes, wrong, total):
-    """A grid of the most confident mistakes: (image path, true name, predicted name, prob)."""
+def plot_mistakes(path, mistakes, wrong, total, maps=None, crop_pct=None):
+    """A grid of the most confident mistakes: (image path, true name, predicted name, prob);
+    maps: each one's heatmap of the predicted class, drawn over the network's view."""
     plt = _pyplot()
     if not mistakes:
         fig, ax = plt.subplots(figsize=(6, 1.5))
@@ -311,17 +318,20 @@ def plot_mistakes(path, mistakes, wrong, total):
                              layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (image_path, true, predicted, prob) in zip(axes.flat, mistakes):
+    for i, (ax, (image_path, true, predicted, prob)) in enumerate(zip(axes.flat, mistakes)):
         ax.axis("on")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.imshow(_picture(image_path, square=240))
+        if maps and maps[i] is not None:
+            heatmaps.draw_heatmap(ax, _picture(image_path, square=240), maps[i], crop_pct)
+        else:
+            ax.imshow(_picture(image_path, square=240))
         ax.set_title(f"predicted: {_wrap(predicted, 24)} ({100 * prob:.0f}%)", fontsize=9,
                      color="#b00020")
         ax.set_xlabel(f"true: {_wrap(true, 24)}\n{_shorten(os.path.basename(image_path), 32)}",
                       fontsize=9, color="#1b5e20")
     fig.suptitle(f"The {len(mistakes)} most confident mistakes ({wrong} wrong of {total} "
-                 f"images)", fontsize=13)
+                 f"images)" + (f"\n{heatmaps.HEAT_NOTE}" if maps else ""), fontsize=13)
     _save(fig, path)
 
 
@@ -401,9 +411,10 @@ def plot_curves(history, path):
     _save(fig, path)
 
 
-def plot_predictions(path, shown):
+def plot_predictions(path, shown, maps=None, crop_pct=None):
     """Each photo beside a horizontal bar chart of its top K; shown: [(image path, names,
-    probabilities)], most likely first. Several images make one grid."""
+    probabilities)], most likely first. Several images make one grid. maps: each photo's
+    heatmap of its top class (predict.py --explain), drawn over the network's view."""
     plt = _pyplot()
     n, k = len(shown), max(len(names) for _, names, _ in shown)
     pairs = 1 if n == 1 else 2 if n <= 4 else 3
@@ -414,10 +425,15 @@ def plot_predictions(path, shown):
     for i, (image_path, names, probs) in enumerate(shown):
         row, col = divmod(i, pairs)
         photo = fig.add_subplot(grid[row, 2 * col])
-        photo.imshow(_picture(image_path))
+        if maps is not None:
+            heatmaps.draw_heatmap(photo, _picture(image_path, square=320), maps[i], crop_pct)
+        else:
+            photo.imshow(_picture(image_path))
         photo.axis("off")
         photo.set_title(_shorten(_tail(image_path), 40), fontsize=10)
         _bars(fig.add_subplot(grid[row, 2 * col + 1]), names, probs)
+    if maps is not None:
+        fig.suptitle(heatmaps.HEAT_NOTE.replace("predicted", "top"), fontsize=10)
     _save(fig, path)
 
 

@@ -3,7 +3,7 @@ predictor (classes, preprocessing, batch -> probabilities), images read in overl
 the top K, and the JSON object of one prediction.
 
 Start-up matters here: only what a run needs is imported (torch and model_utils for a
-checkpoint, onnxruntime for an .onnx file).
+checkpoint, onnxruntime for an .onnx file, ai-edge-litert for a .tflite file).
 """
 import json
 import os
@@ -68,6 +68,21 @@ class TorchPredictor:
         # change nothing)
         self.averages_mirror = bool(getattr(model, "flip_tta", False))
         self._torch = torch
+        self.device, self._float32 = device, float32
+        self._explainer = None  # made on the first explain(): no cost to plain prediction
+
+    def explain(self, batch, tta=False):
+        """float32 array (N, 3, H, W), preprocessed -> (probabilities (N, classes), the top
+        class's evidence map (N, h, w)): see models/explain.py. tta: average with the mirror
+        image, as batch_probabilities does."""
+        from ..models import hardware
+        from ..models.explain import Explainer
+        if self._explainer is None:  # in the precision of probabilities()
+            dtype = None if self._float32 else hardware.autocast_dtype(self.device)
+            self._explainer = Explainer(self.model, self.device, dtype)
+        _, probs, _, maps = self._explainer(
+            self._torch.from_numpy(np.ascontiguousarray(batch)), mirror=tta)
+        return probs, maps
 
     def probabilities(self, batch):
         """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""
@@ -127,10 +142,14 @@ class OnnxPredictor:
 
 
 def load_predictor(path, gpu=None, precision="auto", threads=None):
-    """The predictor for a model file: ONNX Runtime for .onnx, PyTorch for a checkpoint;
+    """The predictor for a model file: ONNX Runtime for .onnx, LiteRT for .tflite, PyTorch for
+    a checkpoint;
     precision one of PRECISIONS; threads: of the computation on a CPU (None: every core)."""
     if path.lower().endswith(".onnx"):
         return OnnxPredictor(path, gpu, precision, threads)
+    if path.lower().endswith(".tflite"):
+        from .litert_predictor import LiteRTPredictor
+        return LiteRTPredictor(path, gpu, precision, threads)
     try:
         return TorchPredictor(path, gpu, precision, threads)
     except ModuleNotFoundError as err:
@@ -162,6 +181,7 @@ class Result:
     path: str
     probs: np.ndarray = None
     error: str = None
+    heatmap: np.ndarray = None  # the top class's evidence map (h, w), with explain=True
 
 
 def read_image(item, preprocess):
@@ -215,17 +235,23 @@ def read_batches(items, preprocess, batch_size, threads=DECODE_THREADS):
             yield done, [f.result() for f in futures]
 
 
-def predict_paths(predictor, items, tta=False, threads=DECODE_THREADS):
-    """A Result per item (litter left out): probabilities, or the reason it failed."""
+def predict_paths(predictor, items, tta=False, threads=DECODE_THREADS, explain=False):
+    """A Result per item (litter left out): probabilities, or the reason it failed; with
+    explain, the top class's heatmap too (a checkpoint's predictor only)."""
     batch_size = getattr(predictor, "batch_size", 16)
     progress = Progress(len(items), "predicting") if len(items) > batch_size else None
     results = []
     for chunk, decoded in read_batches(items, predictor.preprocess, batch_size, threads):
         good = [array for array, error in decoded if array is not None]
-        probs = iter(batch_probabilities(predictor, np.stack(good), tta) if good else [])
+        if explain and good:
+            probs, maps = predictor.explain(np.stack(good), tta)
+            probs, maps = iter(probs), iter(maps)
+        else:
+            probs = iter(batch_probabilities(predictor, np.stack(good), tta) if good else [])
         for item, (array, error) in zip(chunk, decoded):
             if array is not None:
-                results.append(Result(item.path, next(probs)))
+                results.append(Result(item.path, next(probs),
+                                      heatmap=next(maps) if explain else None))
             elif error:
                 results.append(Result(item.path, error=error))
         if progress:
@@ -250,8 +276,13 @@ def top_k(probs, k):
     return top.tolist(), probs[top].tolist()
 
 
-def prediction_object(image, probs, k, classes, names):
-    """The JSON object of one image's prediction, as predict.py --json and serve.py give it."""
-    return {"image": image, "predictions": [
+def prediction_object(image, probs, k, classes, names, heatmap=None):
+    """The JSON object of one image's prediction, as predict.py --json and serve.py give it;
+    with a heatmap (predict.py --explain), "heatmap": its grid (models/explain.heatmap_grid)."""
+    obj = {"image": image, "predictions": [
         {"class": classes[i], "name": names[i], "probability": round(float(p), 4)}
         for i, p in zip(*top_k(probs, k))]}
+    if heatmap is not None:
+        from ..models.explain import heatmap_grid
+        obj["heatmap"] = heatmap_grid(heatmap)
+    return obj

@@ -1,12 +1,14 @@
 """Export a checkpoint from train.py for other runtimes, checked against it before writing.
 
-    python export.py CHECKPOINT [--format onnx|tflite|coreml] [--out PATH] [--quantize]
-                     [--check_images DIR] [--check_count N]
+    python export.py CHECKPOINT [--format onnx|tflite|coreml|web] [--out PATH] [--quantize]
+                     [--check_images DIR] [--check_count N] [--web_runtime PATH]
 
 Each format is one module of imgclf/export/ with a write(job) function, listed in FORMATS:
-  onnx    model.onnx, the whole network with the softmax, for ONNX Runtime (imgclf/export/to_onnx.py)
+  onnx    model.onnx, the whole network with its softmax, ONNX Runtime (imgclf/export/to_onnx.py)
   tflite  model.tflite, LiteRT (TensorFlow Lite) for Android (imgclf/export/to_tflite.py)
   coreml  model.mlpackage, Core ML for iOS and macOS (imgclf/export/to_coreml.py)
+  web     web/, a page that classifies photos in the browser, offline once loaded
+          (imgclf/export/to_web.py)
 Every export predicts the check photos (the test images of the data the checkpoint was trained
 on, or --check_images DIR; generated images where neither is there) where its runtime runs here,
 and nothing is written where it differs from PyTorch by more than the format's tolerance
@@ -31,10 +33,28 @@ def onnx_writer(job):
     return to_onnx.write(job)
 
 
+def tflite_writer(job):
+    from ..export import to_tflite
+    return to_tflite.write(job)
+
+
+def coreml_writer(job):
+    from ..export import to_coreml
+    return to_coreml.write(job)
+
+
+def web_writer(job):
+    from ..export import to_web
+    return to_web.write(job)
+
+
 # --format -> the function that checks and writes it: writer(job) -> the path written. Each
 # imports its converter only when chosen.
 FORMATS = {
     "onnx": onnx_writer,
+    "tflite": tflite_writer,
+    "coreml": coreml_writer,
+    "web": web_writer,
 }
 
 
@@ -47,13 +67,14 @@ def build_parser():
     p.add_argument("--format", choices=sorted(FORMATS), default=DEFAULT_FORMAT,
                    metavar="|".join(FORMATS),
                    help=f"onnx: ONNX Runtime (servers, predict.py); tflite: LiteRT for Android; "
-                        f"coreml: Core ML for iOS (default: {DEFAULT_FORMAT})")
+                        f"coreml: Core ML for iOS; web: a folder with a page that classifies "
+                        f"photos in the browser (default: {DEFAULT_FORMAT})")
     p.add_argument("--out", metavar="PATH",
                    help="the file (or folder) to write (default: beside the checkpoint, "
-                        "model.onnx, model.tflite or model.mlpackage; model.int8.onnx or "
+                        "model.onnx, model.tflite, model.mlpackage or web/; model.int8.onnx or "
                         "model.int8.tflite with --quantize)")
     p.add_argument("--quantize", action="store_true",
-                   help="write an 8-bit model (onnx, tflite): about 4x smaller, slightly less "
+                   help="write an 8-bit model (onnx, tflite, web): about 4x smaller, slightly less "
                         "exact; static int8 calibrated on training images (default: float32)")
     p.add_argument("--check_images", metavar="DIR",
                    help="photos to check the export on: a folder of class folders, a data "
@@ -62,6 +83,10 @@ def build_parser():
     p.add_argument("--check_count", type=int, metavar="N",
                    help=f"how many of those photos to check, spread over the classes; 0 for "
                         f"all of them (default: {CHECK_COUNT})")
+    p.add_argument("--web_runtime", metavar="PATH",
+                   help="web: copy ONNX Runtime Web into the folder from its npm package (the "
+                        ".tgz of npm pack, or its folder) (default: the page loads it from "
+                        "jsDelivr)")
     return p
 
 
@@ -72,6 +97,8 @@ def main(argv=None):
 def run(args):
     if (args.check_count or 0) < 0:
         raise UserError(f"--check_count {args.check_count}: must be 0 (all) or more")
+    if args.web_runtime and args.format != "web":
+        raise UserError(f"--web_runtime {args.web_runtime}: only for --format web; drop it")
     out = FORMATS[args.format](Job(args))
     print(f"wrote {out} ({mb(out)})")
     return 0

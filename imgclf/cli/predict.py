@@ -4,6 +4,7 @@
     python predict.py photos/ CHECKPOINT --json            # a folder, searched recursively
     python predict.py 'photos/*.jpg' CHECKPOINT --csv out.csv --plot out.png
     python predict.py DATA_DIR/test CHECKPOINT --evaluate  # the report for a labelled folder
+    python predict.py photos/ CHECKPOINT --explain --plot out.png  # where the model looked
 
 Start-up matters here: this script imports only what the run needs (torch and model_utils for a
 checkpoint; never torchvision, matplotlib or the training code unless a run asks for them).
@@ -45,7 +46,8 @@ def build_parser():
                    help="a photo, several photos, a folder (searched recursively) or a quoted "
                         "glob such as 'photos/*.jpg'")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="checkpoint.pth written by train.py, or model.onnx from export.py")
+                   help="checkpoint.pth written by train.py, or model.onnx or model.tflite from "
+                        "export.py")
     p.add_argument("--top_k", type=int, metavar="K",
                    help=f"how many of the most likely classes to show (default: {TOP_K})")
     p.add_argument("--category_names", metavar="JSON",
@@ -68,6 +70,10 @@ def build_parser():
     out.add_argument("--plot", metavar="FILE.png",
                      help=f"also draw each photo beside a bar chart of its top K (the first "
                           f"{PLOT_LIMIT} images, as one grid; default: none)")
+    out.add_argument("--explain", action="store_true",
+                     help="where the model looked: the top class's heatmap over each photo, "
+                          "in --plot, in --json (\"heatmap\") and as a grid of characters in "
+                          "the text (a checkpoint only; default: off)")
     out.add_argument("--evaluate", action="store_true",
                      help="IMAGE is a folder of class folders named like the checkpoint's "
                           "classes: write the evaluation report (accuracy, per-class scores, "
@@ -94,15 +100,18 @@ def run(args):
     predictor = load_predictor(args.checkpoint, args.gpu, args.precision,
                                threads=1 if len(items) == 1 else None)
     check_tta(args.tta, predictor, args.checkpoint)
+    if args.explain:
+        check_explain(predictor, args.checkpoint)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
-    results = predict_paths(predictor, items, args.tta)
+    results = predict_paths(predictor, items, args.tta, explain=args.explain)
     if not results:
         raise UserError(f"image {', '.join(args.image)}: no images found (only files that are "
                         f"not images); {IMAGE_FIX}")
     if single and results[0].error:
         raise UserError(results[0].error)
     k = clip_top_k(args.top_k or TOP_K, len(names))
-    write_outputs(args, results, predictor.classes, names, k, single)
+    write_outputs(args, results, predictor.classes, names, k, single,
+                  predictor.preprocess["crop_pct"])
     failed = [r for r in results if r.error]
     for result in failed:
         print(f"error: {result.error}", file=sys.stderr)
@@ -123,7 +132,8 @@ def check_options(args):
                         f"--evaluate, or drop --report_dir")
     if args.evaluate:
         others = [flag for flag, on in (("--json", args.json), ("--csv", args.csv),
-                                        ("--plot", args.plot), ("--top_k", args.top_k)) if on]
+                                        ("--plot", args.plot), ("--top_k", args.top_k),
+                                        ("--explain", args.explain)) if on]
         if others:
             raise UserError(f"--evaluate writes its own report files; drop {', '.join(others)}")
         if len(args.image) != 1:
@@ -139,6 +149,20 @@ def check_tta(tta, predictor, path):
                         f"head was chosen so in training); drop --tta")
 
 
+def check_explain(predictor, path):
+    """--explain needs the network (a checkpoint); says once where the map is an estimate."""
+    if not hasattr(predictor, "explain"):
+        raise UserError(f"--explain: {path} is an ONNX model, which does not carry the "
+                        f"heatmap; give the checkpoint.pth it was exported from")
+    from ..models import explain
+    explain.feature_module(predictor.model.backbone)  # refuses a backbone with no feature map
+    if not explain.is_exact(predictor.model):
+        print("note: --explain: this model has layers between its feature map and its class "
+              "scores (a head with hidden layers, or VGG's/AlexNet's), so the heatmap is a "
+              "gradient x activation estimate, not an exact class activation map",
+              file=sys.stderr)
+
+
 def clip_top_k(top_k, num_classes):
     k = min(top_k, num_classes)
     if k < top_k:
@@ -147,7 +171,8 @@ def clip_top_k(top_k, num_classes):
     return k
 
 
-def write_outputs(args, results, classes, names, k, single):
+def write_outputs(args, results, classes, names, k, single, crop_pct=None):
+    """crop_pct: of the network's view, under --plot's heatmaps (--explain)."""
     tops = [top_k(r.probs, k) if r.error is None else None for r in results]
     if args.json:
         print(json.dumps(json_document(results, k, classes, names), indent=2))
@@ -157,7 +182,7 @@ def write_outputs(args, results, classes, names, k, single):
         write_csv(args.csv, results, tops, names, k)
         print(f"wrote {args.csv}", file=sys.stderr)
     if args.plot:
-        plot(args.plot, results, tops, names)
+        plot(args.plot, results, tops, names, crop_pct)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,19 +235,38 @@ def format_top_k(names, indices, probs, width=None):
 
 def print_human(results, tops, names, single):
     if single:
-        print("\n".join(format_top_k(names, *tops[0])))
+        print("\n".join(format_top_k(names, *tops[0]) + heatmap_lines(results[0], names,
+                                                                       tops[0])))
         return
     width = max(len(name) for name in names)  # one column of percentages for all images
     for result, top in zip(results, tops):
         if result.error:
             continue  # reported on stderr
         print(result.path)
-        print("\n".join("  " + line for line in format_top_k(names, *top, width=width)))
+        print("\n".join("  " + line for line in format_top_k(names, *top, width=width)
+                        + heatmap_lines(result, names, top)))
+
+
+HEAT_CHARS = " .:-=+*#%@"  # from no evidence for the top class to the most
+
+
+def heatmap_lines(result, names, top):
+    """--explain in text: the heatmap as a grid of characters, two per cell (about square)."""
+    if result.heatmap is None:
+        return []
+    from ..models.explain import heatmap_grid
+    grid = heatmap_grid(result.heatmap)
+    levels = len(HEAT_CHARS) - 1
+    lines = [f"where it saw {names[top[0][0]]} ({len(grid)}x{len(grid[0])} over the centre "
+             f"crop; '{HEAT_CHARS[-1]}' most, ' ' none):"]
+    return lines + ["  |" + "".join(2 * HEAT_CHARS[round(v * levels)] for v in row) + "|"
+                    for row in grid]
 
 
 def json_document(results, k, classes, names):
     return [{"image": r.path, "error": r.error} if r.error else
-            inference.prediction_object(r.path, r.probs, k, classes, names) for r in results]
+            inference.prediction_object(r.path, r.probs, k, classes, names, r.heatmap)
+            for r in results]
 
 
 def write_csv(path, results, tops, names, k):
@@ -245,17 +289,19 @@ def write_csv(path, results, tops, names, k):
                         f"path") from None
 
 
-def plot(path, results, tops, names):
+def plot(path, results, tops, names, crop_pct=None):
     from ..analysis import report
     shown = [(r.path, [names[i] for i in top[0]], top[1])
              for r, top in zip(results, tops) if not r.error]
+    maps = [r.heatmap for r in results if not r.error][:PLOT_LIMIT]
     if len(shown) > PLOT_LIMIT:
         print(f"note: --plot draws the first {PLOT_LIMIT} of the {len(shown)} images",
               file=sys.stderr)
         shown = shown[:PLOT_LIMIT]
     if shown:
         try:
-            report.plot_predictions(path, shown)
+            report.plot_predictions(path, shown, maps if maps and maps[0] is not None else None,
+                                    crop_pct)
         except OSError as err:
             raise UserError(f"--plot {path}: cannot write it ({err}); give a writable "
                             f"path") from None
@@ -280,7 +326,8 @@ def evaluate(args):
     from ..analysis import report
     summary = report.write_report(args.report_dir or "report", np.stack([r.probs for r in good]),
                                   np.array([label_of[r.path] for r in good]),
-                                  predictor.classes, names, [r.path for r in good])
+                                  predictor.classes, names, [r.path for r in good],
+                                  predictor=predictor, tta=args.tta)
     print("\n".join(report.summary_lines(summary)))
     for result in failed:
         print(f"error: {result.error}", file=sys.stderr)

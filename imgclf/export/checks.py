@@ -6,6 +6,7 @@ An export is checked before anything is written: the exported model predicts the
 images where neither is there) and is refused (CheckFailed, exit status 1) where it differs
 from the checkpoint's float32 network by more than the format's tolerance.
 """
+import io
 import os
 import shutil
 from functools import cached_property
@@ -118,16 +119,16 @@ def batched(fn, arrays, batch_size=16):
                            for i in range(0, len(arrays), batch_size)])
 
 
-def check_parity(probs, reference, runtime="ONNX Runtime", atol=PARITY_ATOL):
+def check_parity(probs, reference, runtime="ONNX Runtime", atol=PARITY_ATOL, than="PyTorch"):
     """Refuse (CheckFailed) an export whose probabilities differ from PyTorch's float32 ones
-    by more than atol on any check photo, or that names another top class on any."""
+    (or than's) by more than atol on any check photo, or that names another top class on any."""
     diff = float(np.abs(probs - reference).max())
     if diff > atol:
-        raise CheckFailed(f"{runtime}'s probabilities differ from PyTorch's by up to "
+        raise CheckFailed(f"{runtime}'s probabilities differ from {than}'s by up to "
                           f"{diff:.2e} (allowed {atol:.0e})")
     differ = int((probs.argmax(1) != reference.argmax(1)).sum())
     if differ:
-        raise CheckFailed(f"{runtime} names another top class than PyTorch on {differ} "
+        raise CheckFailed(f"{runtime} names another top class than {than} on {differ} "
                           f"image(s)")
 
 
@@ -169,10 +170,12 @@ def mb(path):
 
 
 class ImageSet:
-    """Preprocessed images, their labels (or None), and where they came from."""
+    """Preprocessed images, their labels (or None), and where they came from: their paths, or
+    for generated images their PNG files as [(name, bytes)] (the web page's check reads them)."""
 
-    def __init__(self, arrays, labels, source, skipped=0):
+    def __init__(self, arrays, labels, source, skipped=0, paths=None, files=None):
         self.arrays, self.labels, self.source, self.skipped = arrays, labels, source, skipped
+        self.paths, self.files = paths, files
 
     def describe(self):
         text = f"{len(self.arrays)} {self.source}"
@@ -210,7 +213,8 @@ def load_calibration_images(ckpt, check, count=64):
     if root and os.path.isdir(root):
         found = find_images(root, list(ckpt["classes"]), splits=("train",), data=ckpt.get("data"))
         if found[0]:
-            return preprocess_images(*found[:2], ckpt["preprocess"], count, f"train images of {root}")
+            return preprocess_images(*found[:2], ckpt["preprocess"], count,
+                                     f"train images of {root}")
     return ImageSet(check.arrays, None, "check images (the training data is not here)")
 
 
@@ -248,7 +252,7 @@ def preprocess_images(paths, labels, preprocess, count, source):
     picks = range(len(paths))
     if count and len(paths) > count:
         picks = np.linspace(0, len(paths) - 1, count).round().astype(int).tolist()
-    arrays, kept_labels, skipped = [], [], 0
+    arrays, kept_labels, kept_paths, skipped = [], [], [], 0
     for i in picks:
         try:
             arrays.append(decode.load_eval_array(paths[i], preprocess))
@@ -256,23 +260,27 @@ def preprocess_images(paths, labels, preprocess, count, source):
             skipped += 1
             continue
         kept_labels.append(labels[i] if labels is not None else None)
+        kept_paths.append(paths[i])
     labelled = labels is not None and all(label is not None and label >= 0
                                           for label in kept_labels)
     if not arrays:
         raise UserError(f"none of the {len(picks)} image files of {source} could be read")
-    return ImageSet(arrays, kept_labels if labelled else None, source, skipped)
+    return ImageSet(arrays, kept_labels if labelled else None, source, skipped, kept_paths)
 
 
 def generated_images(preprocess, n):
     """Stand-in photos where no real ones are at hand: smooth colour fields with shapes."""
     from PIL import Image, ImageDraw
     rng = np.random.default_rng(0)
-    arrays = []
-    for _ in range(n):
+    arrays, files = [], []
+    for i in range(n):
         base = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
         img = Image.fromarray(base).resize((256, 256), Image.BICUBIC)
         draw = ImageDraw.Draw(img)
         x0, y0 = rng.integers(0, 128, size=2)
         draw.ellipse([x0, y0, x0 + 100, y0 + 100], fill=tuple(rng.integers(0, 256, 3).tolist()))
         arrays.append(decode.eval_array(img, preprocess))
-    return ImageSet(arrays, None, "generated images (no real photos found)")
+        png = io.BytesIO()
+        img.save(png, format="PNG")
+        files.append((f"generated-{i}.png", png.getvalue()))
+    return ImageSet(arrays, None, "generated images (no real photos found)", files=files)
