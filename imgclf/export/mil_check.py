@@ -15,10 +15,11 @@ class NotEvaluated(Exception):
 def load_program(package):
     """The MIL program of a saved .mlpackage, and its main function."""
     import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load
+    # A protobuf reader (no pickle): the package's program as coremltools wrote it.
+    from coremltools.converters.mil.frontend.milproto.load import load as read_milproto
     model = ct.models.MLModel(package, skip_model_load=True)
     spec = model.get_spec()
-    program = load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
+    program = read_milproto(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
     return program.functions["main"]
 
 
