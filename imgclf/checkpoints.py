@@ -292,6 +292,8 @@ def make_checkpoint(config, options, scan, names, preprocess, model, result):
     }
     if result.interrupted:
         checkpoint["train_state"] = result.train_state
+    if getattr(result, "novelty", None) is not None:  # the unknown verdict's data
+        checkpoint["novelty"] = result.novelty
     return checkpoint
 
 

@@ -65,6 +65,11 @@ def build_parser():
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the predictions of each image and its "
                         "mirror image (twice the compute; default: off)")
+    p.add_argument("--unknown_threshold", metavar="X",
+                   help="call a photo unknown (none of the classes) when its novelty is above X; "
+                        "lower calls more photos unknown (docs/open_set.md says how to pick one) "
+                        "(default: the checkpoint's, chosen in training to keep 95%% of held-out "
+                        "photos of the known classes)")
     out = p.add_argument_group("Output")
     out.add_argument("--json", action="store_true",
                      help="print one JSON document (a list, one object per image) instead of text")
@@ -100,6 +105,7 @@ def run(args):
     predictor = load_predictor(args.checkpoint, args.gpu, args.precision,
                                threads=1 if len(items) == 1 else None)
     check_tta(args.tta, predictor, args.checkpoint)
+    threshold = unknown_threshold(args, predictor)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
     results = predict_paths(predictor, items, args.tta)
     if not results:
@@ -108,7 +114,7 @@ def run(args):
     if single and results[0].error:
         raise UserError(results[0].error)
     k = clip_top_k(args.top_k or TOP_K, len(names))
-    write_outputs(args, results, predictor.classes, names, k, single)
+    write_outputs(args, results, predictor.classes, names, k, single, threshold)
     failed = [r for r in results if r.error]
     for result in failed:
         print(f"error: {result.error}", file=sys.stderr)
@@ -135,6 +141,37 @@ def check_options(args):
         if len(args.image) != 1:
             raise UserError("--evaluate takes one folder of class folders, e.g. "
                             "python predict.py DATA_DIR/test checkpoint.pth --evaluate")
+    if args.unknown_threshold is not None:
+        args.unknown_threshold = parse_threshold(args.unknown_threshold)
+
+
+def parse_threshold(text):
+    """--unknown_threshold's value as a finite float, or a one-line UserError."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise UserError(f"--unknown_threshold {text}: not a finite number; give the novelty "
+                        f"above which a photo is called unknown, e.g. 1.5 (--json shows each "
+                        f"photo's novelty)")
+    return value
+
+
+def unknown_threshold(args, predictor):
+    """The threshold of the unknown verdict: --unknown_threshold, else the model's; None for a
+    model without novelty data (trained before the verdict), said once on stderr."""
+    stored = getattr(predictor, "unknown_threshold", None)
+    if stored is None:
+        if args.unknown_threshold is not None:
+            raise UserError(f"--unknown_threshold: {args.checkpoint} has no novelty data (it "
+                            f"was trained before the unknown verdict); train it again, or drop "
+                            f"--unknown_threshold")
+        print(f"note: {args.checkpoint} has no novelty data (trained before the unknown "
+              f"verdict, or with --finetune or the epoch head): no unknown verdict; train again "
+              f"with the default head for one", file=sys.stderr)
+        return None
+    return stored if args.unknown_threshold is None else args.unknown_threshold
 
 
 def check_tta(tta, predictor, path):
@@ -153,14 +190,14 @@ def clip_top_k(top_k, num_classes):
     return k
 
 
-def write_outputs(args, results, classes, names, k, single):
+def write_outputs(args, results, classes, names, k, single, threshold=None):
     tops = [top_k(r.probs, k) if r.error is None else None for r in results]
     if args.json:
-        print(json.dumps(json_document(results, k, classes, names), indent=2))
+        print(json.dumps(json_document(results, k, classes, names, threshold), indent=2))
     else:
-        print_human(results, tops, names, single)
+        print_human(results, tops, names, single, threshold)
     if args.csv:
-        write_csv(args.csv, results, tops, names, k)
+        write_csv(args.csv, results, tops, names, k, threshold)
         print(f"wrote {args.csv}", file=sys.stderr)
     if args.plot:
         plot(args.plot, results, tops, names)
@@ -214,9 +251,11 @@ def format_top_k(names, indices, probs, width=None):
             for rank, (i, p) in enumerate(zip(indices, probs), 1)]
 
 
-def print_human(results, tops, names, single):
+def print_human(results, tops, names, single, threshold=None):
     if single:
         print("\n".join(format_top_k(names, *tops[0])))
+        if threshold is not None and results[0].novelty is not None:
+            print(inference.verdict_line(results[0].novelty, threshold))
         return
     width = max(len(name) for name in names)  # one column of percentages for all images
     for result, top in zip(results, tops):
@@ -224,14 +263,19 @@ def print_human(results, tops, names, single):
             continue  # reported on stderr
         print(result.path)
         print("\n".join("  " + line for line in format_top_k(names, *top, width=width)))
+        if threshold is not None and result.novelty is not None:
+            print("  " + inference.verdict_line(result.novelty, threshold))
 
 
-def json_document(results, k, classes, names):
+def json_document(results, k, classes, names, threshold=None):
     return [{"image": r.path, "error": r.error} if r.error else
-            inference.prediction_object(r.path, r.probs, k, classes, names) for r in results]
+            inference.prediction_object(r.path, r.probs, k, classes, names, r.novelty, threshold)
+            for r in results]
 
 
-def write_csv(path, results, tops, names, k):
+def write_csv(path, results, tops, names, k, threshold=None):
+    """One row per image: its top K, then (with the unknown verdict) "unknown" (1 or 0) and
+    "novelty", then the error of an image that could not be read."""
     import csv
     import io
     buf = io.StringIO()
@@ -239,14 +283,18 @@ def write_csv(path, results, tops, names, k):
     header = ["image"]
     for rank in range(1, k + 1):
         header += [f"name_{rank}", f"probability_{rank}"]
-    writer.writerow(header + ["error"])
+    verdict = [] if threshold is None else ["unknown", "novelty"]
+    writer.writerow(header + verdict + ["error"])
     for result, top in zip(results, tops):
         row = [result.path]
         if result.error:
-            writer.writerow(row + [""] * (2 * k) + [result.error])
+            writer.writerow(row + [""] * (2 * k + len(verdict)) + [result.error])
             continue
         for i, p in zip(*top):
             row += [names[i], f"{p:.4f}"]
+        if verdict:
+            row += [int(inference.is_unknown(result.novelty, threshold)),
+                    f"{result.novelty:.4f}"]
         writer.writerow(row + [""])
     try:
         scanning.write_text_atomic(path, buf.getvalue())
@@ -279,6 +327,7 @@ def evaluate(args):
     root = args.image[0]
     predictor = load_predictor(args.checkpoint, args.gpu, args.precision)
     check_tta(args.tta, predictor, args.checkpoint)
+    threshold = unknown_threshold(args, predictor)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
     items, labels = labelled_images(root, predictor.classes)
     results = predict_paths(predictor, items, args.tta)
@@ -288,9 +337,11 @@ def evaluate(args):
     if not good:
         raise UserError(f"{root}: none of its images could be read; {IMAGE_FIX}")
     from ..analysis import report
+    novelty = np.array([r.novelty for r in good]) if threshold is not None else None
     summary = report.write_report(args.report_dir or "report", np.stack([r.probs for r in good]),
                                   np.array([label_of[r.path] for r in good]),
-                                  predictor.classes, names, [r.path for r in good])
+                                  predictor.classes, names, [r.path for r in good],
+                                  novelty=novelty, threshold=threshold)
     print("\n".join(report.summary_lines(summary)))
     for result in failed:
         print(f"error: {result.error}", file=sys.stderr)

@@ -260,7 +260,8 @@ def finish(config, options, path, result, scan, names, preprocess, model, job, s
         print("data issues: not looked for, as the fine-tuned backbone's features are not "
               "stored; train without --finetune for report/data_issues.csv")
     report.write_training_report(config.save_dir, model, scan, names, preprocess, job.device,
-                                 result.history, result.test_probs)
+                                 result.history, result.test_probs, result.test_novelty,
+                                 (result.novelty or {}).get("threshold"))
     print(f"saved {path}  ({time.monotonic() - started:.1f}s in all)")
     return 0
 
