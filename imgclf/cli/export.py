@@ -6,14 +6,18 @@ The ONNX model is the whole network, backbone and head, with the softmax include
   input  "image":         float32 (N, 3, SIZE, SIZE), preprocessed exactly as predict.py does
                           (decode.eval_array: resize, centre crop, normalise); N is free
   output "probabilities": float32 (N, classes), each row sums to 1, columns in class order
+  output "novelty":       float32 (N,), where the checkpoint has the unknown verdict's data
+                          (heads/novelty.py: its bank of features is inside the model); a
+                          photo is unknown above metadata "unknown_threshold"
 Its metadata_props carry, as JSON strings, what prediction needs besides the weights: "classes"
 (folder names, output order), "class_names", "preprocess" {size, crop_pct, upscale, mean, std},
-and "arch".
+"arch", and "unknown_threshold" with the novelty output.
 predict.py and serve.py read them, so the .onnx file alone is enough to predict.
 
 Every export is checked before the file is written: on real photos (the test images of the data
 the checkpoint was trained on, or --check_images DIR; generated images where neither is there)
-ONNX Runtime's probabilities must match PyTorch's within 1e-4 and name the same top class.
+ONNX Runtime's probabilities must match PyTorch's within 1e-4 and name the same top class, and
+its novelty PyTorch's within 1e-3.
 
 Needs the optional packages of the export extra (onnx, onnxruntime): pip install -e '.[export]'.
 """
@@ -40,6 +44,7 @@ OPSET = 17
 CHECK_COUNT = 32            # photos checked where --check_count is not given
 GENERATED_CHECK_IMAGES = 8  # where no photos are at hand
 PARITY_ATOL = 1e-4          # the largest |probability difference| a float export may show
+NOVELTY_ATOL = 1e-3         # the largest |novelty difference| (a sum of two z-scores, ~0-10)
 INSTALL_HINT = "pip install -e '.[export]'"
 
 
@@ -84,8 +89,12 @@ def run(args):
     if (args.check_count or 0) < 0:
         raise UserError(f"--check_count {args.check_count}: must be 0 (all) or more")
     from .. import checkpoints
+    from ..heads import novelty
     ckpt = checkpoints.load_checkpoint(args.checkpoint)
     model = checkpoints.model_from_checkpoint(ckpt, args.checkpoint)
+    scorer = novelty.scorer_from_checkpoint(ckpt, args.checkpoint)
+    if scorer is not None:  # the unknown verdict's data goes into the model, as its 2nd output
+        model = novelty.ScoredClassifier(model, scorer).eval()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    "model.int8.onnx" if args.quantize else "model.onnx")
     check = load_check_images(args.check_images, ckpt, args.check_count)
@@ -93,7 +102,8 @@ def run(args):
 
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         path = os.path.join(tmp, "model.onnx")
-        reference = export_and_check(model, ckpt["preprocess"]["size"], path, check, ort)
+        reference = export_and_check(model, ckpt["preprocess"]["size"], path, check, ort,
+                                     with_novelty=scorer is not None)
         if args.quantize:
             path = quantize_and_report(ort, ckpt, path, check, reference)
         add_metadata(onnx, path, ckpt, quantized=args.quantize)
@@ -102,19 +112,34 @@ def run(args):
     return 0
 
 
-def export_and_check(model, size, path, check, ort):
-    """Export, then compare with PyTorch on the check images; returns PyTorch's answers."""
+def export_and_check(model, size, path, check, ort, with_novelty=False):
+    """Export, then compare with PyTorch on the check images; returns PyTorch's answers. With
+    novelty (model a novelty.ScoredClassifier), its novelty is compared too."""
     import torch
     t0 = time.perf_counter()
-    export_onnx(model, size, path)
+    export_onnx(model, size, path, with_novelty)
     print(f"exported to ONNX in {time.perf_counter() - t0:.1f}s")
     with torch.inference_mode():  # float32, no autocast: the network exactly as trained
-        reference = batched(lambda x: model(torch.from_numpy(x)).softmax(1).numpy(),
-                            check.arrays)
+        out = batched(lambda x: model(torch.from_numpy(x)).numpy(), check.arrays)
+    logits = out[:, :-1] if with_novelty else out
+    reference = torch.softmax(torch.from_numpy(logits), 1).numpy()
     probs = batched(onnx_runner(ort, path), check.arrays)
     print(parity_line("ONNX Runtime (float32) vs PyTorch", probs, reference, check))
     check_parity(probs, reference)
+    if with_novelty:
+        novelty = batched(onnx_runner(ort, path, output=1), check.arrays)
+        check_novelty_parity(novelty, out[:, -1], model.scorer.threshold)
     return reference
+
+
+def check_novelty_parity(novelty, reference, threshold):
+    """The exported novelty against PyTorch's: within NOVELTY_ATOL, the same verdict."""
+    diff = float(np.abs(novelty - reference).max())
+    print(f"novelty (the unknown verdict's score): max |difference| {diff:.2e}, same verdict "
+          f"on {int(((novelty > threshold) == (reference > threshold)).sum())}/{len(novelty)}")
+    if diff > NOVELTY_ATOL:
+        raise CheckFailed(f"ONNX Runtime's novelty differs from PyTorch's by up to {diff:.2e} "
+                          f"(allowed {NOVELTY_ATOL:.0e})")
 
 
 def quantize_and_report(ort, ckpt, float_path, check, reference):
@@ -143,8 +168,9 @@ def require_onnx():
 # ---------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------
-def export_onnx(model, size, path):
-    """Trace the whole network, softmax included, at the checkpoint's input size."""
+def export_onnx(model, size, path, with_novelty=False):
+    """Trace the whole network, softmax included, at the checkpoint's input size; with_novelty
+    (model a novelty.ScoredClassifier, its novelty in the last column) as a second output."""
     import torch
 
     class WithSoftmax(torch.nn.Module):
@@ -153,9 +179,13 @@ def export_onnx(model, size, path):
             self.net = net
 
         def forward(self, image):
-            return torch.softmax(self.net(image), dim=1)
+            out = self.net(image)
+            if with_novelty:
+                return torch.softmax(out[:, :-1], dim=1), out[:, -1]
+            return torch.softmax(out, dim=1)
 
     example = torch.zeros(2, 3, size, size)
+    names = ["probabilities", "novelty"] if with_novelty else ["probabilities"]
     with warnings.catch_warnings():
         # Conv2dSame computes its padding from the input's height and width in Python; the
         # tracer warns that it records them as constants. That is what we want: the input size
@@ -168,8 +198,8 @@ def export_onnx(model, size, path):
         warnings.simplefilter("ignore", DeprecationWarning)
         # The exporter puts the module back in the mode it found it in: eval, for the checks.
         torch.onnx.export(WithSoftmax(model).eval(), (example,), path, dynamo=False,
-                          input_names=["image"], output_names=["probabilities"],
-                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+                          input_names=["image"], output_names=names,
+                          dynamic_axes={name: {0: "batch"} for name in ["image", *names]},
                           opset_version=OPSET, do_constant_folding=True)
 
 
@@ -187,6 +217,10 @@ def add_metadata(onnx, path, ckpt, quantized):
         "quantization": "int8 static per-channel (QDQ)" if quantized else "none (float32)",
         "averages_mirror": json.dumps(bool(ckpt["model_args"].get("flip_tta", False))),
     }
+    if ckpt.get("novelty") is not None:
+        meta["unknown_threshold"] = json.dumps(float(ckpt["novelty"]["threshold"]))
+        meta["output"] += ("; novelty (N,): the unknown verdict's score, a photo is unknown "
+                           "above metadata unknown_threshold")
     del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
@@ -243,9 +277,9 @@ def quantize_static_int8(ort, src, dest, calibration_arrays):
 # ---------------------------------------------------------------------------------------------
 # Checking
 # ---------------------------------------------------------------------------------------------
-def onnx_runner(ort, path):
+def onnx_runner(ort, path, output=0):
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"image": x})[0]
+    return lambda x: session.run(None, {"image": x})[output]
 
 
 def batched(fn, arrays, batch_size=16):

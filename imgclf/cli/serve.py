@@ -185,7 +185,8 @@ def create_app(predictor, model_name, top_k=5, max_upload_bytes=10_000_000, max_
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "backend": model.backend,
-                "classes": len(model.classes), "top_k": model.top_k}
+                "classes": len(model.classes), "top_k": model.top_k,
+                "unknown_threshold": model.unknown_threshold}
 
     @app.post("/predict")
     async def predict_endpoint(request: Request):
@@ -195,8 +196,8 @@ def create_app(predictor, model_name, top_k=5, max_upload_bytes=10_000_000, max_
         try:
             name, data = await read_upload(request, max_upload_bytes)
             batch = await run_in_threadpool(model.preprocess_bytes, data)
-            probs = await run_in_threadpool(model.probabilities, batch)
-            return model.answer(name, probs)
+            probs, novelty = await run_in_threadpool(model.scores, batch)
+            return model.answer(name, probs, novelty)
         finally:
             in_progress["n"] -= 1
 
@@ -213,6 +214,8 @@ class Model:
         self.names = list(predictor.class_names or self.classes)
         self.top_k = min(top_k, len(self.classes))
         self.backend = "onnxruntime" if type(predictor).__name__ == "OnnxPredictor" else "torch"
+        # None for a model without the unknown verdict's data: its answers then have no verdict
+        self.unknown_threshold = getattr(predictor, "unknown_threshold", None)
         self.lock = threading.Lock()
 
     def preprocess_bytes(self, data):
@@ -226,9 +229,15 @@ class Model:
         with self.lock:
             return self.predictor.probabilities(batch)[0]
 
-    def answer(self, image_name, probs):
+    def scores(self, batch):
+        """(probabilities, novelty or None) of a batch of one image."""
+        with self.lock:
+            probs, novelty = inference.batch_scores(self.predictor, batch)
+        return probs[0], (None if novelty is None else float(novelty[0]))
+
+    def answer(self, image_name, probs, novelty=None):
         return inference.prediction_object(image_name, probs, self.top_k, self.classes,
-                                           self.names)
+                                           self.names, novelty, self.unknown_threshold)
 
 
 async def read_upload(request, limit):
@@ -337,6 +346,8 @@ PAGE_HTML = """<!doctype html>
            background: #eef0f4; }
   #top { font-size: 1.25rem; margin: 0 0 12px; }
   #top span { color: var(--muted); font-weight: 400; font-size: 1rem; }
+  #verdict { margin: -6px 0 12px; color: var(--muted); }
+  #verdict.unknown { color: #b3261e; font-weight: 600; }
   .row { display: grid; grid-template-columns: minmax(0, 9em) 1fr 4.2em; gap: 10px;
          align-items: center; margin: 8px 0; font-size: .95rem; }
   .name { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
@@ -368,6 +379,7 @@ PAGE_HTML = """<!doctype html>
     <img id="photo" alt="The photo you chose">
     <div>
       <h2 id="top"></h2>
+      <p id="verdict"></p>
       <div id="bars"></div>
     </div>
   </section>
@@ -412,6 +424,13 @@ function render(data) {
   top1.textContent = best.name + ' ';
   const sure = document.createElement('span'); sure.textContent = pct(best.probability);
   top1.appendChild(sure);
+  // The unknown verdict, where the model has it: the bars then show only the nearest classes
+  const verdict = document.getElementById('verdict');
+  verdict.className = data.unknown ? 'unknown' : '';
+  verdict.textContent = data.unknown === undefined ? '' : data.unknown
+    ? 'None of my classes: this photo is unlike the training photos of every class; ' +
+      'the bars show only the nearest.'
+    : 'One of my classes.';
 }
 
 async function classify(file) {
