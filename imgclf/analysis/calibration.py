@@ -11,9 +11,10 @@ import numpy as np
 BINS = 15
 # Temperatures tried, log-spaced: a coarse-to-fine search needs no optimiser and cannot fail.
 TEMPERATURES = np.exp(np.linspace(np.log(0.2), np.log(5.0), 161))
-# A fitted temperature is kept only where it lowers the held-out ECE by this much (a point of
-# a percent): smaller gains are within the noise of a few hundred photos.
-MIN_GAIN = 0.001
+# A fitted temperature is kept only where it lowers the held-out ECE by this much (half a
+# point): on held-out classes of flowers5 and the digits, smaller gains on the out-of-fold
+# photos went either way on the test split (docs/open_set.md).
+MIN_GAIN = 0.005
 
 
 def reliability_bins(probs, labels, bins=BINS):

@@ -52,9 +52,7 @@ def fit(photos, labels, views, held_out_logits, seed=0, keep=KEEP):
     feats = photo_features(photos, views).cpu()
     mean = feats.mean(0)
     dims = int(min(PCA_DIMS, feats.shape[1], max(len(feats) - 1, 1)))
-    # the principal directions of the centred features, in float64 for a stable SVD
-    _, _, vt = torch.linalg.svd((feats - mean).double(), full_matrices=False)
-    projection = vt[:dims].T.float()
+    projection = principal_directions(feats, mean, dims)
     reduced = unit_rows((feats - mean) @ projection).half().float()  # as stored
     bank_index = bank_photos(np.asarray(labels), BANK_MAX, seed)
     bank = reduced[bank_index]
@@ -70,6 +68,17 @@ def fit(photos, labels, views, held_out_logits, seed=0, keep=KEEP):
             "photos": int(len(feats))}
 
 
+def principal_directions(feats, mean, dims, block=8192):
+    """(dim, dims): the leading eigenvectors of the centred features' covariance, summed in
+    float64 a block of rows at a time (a dim x dim matrix, whatever the number of photos)."""
+    cov = torch.zeros(feats.shape[1], feats.shape[1], dtype=torch.float64)
+    for start in range(0, len(feats), block):
+        part = (feats[start:start + block] - mean).double()
+        cov += part.T @ part
+    _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+    return vectors[:, -dims:].flip(1).float()
+
+
 def bank_photos(labels, limit, seed=0):
     """Indices of the photos in the bank: all of them up to limit, else a random sample of
     limit with each class's share kept."""
@@ -81,7 +90,7 @@ def bank_photos(labels, limit, seed=0):
     return np.sort(np.concatenate(chosen))
 
 
-def kth_similarity(queries, bank, k, self_index=None, block=4096):
+def kth_similarity(queries, bank, k, self_index=None, block=1024):
     """The k-th largest cosine of each query row with the bank's rows (both unit rows); with
     self_index (the bank's row i is query self_index[i]) a query's own row is left out."""
     out = torch.empty(len(queries))
