@@ -35,9 +35,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from imgclf.analysis import data_issues  # noqa: E402
-from imgclf.data import data_report  # noqa: E402
-from imgclf.data import scanning  # noqa: E402
 from imgclf.cli import train  # noqa: E402
+from imgclf.data import (
+    data_report,  # noqa: E402
+    scanning,  # noqa: E402
+)
 
 MOVED_SHARE = 0.03
 COPIES = 40

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from imgclf.analysis import data_issues  # noqa: E402
-from imgclf.heads import linear_probe  # noqa: E402
 from imgclf.engine import feature_trainer  # noqa: E402
+from imgclf.heads import linear_probe  # noqa: E402
 
 DIM, VIEWS = 1280, 2
 

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from imgclf.heads import linear_probe  # noqa: E402
 from head_bench import synthetic  # noqa: E402
+
+from imgclf.heads import linear_probe  # noqa: E402
 
 
 def build_parser():

@@ -87,23 +87,26 @@ def startup(checkpoint, image, runs):
 def throughput(checkpoint, folder, rounds, limit):
     import contextlib
     import io
+
     import numpy as np
     import torch
-    from imgclf.models import hardware
+
+    from imgclf.app import inference
     from imgclf.cli import predict
-    predictor = predict.load_predictor(checkpoint)
+    from imgclf.models import hardware
+    predictor = inference.load_predictor(checkpoint)
     items = predict.find_images([folder])[:limit]
     size = predictor.batch_size
-    batches = [np.stack([predict.load_image(i.path, predictor.preprocess)
+    batches = [np.stack([inference.load_image(i.path, predictor.preprocess)
                          for i in items[s:s + size]]) for s in range(0, len(items), size)]
     backbone = hardware.fast_forward(predictor.model.backbone, torch.device("cpu"))
     passes = {
         "bare backbone forward (batches in memory)":
             lambda: [backbone(torch.from_numpy(b)) for b in batches],
         "predict batch path (threaded reading)":
-            lambda: predict.predict_paths(predictor, items),
+            lambda: inference.predict_paths(predictor, items),
         "predict batch path (serial reading)":
-            lambda: predict.predict_paths(predictor, items, threads=0),
+            lambda: inference.predict_paths(predictor, items, threads=0),
     }
     names = list(passes)
     times = {name: [] for name in passes}

@@ -16,8 +16,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from imgclf.data import scanning  # noqa: E402
 from imgclf import errors  # noqa: E402
+from imgclf.data import scanning  # noqa: E402
 
 
 def build_parser():

@@ -29,9 +29,9 @@ sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from imgclf.cli import predict  # noqa: E402
-from imgclf.cli import serve  # noqa: E402
 import serving  # noqa: E402 (tests/serving.py)
+from imgclf.app import inference
+from imgclf.cli import serve  # noqa: E402
 
 BAD_KINDS = ("not an image", "truncated", "empty", "oversize")
 MAX_UPLOAD_MB = 1.0  # small, so that "oversize" uploads stay cheap to send
@@ -54,7 +54,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    predictor = predict.load_predictor(args.model)
+    predictor = inference.load_predictor(args.model)
     app = serve.create_app(predictor, os.path.basename(args.model),
                            max_upload_bytes=int(MAX_UPLOAD_MB * 1e6),
                            max_concurrent=args.concurrency)

@@ -210,8 +210,14 @@ def reference(data_dir, seed, size):
 def fastai_finetune(data_dir, seed, size, work):
     """fastai's fine_tune(3) with the same EfficientNet-Lite0 weights as a custom backbone."""
     try:
-        from fastai.vision.all import (ImageDataLoaders, Normalize, Resize, accuracy,
-                                       aug_transforms, vision_learner)
+        from fastai.vision.all import (
+            ImageDataLoaders,
+            Normalize,
+            Resize,
+            accuracy,
+            aug_transforms,
+            vision_learner,
+        )
     except ImportError:
         return NOT_INSTALLED
     import torch

@@ -6,13 +6,11 @@ import signal
 import pytest
 import torch
 
-from imgclf import checkpoints
-
-from imgclf.models import backbones
-from imgclf.cli import predict
-from imgclf.cli import train
-from imgclf.engine import epoch_loop
 from conftest import FAST, timeless
+from imgclf import checkpoints
+from imgclf.cli import predict, train
+from imgclf.engine import epoch_loop
+from imgclf.models import backbones
 
 
 def test_checkpoint_describes_itself(trained):

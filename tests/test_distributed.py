@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf.engine import distributed
+from conftest import FAST, ROOT, make_image_folder
 from imgclf import checkpoints
 from imgclf.cli import train
-from conftest import FAST, ROOT, make_image_folder
+from imgclf.engine import distributed
 
 # Shares of 16-row batches that differ between the ranks: train 72 rows, valid/test 18.
 PER_SPLIT = {"train": 12, "valid": 6, "test": 6}

@@ -1,4 +1,4 @@
-"""export.py and torch-free prediction of .onnx models (predict.OnnxPredictor)."""
+"""export.py and torch-free prediction of .onnx models (inference.OnnxPredictor)."""
 import contextlib
 import glob
 import importlib.util
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.cli import export
-from imgclf.cli import predict
 from conftest import FLOWERS5, ROOT, needs_flowers5
+from imgclf.app import inference
+from imgclf.cli import export, predict
 from imgclf.errors import UserError
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
@@ -38,6 +38,7 @@ def exported(trained, tmp_path_factory):
 def torch_probabilities(checkpoint, batch):
     """The reference: the checkpoint's network in float32, softmax on its outputs."""
     import torch
+
     from imgclf import checkpoints
     model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(checkpoint))
     with torch.inference_mode():
@@ -65,7 +66,7 @@ def test_export_prints_its_check_and_writes_the_model(exported):
 
 @needs_onnx
 def test_onnx_probabilities_match_pytorch(exported):
-    onnx_model = predict.OnnxPredictor(exported["onnx"])
+    onnx_model = inference.OnnxPredictor(exported["onnx"])
     batch = sample_batch(exported, onnx_model.preprocess)
     ours = onnx_model.probabilities(batch)
     reference = torch_probabilities(exported["checkpoint"], batch)
@@ -89,7 +90,7 @@ def test_export_checks_on_given_photos(trained, tmp_path, capsys):
 
 @needs_onnx
 def test_batch_axis_is_free(exported):
-    onnx_model = predict.OnnxPredictor(exported["onnx"])
+    onnx_model = inference.OnnxPredictor(exported["onnx"])
     batch = sample_batch(exported, onnx_model.preprocess, limit=5)[:5]
     together = onnx_model.probabilities(batch)
     one_by_one = np.concatenate([onnx_model.probabilities(batch[i:i + 1]) for i in range(5)])
@@ -99,6 +100,7 @@ def test_batch_axis_is_free(exported):
 @needs_onnx
 def test_metadata_carries_classes_and_preprocessing(exported):
     import onnx
+
     from imgclf import checkpoints
     ckpt = checkpoints.load_checkpoint(exported["checkpoint"])
     model = onnx.load(exported["onnx"])
@@ -113,7 +115,7 @@ def test_metadata_carries_classes_and_preprocessing(exported):
     assert image.name == "image" and dims[0].dim_param == "batch"
     assert [d.dim_value for d in dims[1:]] == [3, 64, 64]
     assert model.graph.output[0].name == "probabilities"
-    predictor = predict.OnnxPredictor(exported["onnx"])
+    predictor = inference.OnnxPredictor(exported["onnx"])
     assert predictor.classes == ckpt["classes"] and predictor.preprocess == ckpt["preprocess"]
 
 
@@ -125,18 +127,18 @@ def test_quantized_model_is_smaller_and_agrees(exported, tmp_path, capsys):
     assert "int8 vs PyTorch" in text and "x smaller" in text
     ratio = os.path.getsize(exported["onnx"]) / os.path.getsize(out)
     assert ratio > 3, f"int8 model only {ratio:.1f}x smaller"
-    q = predict.OnnxPredictor(out)
+    q = inference.OnnxPredictor(out)
     batch = sample_batch(exported, q.preprocess)
-    q_probs, f_probs = q.probabilities(batch), predict.OnnxPredictor(exported["onnx"]).probabilities(batch)
+    q_probs, f_probs = q.probabilities(batch), inference.OnnxPredictor(exported["onnx"]).probabilities(batch)
     np.testing.assert_allclose(q_probs.sum(1), 1.0, atol=1e-4)
     agree = (q_probs.argmax(1) == f_probs.argmax(1)).mean()
     assert agree >= 0.75, f"int8 names the float model's top class on only {agree:.0%}"
     # --precision fp32 is what a float export computes already; an int8 one cannot
-    assert predict.OnnxPredictor(exported["onnx"], precision="fp32").averages_mirror is False
+    assert inference.OnnxPredictor(exported["onnx"], precision="fp32").averages_mirror is False
     with pytest.raises(UserError, match=r"^--precision fp32: .*model.int8.onnx is an int8 "
                                         r"model \(export.py --quantize\); export it without "
                                         r"--quantize for float32, or drop --precision$"):
-        predict.OnnxPredictor(out, precision="fp32")
+        inference.OnnxPredictor(out, precision="fp32")
 
 
 @needs_onnx

@@ -4,17 +4,14 @@ import os
 
 import pytest
 import torch
+from test_checkpoint import interrupt_after_epoch
 from torch import nn
 
-from imgclf import checkpoints
-
-from imgclf.models import classifier
-from imgclf.cli import predict
-from imgclf.cli import train
-from imgclf.engine import feature_trainer
-from imgclf.engine import finetune
 from conftest import FAST, timeless
-from test_checkpoint import interrupt_after_epoch
+from imgclf import checkpoints
+from imgclf.cli import predict, train
+from imgclf.engine import feature_trainer, finetune
+from imgclf.models import classifier
 
 FINETUNE = [*FAST, "--finetune", "--epochs", "3", "--patience", "0"]
 

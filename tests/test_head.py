@@ -7,13 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf.data import decode
-from imgclf.engine import distributed
-from imgclf.models import classifier
-from imgclf.cli import train
-from imgclf.engine import feature_trainer
-from imgclf.engine import train_config
 from conftest import EPOCHS, FAST
+from imgclf.cli import train
+from imgclf.data import decode
+from imgclf.engine import distributed, feature_trainer, train_config
+from imgclf.models import classifier
 
 HEAD = [*FAST, *EPOCHS, "--head", "adamw"]  # the view choice and resume of the epoch head
 from test_checkpoint import interrupt_after_epoch

@@ -110,3 +110,19 @@ def test_the_top_level_scripts_only_consume_the_package():
             tree = ast.parse(f.read())
         defined = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
         assert not defined, f"{script}.py defines {defined[0].name}: it belongs in imgclf/"
+
+
+# Bottom to top: a module may import from its own layer and the layers below it.
+LAYERS = [{"utils", "errors", "version"}, {"data", "models"}, {"heads", "checkpoints"},
+          {"app"}, {"analysis"}, {"engine"}, {"export"}, {"cli", "api", "__init__"}]
+
+
+def layer_of(module):
+    part = module.split(".")[1] if "." in module else "__init__"
+    return next(i for i, names in enumerate(LAYERS) if part in names)
+
+
+def test_each_layer_imports_only_from_the_layers_below():
+    upward = [(a, b) for a, imported in project_imports().items() for b in imported
+              if layer_of(b) > layer_of(a)]
+    assert upward == []

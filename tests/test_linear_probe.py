@@ -207,10 +207,8 @@ def test_the_fits_run_on_the_device_given(monkeypatch, device):
 def fallback_trainer(photos, classes=3):
     import argparse
 
-    from imgclf.engine import distributed
+    from imgclf.engine import distributed, feature_trainer, train_config
     from imgclf.models import classifier
-    from imgclf.engine import feature_trainer
-    from imgclf.engine import train_config
     config = train_config.TrainConfig()
     scan = argparse.Namespace(classes=list("abc")[:classes],
                               samples={"train": [None] * photos, "valid": [None] * 10})
@@ -238,7 +236,6 @@ def test_past_the_memory_bound_the_epoch_head_trains_instead(monkeypatch, capsys
 
 def test_the_progress_bar_shows_only_when_the_fits_take_a_while(monkeypatch, capsys):
     from imgclf.engine import feature_trainer
-    from imgclf.engine import train_config
     quick = feature_trainer.LateProgress("fitting the head", after=60)
     quick.update(5)
     quick.close()

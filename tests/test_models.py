@@ -6,13 +6,11 @@ from collections import Counter
 import pytest
 import torch
 
-from imgclf.data import decode
-from imgclf.models import backbones
-from imgclf.models import classifier
-from imgclf.models import efficientnet_lite
-from imgclf.cli import train
 from conftest import FAST, FLOWERS5, needs_flowers5
+from imgclf.cli import train
+from imgclf.data import decode
 from imgclf.errors import UserError
+from imgclf.models import backbones, classifier, efficientnet_lite
 
 
 @needs_flowers5

@@ -5,12 +5,12 @@ import sys
 
 import pytest
 import torch
-from conftest import FAST
 
-from imgclf.heads import linear_probe
+from conftest import FAST
 from imgclf.cli import train
 from imgclf.engine import train_config
 from imgclf.errors import UserError
+from imgclf.heads import linear_probe
 
 
 def options(*argv):

@@ -23,6 +23,12 @@ def package_modules():
     return sorted(os.path.relpath(p, ROOT).replace(os.sep, "/") for p in paths)
 
 
+def package_data():
+    """The files of the package that are not modules: the web export's page."""
+    paths = glob.glob(os.path.join(ROOT, "imgclf", "export", "web", "*"))
+    return sorted(os.path.relpath(p, ROOT).replace(os.sep, "/") for p in paths)
+
+
 def pyproject():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         return tomllib.load(f)
@@ -41,7 +47,7 @@ def wheel(tmp_path_factory):
         if name.endswith((".py", ".toml", ".md", ".json")):
             with open(os.path.join(ROOT, name), "rb") as f:
                 (src / name).write_bytes(f.read())
-    for path in package_modules():
+    for path in package_modules() + package_data():
         (src / path).parent.mkdir(parents=True, exist_ok=True)
         with open(os.path.join(ROOT, path), "rb") as f:
             (src / path).write_bytes(f.read())
@@ -56,6 +62,11 @@ def test_the_wheel_holds_every_module_of_the_package_and_nothing_else(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert sorted(n for n in names if n.endswith(".py")) == package_modules()
     assert {n.split("/")[0] for n in names} == {"imgclf", wheel.name.split("-py3")[0] + ".dist-info"}
+
+
+def test_the_wheel_holds_the_web_page_the_web_export_copies(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert package_data() and set(package_data()) <= set(names)
 
 
 def test_every_module_imports_from_the_installed_wheel_in_any_folder(wheel, tmp_path):

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.cli import predict
 from conftest import ROOT, draw_sample
+from imgclf.app import inference
+from imgclf.cli import predict
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -149,23 +150,23 @@ def test_tta_averages_the_mirror_image(trained, test_dir, capsys):
 
 
 def test_tta_equals_the_mean_of_an_image_and_its_mirror(trained, test_dir):
-    predictor = predict.load_predictor(trained["checkpoint"])
-    item = predict.Item(os.path.join(test_dir, "cat", "000.jpg"))
-    array, _ = predict.read_image(item, predictor.preprocess)
+    predictor = inference.load_predictor(trained["checkpoint"])
+    item = inference.Item(os.path.join(test_dir, "cat", "000.jpg"))
+    array, _ = inference.read_image(item, predictor.preprocess)
     mirror = array[:, :, ::-1]
     expected = (predictor.probabilities(array[None]) + predictor.probabilities(
         np.ascontiguousarray(mirror[None]))) / 2
-    got = predict.batch_probabilities(predictor, array[None], tta=True)
+    got = inference.batch_probabilities(predictor, array[None], tta=True)
     assert got == pytest.approx(expected, abs=1e-6)
 
 
 def test_batched_reading_matches_one_by_one(trained, test_dir):
-    predictor = predict.load_predictor(trained["checkpoint"])
+    predictor = inference.load_predictor(trained["checkpoint"])
     items = predict.find_images([test_dir])
-    batched = predict.predict_paths(predictor, items, threads=2)
+    batched = inference.predict_paths(predictor, items, threads=2)
     assert [r.path for r in batched] == [i.path for i in items]
     for item, result in zip(items, batched):
-        alone = predictor.probabilities(predict.load_image(item.path, predictor.preprocess)[None])
+        alone = predictor.probabilities(inference.load_image(item.path, predictor.preprocess)[None])
         assert result.probs == pytest.approx(alone[0], abs=1e-4)
 
 
@@ -353,17 +354,18 @@ def test_precision_fp32_gives_the_float32_models_probabilities(trained, test_dir
     """As on a CPU with native bfloat16 (where auto computes in it): --precision fp32 gives
     the probabilities of a plain float32 forward pass, auto does not."""
     import torch
+
     from imgclf import checkpoints
     from imgclf.models import hardware
     monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
     model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(trained["checkpoint"]))
     image = os.path.join(test_dir, "fox", "000.jpg")
-    batch = predict.load_image(image, checkpoints.load_checkpoint(trained["checkpoint"])
+    batch = inference.load_image(image, checkpoints.load_checkpoint(trained["checkpoint"])
                                ["preprocess"])[None]
     with torch.inference_mode():
         reference = model.eval()(torch.from_numpy(batch)).softmax(1).numpy()
-    fp32 = predict.load_predictor(trained["checkpoint"], precision="fp32").probabilities(batch)
-    auto = predict.load_predictor(trained["checkpoint"]).probabilities(batch)
+    fp32 = inference.load_predictor(trained["checkpoint"], precision="fp32").probabilities(batch)
+    auto = inference.load_predictor(trained["checkpoint"]).probabilities(batch)
     np.testing.assert_allclose(fp32, reference, atol=1e-6)
     assert np.abs(auto - reference).max() > 1e-4  # bfloat16's: what fp32 removes
     _, out, _ = run_predict(capsys, image, trained["checkpoint"], "--precision", "fp32",

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.analysis import data_issues
-from imgclf.analysis import report
 from conftest import draw_sample
+from imgclf.analysis import data_issues, report
 
 
 def decodes(path):

@@ -29,9 +29,9 @@ LIMIT = 300_000  # a small upload limit keeps the oversize cases cheap
 
 @pytest.fixture(scope="module")
 def server(trained):
-    from imgclf.cli import predict
+    from imgclf.app import inference
     from imgclf.cli import serve
-    app = serve.create_app(predict.load_predictor(trained["checkpoint"]), "checkpoint.pth",
+    app = serve.create_app(inference.load_predictor(trained["checkpoint"]), "checkpoint.pth",
                            top_k=5, max_upload_bytes=LIMIT, max_concurrent=8)
     with serving.background_server(app) as url:
         yield dict(trained, url=url, port=int(url.rsplit(":", 1)[1]))
@@ -79,13 +79,12 @@ def test_good_photo_gets_the_predict_json(server, client):
 
 
 def test_answer_matches_the_predictor(server, client):
-    from imgclf.data import decode
     from imgclf.app import inference
-    from imgclf.cli import predict
+    from imgclf.data import decode
     path = os.path.join(server["data"], "test", "fox", "002.jpg")
     with open(path, "rb") as f:
         status, answer = client.post_file("/predict", "fox.jpg", f.read())
-    predictor = predict.load_predictor(server["checkpoint"])
+    predictor = inference.load_predictor(server["checkpoint"])
     probs = predictor.probabilities(
         decode.eval_array(decode.load_rgb(path), predictor.preprocess)[None])[0]
     assert status == 200
@@ -96,8 +95,9 @@ def test_answer_matches_the_predictor(server, client):
 
 
 def test_an_iphone_heic_photo_is_answered_as_its_jpeg_would_be(server, client):
-    import messy
     from PIL import Image
+
+    import messy
     path = os.path.join(server["data"], "test", "fox", "002.jpg")
     status, answer = client.post_file("/predict", "IMG_0002.HEIC",
                                       messy.heic(Image.open(path).convert("RGB")))
@@ -380,10 +380,11 @@ def test_page_in_a_browser_shows_the_photo_and_the_chart(live_server, browser, t
 
 
 def test_page_accepts_a_dropped_photo(live_server, browser, trained):
+    import base64
+
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
-    import base64
     name, data = photo_bytes(trained)
     browser.get(live_server)
     # Selenium cannot drag a file from the desktop; build the same drop event in the page.

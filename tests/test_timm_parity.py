@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf.data import decode
-from imgclf.models import backbones
-from imgclf.models import efficientnet_lite
 from conftest import FLOWERS5, draw_sample
+from imgclf.data import decode
+from imgclf.models import backbones, efficientnet_lite
 
 timm = pytest.importorskip("timm", reason="timm is not installed (it is in the dev extra: "
                                           "pip install -e '.[dev]')")

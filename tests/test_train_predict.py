@@ -2,9 +2,8 @@ import os
 
 import torch
 
-from imgclf.cli import predict
-from imgclf.cli import train
 from conftest import EPOCHS, FAST
+from imgclf.cli import predict, train
 
 
 def test_train_then_predict(trained, capsys):

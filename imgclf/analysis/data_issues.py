@@ -1,7 +1,7 @@
 """What is wrong with the labels, found from the stored backbone features once the head is
 fitted: photos of one split that are near-duplicates of photos of another, and photos that
 look mislabelled. Written to SAVE_DIR/report/data_issues.csv and data_issues.png; --exclude
-FILE leaves the photos a user agrees are bad out of the next run.
+FILE (data/exclude.py) leaves the photos a user agrees are bad out of the next run.
 
 - Near-duplicates: each valid and test photo's nearest photo of an earlier split (train; for
   test also valid) by cosine similarity of the plain view's features less the train mean,
@@ -19,9 +19,6 @@ FILE leaves the photos a user agrees are bad out of the next run.
 The step reads the features and fits k heads of its own; it changes neither the fitted head
 nor the random streams training uses.
 """
-import csv
-import hashlib
-import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,18 +27,16 @@ import numpy as np
 import torch
 
 from ..data import data_report
-from ..errors import UserError
 from ..heads import linear_probe
 from ..utils import atomic
+from ..utils.text import plural
 from . import report
 
 CSV_NAME = "data_issues.csv"
 PNG_NAME = "data_issues.png"
 CSV_COLUMNS = ("path", "issue", "other", "score")
-# On features centred on the train split's mean. Chosen on flowers5 with 40 planted copies
-# (85% size, JPEG quality 80; the lowest scored 0.93) and checked on handwritten digits, where
-# it names 9 of 898 valid and test photos (docs/data_issues.md). Uncentred, every digit has a
-# neighbour above 0.92: what all photos share drowns what tells two apart.
+# On features centred on the train split's mean: uncentred, what all photos share drowns what
+# tells two apart. Chosen on planted copies (docs/data_issues.md).
 NEAR_DUPLICATE_COSINE = 0.92
 # Rows per block of the nearest-neighbour search: a 4096 x 4096 block of similarities is
 # 64 MiB, whatever the size of the data set.
@@ -318,91 +313,17 @@ def write_report(save_dir, findings, names):
 
 
 def write_csv(path, findings):
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for earlier, later, cosine in findings.near_duplicates:
-        writer.writerow([earlier, "near_duplicate", later, f"{cosine:.4f}"])
-    for path_i, _, suggested, confidence in findings.labels:
-        writer.writerow([path_i, "label", suggested, f"{confidence:.4f}"])
-    with atomic.AtomicFile(path, "w") as f:
-        f.write(buf.getvalue())
+    rows = [CSV_COLUMNS]
+    rows += [[earlier, "near_duplicate", later, f"{cosine:.4f}"]
+             for earlier, later, cosine in findings.near_duplicates]
+    rows += [[path_i, "label", suggested, f"{confidence:.4f}"]
+             for path_i, _, suggested, confidence in findings.labels]
+    atomic.write_csv(path, rows, lineterminator="\n")
 
 
 def summary_line(findings, out_dir):
     dups, labels = len(findings.near_duplicates), len(findings.labels)
     files = f"{out_dir}/{CSV_NAME}" + (f" and {PNG_NAME}" if dups or labels else "")
-    return (f"data issues: {dups} near-duplicate{'s' * (dups != 1)} across splits, {labels} "
-            f"photo{'s' * (labels != 1)} that look{'s' * (labels == 1)} mislabelled; see "
+    return (f"data issues: {plural(dups, 'near-duplicate')} across splits, "
+            f"{plural(labels, 'photo')} that look{'s' * (labels == 1)} mislabelled; see "
             f"{files}  [{findings.seconds:.1f}s]")
-
-
-# ---------------------------------------------------------------------------------------------
-# --exclude
-# ---------------------------------------------------------------------------------------------
-def read_path_list(list_path):
-    """The paths of an --exclude file: one a line, or a CSV with a path column (such as a
-    filtered data_issues.csv); blank lines and # comments are skipped."""
-    try:
-        with open(list_path, newline="", encoding="utf-8-sig") as f:
-            text = f.read()
-    except OSError as err:
-        raise UserError(f"--exclude {list_path}: cannot read it ({err.strerror})") from None
-    lines = [line for line in text.splitlines() if line.strip() and
-             not line.lstrip().startswith("#")]
-    if lines and "path" in next(csv.reader([lines[0]])):
-        return [row["path"] for row in csv.DictReader(lines) if row.get("path")]
-    return [line.strip() for line in lines]
-
-
-def exclude_photos(scan, list_path):
-    """Leave the photos listed in list_path out of every split of scan (in place): paths are
-    relative to DATA_DIR or absolute. The scan's fingerprint takes them in, so cached
-    features of the full set are not reused, and scan.excluded records them (relative to
-    DATA_DIR). Paths not in the data set are named in a warning; a list with none of them is
-    refused."""
-    listed = read_path_list(list_path)
-    if not listed:
-        raise UserError(f"--exclude {list_path}: lists no paths; give one path a line, or a CSV "
-                        f"with a path column such as a filtered report/{CSV_NAME}")
-    known = {os.path.abspath(p) for samples in scan.samples.values() for p, _ in samples}
-    known |= {os.path.abspath(p) for p, _ in scan.skipped}
-    wanted = {_resolve(p, scan.root, known) for p in listed}
-    missing = sorted(wanted - known)
-    if len(missing) == len(wanted):
-        raise UserError(f"--exclude {list_path}: none of its {len(wanted)} paths is a photo of "
-                        f"{scan.root} (e.g. {listed[0]}); give paths relative to DATA_DIR or "
-                        f"absolute")
-    if missing:
-        scan.warnings.append(f"--exclude {list_path}: {len(missing)} of its paths are not in "
-                             f"{scan.root} and were ignored, e.g. {missing[0]}")
-    for split, samples in scan.samples.items():
-        scan.samples[split] = [(p, y) for p, y in samples if os.path.abspath(p) not in wanted]
-    if scan.split_files is not None:
-        scan.split_files = {s: [os.path.relpath(p, scan.root) for p, _ in v]
-                            for s, v in scan.samples.items()}
-    scan.excluded = sorted(os.path.relpath(p, os.path.abspath(scan.root))
-                           for p in wanted - set(missing))
-    _check_classes_left(scan, list_path)
-    scan.notes.append(f"--exclude {list_path}: left out {len(scan.excluded)} photo"
-                      f"{'s' * (len(scan.excluded) != 1)}")
-    left_out = hashlib.sha1("\n".join(scan.excluded).encode()).hexdigest()[:16]
-    scan.fingerprint = f"{scan.fingerprint}-exclude-{left_out}"
-    return scan
-
-
-def _resolve(path, root, known):
-    """An --exclude path as an absolute one: relative to DATA_DIR where that names a photo
-    (the report's paths include DATA_DIR as typed, so those are tried as given too)."""
-    if os.path.isabs(path):
-        return os.path.abspath(path)
-    under_root = os.path.abspath(os.path.join(root, path))
-    return under_root if under_root in known else os.path.abspath(path)
-
-
-def _check_classes_left(scan, list_path):
-    counts = scan.counts("train")
-    empty = [c for i, c in enumerate(scan.classes) if not counts.get(i)]
-    if empty:
-        raise UserError(f"--exclude {list_path}: leaves no train photo of class "
-                        f"{', '.join(empty[:5])}; keep some, or remove the class folder")

@@ -2,15 +2,13 @@
 
 write_report: accuracy, top-5 accuracy and per-class precision/recall/F1 (report.txt and
 metrics.json), every prediction (predictions.csv), the confusion matrix (confusion_matrix.png),
-the most confident mistakes (mistakes.png) and, given a training history, the training curves
-(curves.png). plot_predictions draws predict.py's --plot; plot_data_issues the suspect labels
-and near-duplicates of data_issues.py.
+the most confident mistakes (mistakes.png, each with its heatmap: analysis/heatmaps.py) and,
+given a training history, the training curves (curves.png). plot_predictions draws
+predict.py's --plot; plot_data_issues the suspect labels and near-duplicates of data_issues.py.
 
 matplotlib is imported inside the plotting functions only, with the Agg backend (files, no
 window): predicting one photo never pays for it.
 """
-import csv
-import io
 import json
 import math
 import numbers
@@ -20,8 +18,9 @@ import time
 
 import numpy as np
 
-from ..data import decode, scanning
+from ..data import decode
 from . import calibration
+from . import heatmaps
 from ..utils import atomic
 
 MISTAKES_SHOWN = 24
@@ -99,10 +98,11 @@ def confident_mistakes(probs, labels, limit=MISTAKES_SHOWN):
 # The report
 # ---------------------------------------------------------------------------------------------
 def write_report(out_dir, probs, labels, classes, names, image_paths, history=None,
-                 novelty=None, threshold=None):
-    """Write the report files into out_dir; return its metrics and the files written. With
-    novelty (photos,) and its threshold, the report also counts the photos that the unknown
-    verdict would call unknown."""
+                 predictor=None, tta=False, novelty=None, threshold=None):
+    """Write the report files into out_dir; return its metrics and the files written.
+    predictor (a checkpoint's, see app/inference.py): draws each mistake's heatmap (tta: as
+    predicted with predict.py --tta). With novelty (photos,) and its threshold, the report
+    also counts the photos that the unknown verdict would call unknown."""
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     metrics = compute_metrics(probs, labels, len(classes))
     metrics["ece"] = calibration.expected_calibration_error(probs, labels)
@@ -114,9 +114,9 @@ def write_report(out_dir, probs, labels, classes, names, image_paths, history=No
     if not history:
         files.pop("curves")
     os.makedirs(out_dir, exist_ok=True)
-    scanning.write_text_atomic(files["text"], "\n".join(report_text(metrics, names)
-                                                         + open_set_lines(metrics)) + "\n")
-    scanning.write_text_atomic(files["json"], json.dumps(
+    atomic.write_text(files["text"], "\n".join(report_text(metrics, names)
+                                                + open_set_lines(metrics)) + "\n")
+    atomic.write_text(files["json"], json.dumps(
         {**metrics_document(metrics, classes, names), **open_set_document(metrics)},
         indent=2) + "\n")
     calibration.plot_reliability(files["calibration"], probs, labels, _save,
@@ -126,7 +126,9 @@ def write_report(out_dir, probs, labels, classes, names, image_paths, history=No
     mistakes = [(image_paths[i], names[labels[i]], names[metrics["predicted"][i]],
                  float(probs[i].max())) for i in confident_mistakes(probs, labels)]
     wrong = int((metrics["predicted"] != labels).sum())
-    plot_mistakes(files["mistakes"], mistakes, wrong, len(labels))
+    maps = heatmaps.mistake_heatmaps(predictor, [m[0] for m in mistakes], tta)
+    plot_mistakes(files["mistakes"], mistakes, wrong, len(labels), maps,
+                  predictor.preprocess["crop_pct"] if maps else None)
     if history:
         plot_curves(history, files["curves"])
     return dict(metrics=metrics, names=list(names), files=files)
@@ -152,14 +154,11 @@ def open_set_document(metrics):
 
 
 def write_predictions_csv(path, probs, labels, names, image_paths):
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["image", "true", "predicted", "probability", "correct"])
+    rows = [["image", "true", "predicted", "probability", "correct"]]
     for path_i, p, label in zip(image_paths, probs, labels):
         best = int(p.argmax())
-        writer.writerow([path_i, names[label], names[best], f"{p[best]:.4f}",
-                         int(best == label)])
-    scanning.write_text_atomic(path, buf.getvalue())
+        rows.append([path_i, names[label], names[best], f"{p[best]:.4f}", int(best == label)])
+    atomic.write_csv(path, rows)
 
 
 HISTORY_CSV = "history.csv"
@@ -178,12 +177,9 @@ def write_history_csv(save_dir, history):
         return None
     columns = list(HISTORY_COLUMNS) + [c for c in HISTORY_OPTIONAL_COLUMNS
                                        if any(c in row for row in history)]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in history:  # repr of a float reads back to the same float
-        writer.writerow([_csv_number(row.get(c)) for c in columns])
-    scanning.write_text_atomic(path, buf.getvalue())
+    # repr of a float reads back to the same float
+    rows = [columns] + [[_csv_number(row.get(c)) for c in columns] for row in history]
+    atomic.write_csv(path, rows, lineterminator="\n")
     return path
 
 
@@ -226,22 +222,23 @@ def write_training_report(save_dir, model, scan, names, preprocess, device, hist
         return
     started = time.monotonic()
     display = [names[c] for c in scan.classes]
-    if test_probs is not None:
-        paths, labels = zip(*scan.samples["test"])
-        summary = write_report(out_dir, test_probs, list(labels), scan.classes, display,
-                               list(paths), history, test_novelty, threshold)
-        _print_summary(summary, started)
-        return
     from ..app import inference  # its batched, overlapped image reading
     predictor = inference.TorchPredictor.from_model(model, scan.classes, display, preprocess,
                                                     device)
+    if test_probs is not None:
+        paths, labels = zip(*scan.samples["test"])
+        summary = write_report(out_dir, test_probs, list(labels), scan.classes, display,
+                               list(paths), history, predictor, novelty=test_novelty,
+                               threshold=threshold)
+        _print_summary(summary, started)
+        return
     label_of = dict(scan.samples["test"])
     results = [r for r in inference.predict_paths(predictor,
                                                   [inference.Item(p) for p in label_of])
                if r.error is None]
     summary = write_report(out_dir, np.stack([r.probs for r in results]),
                            [label_of[r.path] for r in results], scan.classes, display,
-                           [r.path for r in results], history)
+                           [r.path for r in results], history, predictor)
     _print_summary(summary, started)
 
 
@@ -340,8 +337,9 @@ def plot_confusion(path, confusion, names):
     _save(fig, path, dpi=130 if n > 60 else 100)  # small names get more pixels
 
 
-def plot_mistakes(path, mistakes, wrong, total):
-    """A grid of the most confident mistakes: (image path, true name, predicted name, prob)."""
+def plot_mistakes(path, mistakes, wrong, total, maps=None, crop_pct=None):
+    """A grid of the most confident mistakes: (image path, true name, predicted name, prob);
+    maps: each one's heatmap of the predicted class, drawn over the network's view."""
     plt = _pyplot()
     if not mistakes:
         fig, ax = plt.subplots(figsize=(6, 1.5))
@@ -356,17 +354,20 @@ def plot_mistakes(path, mistakes, wrong, total):
                              layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (image_path, true, predicted, prob) in zip(axes.flat, mistakes):
+    for i, (ax, (image_path, true, predicted, prob)) in enumerate(zip(axes.flat, mistakes)):
         ax.axis("on")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.imshow(_picture(image_path, square=240))
+        if maps and maps[i] is not None:
+            heatmaps.draw_heatmap(ax, _picture(image_path, square=240), maps[i], crop_pct)
+        else:
+            ax.imshow(_picture(image_path, square=240))
         ax.set_title(f"predicted: {_wrap(predicted, 24)} ({100 * prob:.0f}%)", fontsize=9,
                      color="#b00020")
         ax.set_xlabel(f"true: {_wrap(true, 24)}\n{_shorten(os.path.basename(image_path), 32)}",
                       fontsize=9, color="#1b5e20")
     fig.suptitle(f"The {len(mistakes)} most confident mistakes ({wrong} wrong of {total} "
-                 f"images)", fontsize=13)
+                 f"images)" + (f"\n{heatmaps.HEAT_NOTE}" if maps else ""), fontsize=13)
     _save(fig, path)
 
 
@@ -446,9 +447,10 @@ def plot_curves(history, path):
     _save(fig, path)
 
 
-def plot_predictions(path, shown):
+def plot_predictions(path, shown, maps=None, crop_pct=None):
     """Each photo beside a horizontal bar chart of its top K; shown: [(image path, names,
-    probabilities)], most likely first. Several images make one grid."""
+    probabilities)], most likely first. Several images make one grid. maps: each photo's
+    heatmap of its top class (predict.py --explain), drawn over the network's view."""
     plt = _pyplot()
     n, k = len(shown), max(len(names) for _, names, _ in shown)
     pairs = 1 if n == 1 else 2 if n <= 4 else 3
@@ -459,10 +461,15 @@ def plot_predictions(path, shown):
     for i, (image_path, names, probs) in enumerate(shown):
         row, col = divmod(i, pairs)
         photo = fig.add_subplot(grid[row, 2 * col])
-        photo.imshow(_picture(image_path))
+        if maps is not None:
+            heatmaps.draw_heatmap(photo, _picture(image_path, square=320), maps[i], crop_pct)
+        else:
+            photo.imshow(_picture(image_path))
         photo.axis("off")
         photo.set_title(_shorten(_tail(image_path), 40), fontsize=10)
         _bars(fig.add_subplot(grid[row, 2 * col + 1]), names, probs)
+    if maps is not None:
+        fig.suptitle(heatmaps.HEAT_NOTE.replace("predicted", "top"), fontsize=10)
     _save(fig, path)
 
 

@@ -77,6 +77,21 @@ class TorchPredictor:
         # change nothing)
         self.averages_mirror = bool(getattr(model, "flip_tta", False))
         self._torch = torch
+        self.device, self._float32 = device, float32
+        self._explainer = None  # made on the first explain(): no cost to plain prediction
+
+    def explain(self, batch, tta=False):
+        """float32 array (N, 3, H, W), preprocessed -> (probabilities (N, classes), the top
+        class's evidence map (N, h, w)): see models/explain.py. tta: average with the mirror
+        image, as batch_probabilities does."""
+        from ..models import hardware
+        from ..models.explain import Explainer
+        if self._explainer is None:  # in the precision of probabilities()
+            dtype = None if self._float32 else hardware.autocast_dtype(self.device)
+            self._explainer = Explainer(self.model, self.device, dtype)
+        _, probs, _, maps = self._explainer(
+            self._torch.from_numpy(np.ascontiguousarray(batch)), mirror=tta)
+        return probs, maps
 
     def probabilities(self, batch):
         """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""
@@ -189,6 +204,7 @@ class Result:
     path: str
     probs: np.ndarray = None
     error: str = None
+    heatmap: np.ndarray = None  # the top class's evidence map (h, w), with explain=True
     novelty: float = None  # where the model has the unknown verdict
 
 
@@ -243,19 +259,29 @@ def read_batches(items, preprocess, batch_size, threads=DECODE_THREADS):
             yield done, [f.result() for f in futures]
 
 
-def predict_paths(predictor, items, tta=False, threads=DECODE_THREADS):
-    """A Result per item (litter left out): probabilities, or the reason it failed."""
+def predict_paths(predictor, items, tta=False, threads=DECODE_THREADS, explain=False):
+    """A Result per item (litter left out): probabilities, or the reason it failed; with
+    explain, the top class's heatmap too (a checkpoint's predictor only)."""
     batch_size = getattr(predictor, "batch_size", 16)
     progress = Progress(len(items), "predicting") if len(items) > batch_size else None
     results = []
     for chunk, decoded in read_batches(items, predictor.preprocess, batch_size, threads):
         good = [array for array, error in decoded if array is not None]
-        probs, novelty = batch_scores(predictor, np.stack(good), tta) if good else ([], None)
-        probs = iter(zip(probs, novelty if novelty is not None else [None] * len(probs)))
+        novelty = None
+        if explain and good:
+            probs, maps = predictor.explain(np.stack(good), tta)
+            probs, maps = iter(probs), iter(maps)
+            if getattr(predictor, "unknown_threshold", None) is not None:  # one more pass
+                novelty = batch_scores(predictor, np.stack(good), tta)[1]
+        else:
+            probs, novelty = batch_scores(predictor, np.stack(good), tta) if good else ([], None)
+            probs = iter(probs)
+        novelty = iter([None] * len(good) if novelty is None else novelty.tolist())
         for item, (array, error) in zip(chunk, decoded):
             if array is not None:
-                p, n = next(probs)
-                results.append(Result(item.path, p, novelty=None if n is None else float(n)))
+                results.append(Result(item.path, next(probs),
+                                      heatmap=next(maps) if explain else None,
+                                      novelty=next(novelty)))
             elif error:
                 results.append(Result(item.path, error=error))
         if progress:
@@ -292,16 +318,21 @@ def top_k(probs, k):
     return top.tolist(), probs[top].tolist()
 
 
-def prediction_object(image, probs, k, classes, names, novelty=None, threshold=None):
+def prediction_object(image, probs, k, classes, names, heatmap=None, novelty=None,
+                      threshold=None):
     """The JSON object of one image's prediction, as predict.py --json and serve.py give it;
-    with a novelty (and the threshold it is judged by) also "unknown" and "novelty"."""
-    document = {"image": image, "predictions": [
+    with a heatmap (predict.py --explain), "heatmap": its grid (models/explain.heatmap_grid);
+    with a novelty and the threshold it is judged by, "unknown" and "novelty"."""
+    obj = {"image": image, "predictions": [
         {"class": classes[i], "name": names[i], "probability": round(float(p), 4)}
         for i, p in zip(*top_k(probs, k))]}
     if novelty is not None and threshold is not None:
-        document["unknown"] = is_unknown(novelty, threshold)
-        document["novelty"] = round(float(novelty), 4)
-    return document
+        obj["unknown"] = is_unknown(novelty, threshold)
+        obj["novelty"] = round(float(novelty), 4)
+    if heatmap is not None:
+        from ..models.explain import heatmap_grid
+        obj["heatmap"] = heatmap_grid(heatmap)
+    return obj
 
 
 def is_unknown(novelty, threshold):

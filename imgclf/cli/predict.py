@@ -4,6 +4,7 @@
     python predict.py photos/ CHECKPOINT --json            # a folder, searched recursively
     python predict.py 'photos/*.jpg' CHECKPOINT --csv out.csv --plot out.png
     python predict.py DATA_DIR/test CHECKPOINT --evaluate  # the report for a labelled folder
+    python predict.py photos/ CHECKPOINT --explain --plot out.png  # where the model looked
 
 Start-up matters here: this script imports only what the run needs (torch and model_utils for a
 checkpoint; never torchvision, matplotlib or the training code unless a run asks for them).
@@ -13,22 +14,15 @@ import glob
 import json
 import os
 import sys
-from collections import Counter
 
 import numpy as np
 
 from .. import errors
 from ..app import inference
-
-# The inference names that predict.py offered before inference.py held them.
-from ..app.inference import (  # noqa: F401
+from ..app.inference import (
     IMAGE_FIX,
     Item,
-    OnnxPredictor,
-    TorchPredictor,
-    batch_probabilities,
     display_names,
-    load_image,
     load_predictor,
     predict_paths,
     read_image,
@@ -36,6 +30,7 @@ from ..app.inference import (  # noqa: F401
 )
 from ..data import scanning
 from ..errors import UserError
+from ..utils import atomic
 from ..version import __version__
 
 # Images drawn in one --plot grid: beyond this a grid is too small to read.
@@ -79,6 +74,10 @@ def build_parser():
     out.add_argument("--plot", metavar="FILE.png",
                      help=f"also draw each photo beside a bar chart of its top K (the first "
                           f"{PLOT_LIMIT} images, as one grid; default: none)")
+    out.add_argument("--explain", action="store_true",
+                     help="where the model looked: the top class's heatmap over each photo, "
+                          "in --plot, in --json (\"heatmap\") and as a grid of characters in "
+                          "the text (a checkpoint only; default: off)")
     out.add_argument("--evaluate", action="store_true",
                      help="IMAGE is a folder of class folders named like the checkpoint's "
                           "classes: write the evaluation report (accuracy, per-class scores, "
@@ -100,21 +99,24 @@ def run(args):
     single = len(items) == 1 and not items[0].found  # one named photo: today's short output
     if single and not os.path.exists(items[0].path):  # say so before the model loads
         raise UserError(read_image(items[0], None)[1])
-    # One photo computes on one thread: its forward pass took 0.08 s so on a busy 2-core
-    # machine, 0.5 s on both cores, whose threads spent it waiting for one another
+    # One photo computes on one thread: on a busy machine the threads of so short a forward
+    # pass spend it waiting for one another (docs/design.md, "Figures behind the constants")
     predictor = load_predictor(args.checkpoint, args.gpu, args.precision,
                                threads=1 if len(items) == 1 else None)
     check_tta(args.tta, predictor, args.checkpoint)
+    if args.explain:
+        check_explain(predictor, args.checkpoint)
     threshold = unknown_threshold(args, predictor)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
-    results = predict_paths(predictor, items, args.tta)
+    results = predict_paths(predictor, items, args.tta, explain=args.explain)
     if not results:
         raise UserError(f"image {', '.join(args.image)}: no images found (only files that are "
                         f"not images); {IMAGE_FIX}")
     if single and results[0].error:
         raise UserError(results[0].error)
     k = clip_top_k(args.top_k or TOP_K, len(names))
-    write_outputs(args, results, predictor.classes, names, k, single, threshold)
+    write_outputs(args, results, predictor.classes, names, k, single,
+                  predictor.preprocess["crop_pct"], threshold)
     failed = [r for r in results if r.error]
     for result in failed:
         print(f"error: {result.error}", file=sys.stderr)
@@ -135,7 +137,8 @@ def check_options(args):
                         f"--evaluate, or drop --report_dir")
     if args.evaluate:
         others = [flag for flag, on in (("--json", args.json), ("--csv", args.csv),
-                                        ("--plot", args.plot), ("--top_k", args.top_k)) if on]
+                                        ("--plot", args.plot), ("--top_k", args.top_k),
+                                        ("--explain", args.explain)) if on]
         if others:
             raise UserError(f"--evaluate writes its own report files; drop {', '.join(others)}")
         if len(args.image) != 1:
@@ -182,6 +185,20 @@ def check_tta(tta, predictor, path):
                         f"head was chosen so in training); drop --tta")
 
 
+def check_explain(predictor, path):
+    """--explain needs the network (a checkpoint); says once where the map is an estimate."""
+    if not hasattr(predictor, "explain"):
+        raise UserError(f"--explain: {path} is an ONNX model, which does not carry the "
+                        f"heatmap; give the checkpoint.pth it was exported from")
+    from ..models import explain
+    explain.feature_module(predictor.model.backbone)  # refuses a backbone with no feature map
+    if not explain.is_exact(predictor.model):
+        print("note: --explain: this model has layers between its feature map and its class "
+              "scores (a head with hidden layers, or VGG's/AlexNet's), so the heatmap is a "
+              "gradient x activation estimate, not an exact class activation map",
+              file=sys.stderr)
+
+
 def clip_top_k(top_k, num_classes):
     k = min(top_k, num_classes)
     if k < top_k:
@@ -190,7 +207,9 @@ def clip_top_k(top_k, num_classes):
     return k
 
 
-def write_outputs(args, results, classes, names, k, single, threshold=None):
+def write_outputs(args, results, classes, names, k, single, crop_pct=None, threshold=None):
+    """crop_pct: of the network's view, under --plot's heatmaps (--explain); threshold: of the
+    unknown verdict (None: the model has none)."""
     tops = [top_k(r.probs, k) if r.error is None else None for r in results]
     if args.json:
         print(json.dumps(json_document(results, k, classes, names, threshold), indent=2))
@@ -200,7 +219,7 @@ def write_outputs(args, results, classes, names, k, single, threshold=None):
         write_csv(args.csv, results, tops, names, k, threshold)
         print(f"wrote {args.csv}", file=sys.stderr)
     if args.plot:
-        plot(args.plot, results, tops, names)
+        plot(args.plot, results, tops, names, crop_pct)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +249,7 @@ def find_images(sources):
 
 
 def folder_files(folder):
-    return scanning._walk_files(folder, Counter())
+    return scanning.walk_files(folder)
 
 
 def expand_glob(pattern):
@@ -253,67 +272,87 @@ def format_top_k(names, indices, probs, width=None):
 
 def print_human(results, tops, names, single, threshold=None):
     if single:
-        print("\n".join(format_top_k(names, *tops[0])))
-        if threshold is not None and results[0].novelty is not None:
-            print(inference.verdict_line(results[0].novelty, threshold))
+        print("\n".join(format_top_k(names, *tops[0]) + verdict_lines(results[0], threshold)
+                        + heatmap_lines(results[0], names, tops[0])))
         return
     width = max(len(name) for name in names)  # one column of percentages for all images
     for result, top in zip(results, tops):
         if result.error:
             continue  # reported on stderr
         print(result.path)
-        print("\n".join("  " + line for line in format_top_k(names, *top, width=width)))
-        if threshold is not None and result.novelty is not None:
-            print("  " + inference.verdict_line(result.novelty, threshold))
+        print("\n".join("  " + line for line in format_top_k(names, *top, width=width)
+                        + verdict_lines(result, threshold) + heatmap_lines(result, names, top)))
+
+
+def verdict_lines(result, threshold):
+    """The unknown verdict in plain words, under the top K (none without novelty data)."""
+    if threshold is None or result.novelty is None:
+        return []
+    return [inference.verdict_line(result.novelty, threshold)]
+
+
+HEAT_CHARS = " .:-=+*#%@"  # from no evidence for the top class to the most
+
+
+def heatmap_lines(result, names, top):
+    """--explain in text: the heatmap as a grid of characters, two per cell (about square)."""
+    if result.heatmap is None:
+        return []
+    from ..models.explain import heatmap_grid
+    grid = heatmap_grid(result.heatmap)
+    levels = len(HEAT_CHARS) - 1
+    lines = [f"where it saw {names[top[0][0]]} ({len(grid)}x{len(grid[0])} over the centre "
+             f"crop; '{HEAT_CHARS[-1]}' most, ' ' none):"]
+    return lines + ["  |" + "".join(2 * HEAT_CHARS[round(v * levels)] for v in row) + "|"
+                    for row in grid]
 
 
 def json_document(results, k, classes, names, threshold=None):
     return [{"image": r.path, "error": r.error} if r.error else
-            inference.prediction_object(r.path, r.probs, k, classes, names, r.novelty, threshold)
+            inference.prediction_object(r.path, r.probs, k, classes, names, r.heatmap,
+                                        r.novelty, threshold)
             for r in results]
 
 
 def write_csv(path, results, tops, names, k, threshold=None):
     """One row per image: its top K, then (with the unknown verdict) "unknown" (1 or 0) and
     "novelty", then the error of an image that could not be read."""
-    import csv
-    import io
-    buf = io.StringIO()
-    writer = csv.writer(buf)
     header = ["image"]
     for rank in range(1, k + 1):
         header += [f"name_{rank}", f"probability_{rank}"]
     verdict = [] if threshold is None else ["unknown", "novelty"]
-    writer.writerow(header + verdict + ["error"])
+    rows = [header + verdict + ["error"]]
     for result, top in zip(results, tops):
         row = [result.path]
         if result.error:
-            writer.writerow(row + [""] * (2 * k + len(verdict)) + [result.error])
+            rows.append(row + [""] * (2 * k + len(verdict)) + [result.error])
             continue
         for i, p in zip(*top):
             row += [names[i], f"{p:.4f}"]
         if verdict:
             row += [int(inference.is_unknown(result.novelty, threshold)),
                     f"{result.novelty:.4f}"]
-        writer.writerow(row + [""])
+        rows.append(row + [""])
     try:
-        scanning.write_text_atomic(path, buf.getvalue())
+        atomic.write_csv(path, rows)
     except OSError as err:
         raise UserError(f"--csv {path}: cannot write it ({err.strerror}); give a writable "
                         f"path") from None
 
 
-def plot(path, results, tops, names):
+def plot(path, results, tops, names, crop_pct=None):
     from ..analysis import report
     shown = [(r.path, [names[i] for i in top[0]], top[1])
              for r, top in zip(results, tops) if not r.error]
+    maps = [r.heatmap for r in results if not r.error][:PLOT_LIMIT]
     if len(shown) > PLOT_LIMIT:
         print(f"note: --plot draws the first {PLOT_LIMIT} of the {len(shown)} images",
               file=sys.stderr)
         shown = shown[:PLOT_LIMIT]
     if shown:
         try:
-            report.plot_predictions(path, shown)
+            report.plot_predictions(path, shown, maps if maps and maps[0] is not None else None,
+                                    crop_pct)
         except OSError as err:
             raise UserError(f"--plot {path}: cannot write it ({err}); give a writable "
                             f"path") from None
@@ -337,11 +376,12 @@ def evaluate(args):
     if not good:
         raise UserError(f"{root}: none of its images could be read; {IMAGE_FIX}")
     from ..analysis import report
-    novelty = np.array([r.novelty for r in good]) if threshold is not None else None
     summary = report.write_report(args.report_dir or "report", np.stack([r.probs for r in good]),
                                   np.array([label_of[r.path] for r in good]),
                                   predictor.classes, names, [r.path for r in good],
-                                  novelty=novelty, threshold=threshold)
+                                  predictor=predictor, tta=args.tta,
+                                  novelty=np.array([r.novelty for r in good])
+                                  if threshold is not None else None, threshold=threshold)
     print("\n".join(report.summary_lines(summary)))
     for result in failed:
         print(f"error: {result.error}", file=sys.stderr)
@@ -356,8 +396,7 @@ def labelled_images(root, classes):
     if not os.path.isdir(root):
         raise UserError(f"--evaluate {root}: no such folder; give a folder of class folders, "
                         f"e.g. DATA_DIR/test")
-    by_class = scanning.list_class_files(root, Counter())
-    unknown = sorted(set(by_class) - set(classes))
+    paths, labels, unknown = scanning.labelled_files(root, classes)
     if unknown:
         hint = ""
         if "test" in scanning.find_split_dirs(root):
@@ -366,12 +405,7 @@ def labelled_images(root, classes):
                         f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}{hint}; "
                         f"its classes are {', '.join(classes[:10])}"
                         f"{' ...' if len(classes) > 10 else ''}")
-    index = {c: i for i, c in enumerate(classes)}
-    items, labels = [], []
-    for cls in sorted(by_class, key=index.get):
-        for path in by_class[cls]:
-            items.append(Item(path, found=True))
-            labels.append(index[cls])
+    items = [Item(path, found=True) for path in paths]
     if not items:
         raise UserError(f"--evaluate {root}: no images in its class folders; give a folder "
                         f"like DATA_DIR/test with one folder of photos per class")

@@ -6,7 +6,9 @@
   POST /predict   the photo as multipart form field "file"; answers the JSON object that
                   predict.py --json gives per image:
                   {"image": "rose.jpg", "predictions": [{"class": "3", "name": "rose",
-                  "probability": 0.87}, ...]}; errors as {"error": "..."} with a 4xx status
+                  "probability": 0.87}, ...]}; errors as {"error": "..."} with a 4xx status.
+                  POST /predict?explain=1 adds "heatmap", as predict.py --explain --json does
+                  (a checkpoint only; the page asks for it and draws it over the photo)
   GET  /health    {"status": "ok", "model": ..., "backend": ..., "classes": N}
 
 Why FastAPI (on Starlette) and uvicorn: both are well kept and widely used; the async server
@@ -36,7 +38,7 @@ import sys
 import threading
 
 from .. import errors
-from ..app import inference
+from ..app import heat_page, inference
 from ..data import decode
 from ..errors import UserError
 from ..version import __version__
@@ -155,7 +157,8 @@ def create_app(predictor, model_name, top_k=5, max_upload_bytes=10_000_000, max_
     app = FastAPI(title="image classifier", docs_url=None, redoc_url=None, openapi_url=None)
     model = Model(predictor, top_k)
     in_progress = {"n": 0}  # touched only on the event loop's thread: no lock needed
-    page, script_hash = render_page(model_name, len(model.classes), max_upload_bytes)
+    page, script_hash = render_page(model_name, len(model.classes), max_upload_bytes,
+                                    *model.page_heatmap)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):  # 404, 405 ...: the same JSON shape as our errors
@@ -196,8 +199,12 @@ def create_app(predictor, model_name, top_k=5, max_upload_bytes=10_000_000, max_
         try:
             name, data = await read_upload(request, max_upload_bytes)
             batch = await run_in_threadpool(model.preprocess_bytes, data)
+            if model.explain_asked(request):  # ?explain=1
+                probs, heatmap = await run_in_threadpool(model.explained, batch)
+                _, novelty = await run_in_threadpool(model.scores, batch)
+                return model.answer(name, probs, heatmap, novelty)
             probs, novelty = await run_in_threadpool(model.scores, batch)
-            return model.answer(name, probs, novelty)
+            return model.answer(name, probs, novelty=novelty)
         finally:
             in_progress["n"] -= 1
 
@@ -217,6 +224,16 @@ class Model:
         # None for a model without the unknown verdict's data: its answers then have no verdict
         self.unknown_threshold = getattr(predictor, "unknown_threshold", None)
         self.lock = threading.Lock()
+        self.explain_error = heat_page.explain_error(predictor)  # None where ?explain=1 works
+        # render_page's explain and crop_pct: whether the page asks for and draws the heatmap
+        self.page_heatmap = (self.explain_error is None, predictor.preprocess["crop_pct"])
+
+    def explain_asked(self, request):
+        """Whether the request asks for the heatmap (?explain=1); 400 where there is none."""
+        asked = request.query_params.get("explain", "0") not in ("0", "false", "")
+        if asked and self.explain_error:
+            raise ApiError(400, self.explain_error)
+        return asked
 
     def preprocess_bytes(self, data):
         try:
@@ -229,15 +246,22 @@ class Model:
         with self.lock:
             return self.predictor.probabilities(batch)[0]
 
+    def explained(self, batch):
+        """(probabilities, the top class's heatmap) of a batch of one photo."""
+        with self.lock:
+            probs, maps = self.predictor.explain(batch)
+        return probs[0], maps[0]
+
     def scores(self, batch):
         """(probabilities, novelty or None) of a batch of one image."""
         with self.lock:
             probs, novelty = inference.batch_scores(self.predictor, batch)
         return probs[0], (None if novelty is None else float(novelty[0]))
 
-    def answer(self, image_name, probs, novelty=None):
+    def answer(self, image_name, probs, heatmap=None, novelty=None):
         return inference.prediction_object(image_name, probs, self.top_k, self.classes,
-                                           self.names, novelty, self.unknown_threshold)
+                                           self.names, heatmap, novelty,
+                                           self.unknown_threshold)
 
 
 async def read_upload(request, limit):
@@ -302,11 +326,17 @@ def safe_name(filename):
 # ---------------------------------------------------------------------------------------------
 # The page: one HTML file, style and script inline, no outside assets
 # ---------------------------------------------------------------------------------------------
-def render_page(model_name, num_classes, max_upload_bytes):
-    """The page's HTML and the CSP hash of its inline script (the only script allowed)."""
-    script = PAGE_SCRIPT.replace("__MAX_BYTES__", str(int(max_upload_bytes)))
+def render_page(model_name, num_classes, max_upload_bytes, explain=False, crop_pct=1.0):
+    """The page's HTML and the CSP hash of its inline script (the only script allowed).
+    explain: the page asks for the heatmap and draws it over the network's view of the photo
+    (its centre crop, crop_pct of the shorter side)."""
+    script = (PAGE_SCRIPT.replace("__MAX_BYTES__", str(int(max_upload_bytes)))
+              .replace("__EXPLAIN__", "true" if explain else "false")
+              .replace("__CROP__", repr(float(crop_pct)))
+              .replace("__HEAT_SCRIPT__", heat_page.HEAT_SCRIPT))
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     page = (PAGE_HTML.replace("__MODEL__", html.escape(model_name))
+            .replace("__HEAT_CSS__", heat_page.HEAT_CSS)
             .replace("__CLASSES__", str(num_classes))
             .replace("__LIMIT__", f"{max_upload_bytes / 1e6:g} MB")
             .replace("__SCRIPT__", script))
@@ -342,6 +372,7 @@ PAGE_HTML = """<!doctype html>
             background: var(--card); border: 1px solid var(--line); border-radius: 14px;
             padding: 16px; align-items: start; }
   #result.ready { display: grid; }
+__HEAT_CSS__
   #photo { width: 100%; max-height: 420px; object-fit: contain; border-radius: 10px;
            background: #eef0f4; }
   #top { font-size: 1.25rem; margin: 0 0 12px; }
@@ -376,7 +407,11 @@ PAGE_HTML = """<!doctype html>
   </label>
   <div id="status" role="status" aria-live="polite"></div>
   <section id="result" aria-label="Result">
-    <img id="photo" alt="The photo you chose">
+    <figure style="margin: 0">
+      <img id="photo" alt="The photo you chose">
+      <canvas id="heat" aria-label="The photo with the heatmap over it"></canvas>
+      <figcaption id="heatnote"></figcaption>
+    </figure>
     <div>
       <h2 id="top"></h2>
       <p id="verdict"></p>
@@ -396,6 +431,10 @@ const input = document.getElementById('file'), drop = document.getElementById('d
 const status = document.getElementById('status'), result = document.getElementById('result');
 const photo = document.getElementById('photo'), bars = document.getElementById('bars');
 const top1 = document.getElementById('top');
+const EXPLAIN = __EXPLAIN__, CROP = __CROP__;
+const heat = document.getElementById('heat'), heatnote = document.getElementById('heatnote');
+__HEAT_SCRIPT__
+
 let shownUrl = null;
 
 function say(text, isError) {
@@ -442,16 +481,19 @@ async function classify(file) {
   if (shownUrl) URL.revokeObjectURL(shownUrl);
   shownUrl = URL.createObjectURL(file);
   photo.src = shownUrl;
-  result.classList.remove('ready');
+  result.classList.remove('ready', 'heated');
+  heatnote.textContent = '';
   say('Looking at ' + file.name + '\u2026');
   const form = new FormData(); form.append('file', file, file.name);
   const started = performance.now();
   try {
-    const response = await fetch('/predict', {method: 'POST', body: form});
+    const response = await fetch(EXPLAIN ? '/predict?explain=1' : '/predict',
+                                 {method: 'POST', body: form});
     const data = await response.json().catch(() => ({error: 'the server answered ' +
                                                               response.status}));
     if (!response.ok) throw new Error(data.error || ('the server answered ' + response.status));
     render(data);
+    if (data.heatmap) await drawHeat(data.heatmap, data.predictions[0].name);
     result.classList.add('ready');
     result.scrollIntoView({block: 'nearest'});  // on a phone the chart starts below the fold
     say(data.image + ' \u00b7 answered in ' + Math.round(performance.now() - started) + ' ms');

@@ -20,7 +20,7 @@ import time
 from .. import checkpoints
 from ..analysis import data_issues, report
 from ..checkpoints import make_checkpoint
-from ..data import category_names, data_report, demo, scanning
+from ..data import category_names, data_report, demo, exclude, scanning
 from ..engine import distributed, epoch_loop, feature_trainer, finetune, train_config
 from ..engine.train_config import (
     FINETUNE_EPOCHS,
@@ -271,7 +271,7 @@ def scan_data(config, cache_dir):
     scan = scanning.scan_dataset(config.data_dir, config.split, config.seed, cache_dir,
                                    config.workers)
     if config.exclude:
-        data_issues.exclude_photos(scan, config.exclude)
+        exclude.exclude_photos(scan, config.exclude)
     return scan
 
 

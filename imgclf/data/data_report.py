@@ -4,9 +4,10 @@ from collections import defaultdict
 
 import numpy as np
 
-# Two photos whose perceptual hashes differ in at most this many of 64 bits are near-duplicates.
-# Chosen on flowers5 with 40 planted copies (85% size, JPEG quality 80): the smallest that
-# names 95% of them; checked on handwritten digits (docs/data_issues.md).
+from ..utils.text import plural
+
+# Two photos whose perceptual hashes differ in at most this many of 64 bits are near-duplicates:
+# the smallest that names 95% of planted copies (docs/data_issues.md).
 NEAR_DUPLICATE_BITS = 4
 
 
@@ -76,9 +77,9 @@ def summary_lines(scan, max_listed=10):
     lines += [f"note: {n}" for n in scan.notes]
     left_out = []
     if scan.skipped:
-        left_out.append(_plural(len(scan.skipped), "unusable image"))
+        left_out.append(plural(len(scan.skipped), "unusable image"))
     if scan.litter:
-        left_out.append(_plural(sum(scan.litter.values()), "file") + " that are not images")
+        left_out.append(plural(sum(scan.litter.values()), "file") + " that are not images")
     if left_out:
         lines.append("left out: " + " and ".join(left_out) + " (--check lists them)")
         for path, reason in scan.skipped[:max_listed]:
@@ -91,7 +92,7 @@ def summary_lines(scan, max_listed=10):
                      f"of the smallest; consider --balance")
     leaks = find_leaks(scan)
     if leaks:
-        lines.append(f"warning: {_plural(len(leaks), 'file')} found in more than one split "
+        lines.append(f"warning: {plural(len(leaks), 'file')} found in more than one split "
                      f"(identical content); --check lists them")
     near = find_near_duplicates(scan)
     if near:
@@ -163,7 +164,7 @@ def _left_out_lines(scan):
     lines = []
     if scan.litter:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(scan.litter.items()))
-        lines.append(f"ignored, not images: {_plural(sum(scan.litter.values()), 'file')} "
+        lines.append(f"ignored, not images: {plural(sum(scan.litter.values()), 'file')} "
                      f"({kinds})")
         lines += [f"  {_rel(scan, path)}: {reason}" for path, reason in scan.not_images]
     lines.append(f"skipped, unusable images: {len(scan.skipped)}")
@@ -206,12 +207,6 @@ def _rel(scan, path, split=None):
             os.path.basename(scan.folders.get(split, "\0")) + os.sep):
         return f"{rel} ({split})"
     return rel
-
-
-def _plural(n, word):
-    if n == 1:
-        return f"1 {word}"
-    return f"{n} {word}es" if word.endswith(("s", "sh", "ch", "x")) else f"{n} {word}s"
 
 
 def _display(cls, class_names):

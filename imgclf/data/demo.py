@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError  # noqa: F401 (data_utils.UserError, as before)
-from .scanning import write_text_atomic
+from ..utils import atomic
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def write_digits(dest):
         gray = (255 - pixels * (255 / 16)).astype(np.uint8)
         Image.fromarray(gray, "L").resize((32, 32), Image.NEAREST).save(
             os.path.join(folder, f"{i:04d}.png"))
-    write_text_atomic(marker, "")
+    atomic.write_text(marker, "")
     return dest
 
 

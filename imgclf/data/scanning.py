@@ -28,7 +28,7 @@ LITTER_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
                     ".ppm", ".pgm", ".pbm", ".jfif", ".pjpeg", ".heic", ".heif", ".avif")
 from ..utils.progress import Progress
-from .data_report import _plural
+from ..utils.text import plural
 from .decode import (
     IMAGE_ERRORS,
     ORIENTATION_TAG,
@@ -89,6 +89,18 @@ class Scan:
 
     def counts(self, split):
         return Counter(label for _, label in self.samples.get(split, []))
+
+    def leave_out(self, paths):
+        """Drop these (absolute) paths from every split, in place, and record them in
+        excluded; the fingerprint takes them in, so features of the full set are not reused."""
+        for split, samples in self.samples.items():
+            self.samples[split] = [(p, y) for p, y in samples if os.path.abspath(p) not in paths]
+        if self.split_files is not None:
+            self.split_files = {s: [os.path.relpath(p, self.root) for p, _ in v]
+                                for s, v in self.samples.items()}
+        self.excluded = sorted(os.path.relpath(p, os.path.abspath(self.root)) for p in paths)
+        left_out = hashlib.sha1("\n".join(self.excluded).encode()).hexdigest()[:16]
+        self.fingerprint = f"{self.fingerprint}-exclude-{left_out}"
 
 
 def is_litter_name(name):
@@ -195,13 +207,28 @@ def list_class_files(split_dir, litter):
             litter["hidden or system"] += 1
             continue
         if entry.is_dir():
-            classes[entry.name] = _walk_files(entry.path, litter)
+            classes[entry.name] = walk_files(entry.path, litter)
         else:
             litter["outside the class folders"] += 1
     return classes
 
 
-def _walk_files(folder, litter):
+def labelled_files(folder, classes):
+    """The files in folder's class folders as (paths, labels), labels indexing classes, in the
+    order of classes; and the class folders that classes does not name."""
+    by_class = list_class_files(folder, Counter())
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels = [], []
+    for cls in sorted(set(by_class) & set(index), key=index.get):
+        paths += by_class[cls]
+        labels += [index[cls]] * len(by_class[cls])
+    return paths, labels, sorted(set(by_class) - set(index))
+
+
+def walk_files(folder, litter=None):
+    """Every file under folder (recursive, sorted), hidden and system files left out and
+    counted in litter."""
+    litter = Counter() if litter is None else litter
     files = []
     for dirpath, dirnames, filenames in os.walk(folder):
         hidden = [d for d in dirnames if is_litter_name(d)]
@@ -293,14 +320,9 @@ def save_scan_cache(cache_dir, root, checks):
             "files": {os.path.relpath(p, root): c.__dict__ for p, c in checks.items()
                       if not c.retry}}
     try:
-        write_text_atomic(path, json.dumps(data))
+        atomic.write_text(path, json.dumps(data))
     except OSError as err:
         log.warning("could not save the scan cache %s: %s", path, err)
-
-
-def write_text_atomic(path, text):
-    with atomic.AtomicFile(path, "w") as f:
-        f.write(text)
 
 
 def scan_dataset(root, split=(0.7, 0.1, 0.2), seed=0, cache_dir=None, workers=None):
@@ -434,7 +456,7 @@ def _check_split_classes(parts, classes, scan):
             raise UserError(f"{where}: no usable images; add images or remove the folder")
         missing = sorted(c for c in classes if not parts[split].get(c))
         if missing:
-            scan.warnings.append(f"{split} has no images of {_plural(len(missing), 'class')}: "
+            scan.warnings.append(f"{split} has no images of {plural(len(missing), 'class')}: "
                                  f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
                                  f"; {split} accuracy will cover the other classes only")
 

@@ -8,9 +8,6 @@ import time
 import torch
 from torch import nn
 
-pass  # was: import data_utils
-pass  # was: import model_utils
-
 
 # ---------------------------------------------------------------------------------------------
 # The epoch loop

@@ -15,6 +15,7 @@ from ..heads import linear_probe, novelty
 from ..models import classifier
 from ..utils.progress import Progress
 from ..utils.stopping import StopSignals
+from ..utils.text import plural
 from . import features
 from .epoch_loop import (
     Result,
@@ -218,8 +219,8 @@ class FeatureTrainer:
                       self.config, self.scan, self.preprocess, self.job, self.cache_dir)
                   for split in self.scan.samples if split in self.splits}
         if not self.job.is_main:
-            # The head trains in seconds: on rank 0 alone, measured faster than DDP (README,
-            # "Scaling up"); the other ranks' work ends with their share of features.
+            # The head trains in seconds: on rank 0 alone, faster than DDP (docs/scaling.md);
+            # the other ranks' work ends with their share of features.
             return None
         train, valid = stored["train"], stored["valid"]
         with StopSignals() as signals, single_thread():
@@ -333,7 +334,7 @@ def view_rows(images_rows, stored_views, views):
 
 
 def views_label(views):
-    return f"plain + {views} augmented view{'s' if views > 1 else ''}" if views else "plain views"
+    return f"plain + {plural(views, 'augmented view')}" if views else "plain views"
 
 
 def evaluate_rows(head, features, labels, device, chunk=1024, keep_probs=False):

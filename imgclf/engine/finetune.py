@@ -25,9 +25,8 @@ class FinetuneTrainer:
 
     # Share of the backbone's weights, counted from the output end, that fine-tuning trains.
     TRAINABLE_FRACTION = 0.5
-    # The backbone's learning rate over the head's. Measured on flowers5 (seed 0): at 0.1 the
-    # train loss stayed above the valid loss (0.80 vs 0.68 after 5 epochs: underfitting);
-    # at 1 the valid loss fell to 0.61 and test accuracy rose from 77.0% to 81.0%.
+    # The backbone's learning rate over the head's: a tenth underfits (docs/design.md,
+    # "Figures behind the constants").
     BACKBONE_LR_SCALE = 1.0
     # The pretrained backbone is epoch 0: fine-tuning is kept only where it beats the default
     # mode's head on it (on handwritten digits, flips and crops on the fly made it worse).

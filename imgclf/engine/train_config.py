@@ -2,14 +2,11 @@
 import dataclasses
 from dataclasses import dataclass, field
 
-pass  # was: import data_utils
 from ..heads import linear_probe
 from ..models import backbones
 
-# The head's schedule over stored features: at least HEAD_EPOCHS epochs and HEAD_MIN_STEPS
-# optimizer steps, so that a small data set is not left underfit (measured on handwritten
-# digits, 1258 photos: 600 steps 84-86% test accuracy, 3000 steps 91-93%; on flowers5 the
-# extra steps change nothing, early stopping ends the run). Steps cost milliseconds.
+# The epoch head's schedule: at least HEAD_EPOCHS epochs and HEAD_MIN_STEPS optimizer steps, so
+# that a small data set is not left underfit (docs/design.md, "Figures behind the constants").
 HEAD_EPOCHS = 30
 HEAD_MIN_STEPS = 3000
 HEAD_LR = 3e-3

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils.text import plural
+
 # The inverse L2 strengths tried, in half-decade steps (scikit-learn's C: C times the summed
 # loss plus half the squared weights). Features are standardised first, so one grid serves
 # every backbone.
@@ -72,7 +74,7 @@ MIRRORED = ViewSet("plain + mirrored views", (0, 1), (0, 1))
 
 
 def augmented(views):
-    name = f"plain + mirrored + {views} augmented view{'s' * (views > 1)}"
+    name = f"plain + mirrored + {plural(views, 'augmented view')}"
     return ViewSet(name, tuple(range(2 + views)), (0, 1))
 
 

@@ -79,6 +79,9 @@ class EfficientNetLite(nn.Module):
         self._blocks = nn.ModuleList(MBConvBlock(*spec) for spec in block_specs)
         self._conv_head = Conv2dSame(block_specs[-1][2], head_ch, 1, bias=False)
         self._bn1 = _bn(head_ch)
+        # The last feature map, before the global pool: a hook point with no weights, where
+        # models/explain.py reads the class activation map (a no-op otherwise)
+        self.feature_map = nn.Identity()
         self.num_features = head_ch
 
     @classmethod
@@ -103,7 +106,7 @@ class EfficientNetLite(nn.Module):
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = self.feature_map(F.relu6(self._bn1(self._conv_head(x))))
         return x.mean((2, 3))
 
 

@@ -75,8 +75,7 @@ def keep_freed_memory():
 
 
 # Batch size of inference on the CPU, and of fine-tuning's micro-batches there: small batches
-# keep activations in cache (measured on a 2-core CPU: 8-16 images per batch ran 1.5-2x faster
-# than 64 for inference, 1.3-1.45x for fine-tuning steps).
+# keep activations in cache (docs/design.md, "Figures behind the constants").
 CPU_INFERENCE_BATCH = 16
 GPU_INFERENCE_BATCH = 128
 

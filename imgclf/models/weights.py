@@ -80,9 +80,8 @@ def torchvision_weights(arch, name):
     return enum[member] if enum_name == enum.__name__ and member in enum.__members__ else None
 
 
-# Files larger than this keep their digest on disk, keyed by path, size and modification time:
-# hashing runs at about 1 GB/s (measured on this 2-core CPU), so a 528 MB vgg16 file would add
-# 0.5 s to every start, while Lite0's 19 MB take 0.03 s.
+# Files larger than this keep their digest on disk, keyed by path, size and modification time,
+# so that a large backbone's file is not hashed again at every start (docs/checkpoint.md).
 DIGEST_CACHE_BYTES = 64 << 20
 _digests = {}  # (path, size, mtime_ns) -> SHA-256: each file is hashed once per process
 

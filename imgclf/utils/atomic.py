@@ -2,6 +2,8 @@
 target, then the folder fsynced. A crash at any moment leaves either the old file or the new
 one, never half of one; an error removes the temporary file. Files get the mode the user's umask
 gives a new file (0644 under the usual 022), as other tools' files do."""
+import csv
+import io
 import os
 import re
 import tempfile
@@ -120,3 +122,16 @@ def remove_quietly(path):
         os.remove(path)
     except OSError:
         pass
+
+
+def write_text(path, text):
+    """Write a text file atomically: the old file or the new one, never half of one."""
+    with AtomicFile(path, "w") as f:
+        f.write(text)
+
+
+def write_csv(path, rows, lineterminator="\r\n"):
+    """Write rows (the header first) as a CSV file, atomically."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator=lineterminator).writerows(rows)
+    write_text(path, buf.getvalue())

@@ -198,6 +198,7 @@ def save_loop(path, source, padding_values, first_version, report_path, count=No
     first_version, first_version + 1, ...), larger by padding_values floats, appending each
     finished version to report_path; "ready" is written before the first save."""
     import torch
+
     from imgclf import checkpoints
     _one_thread()
     ckpt = checkpoints.load_checkpoint(source)
@@ -238,7 +239,9 @@ def concurrent_writer(path, source, writer, saves, log_path, lock_path):
     each with a tensor filled with writer * 1000 + seq, so that a reader can tell a whole file
     from a mixed one. Each rename is logged, under a lock, so the log gives their true order."""
     import fcntl
+
     import torch
+
     from imgclf import checkpoints
     _one_thread()
     real_replace = os.replace

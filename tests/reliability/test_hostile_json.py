@@ -3,8 +3,9 @@ import json
 import os
 import random
 
-from . import harness
 from conftest import FAST
+
+from . import harness
 
 
 def json_files(folder):

@@ -18,14 +18,13 @@ import time
 import pytest
 import torch
 
+from conftest import make_image_folder
 from imgclf import checkpoints
-from imgclf.utils import stopping
 from imgclf.cli import train
 from imgclf.engine import epoch_loop
-from conftest import make_image_folder
+from imgclf.utils import stopping
 
 from . import harness
-
 from .conftest import TINY
 
 EPOCHS = ["--epochs", "150", "--patience", "0"]

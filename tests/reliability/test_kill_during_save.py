@@ -11,8 +11,8 @@ import random
 import signal
 import time
 
-from imgclf import checkpoints
 from conftest import FAST
+from imgclf import checkpoints
 
 from . import harness
 

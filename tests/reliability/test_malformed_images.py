@@ -17,13 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.data import decode
-
-from imgclf.data import scanning
-
-from imgclf import errors
-from imgclf.cli import predict
 from conftest import FAST, draw_sample
+from imgclf import errors
+from imgclf.app import inference
+from imgclf.cli import predict
+from imgclf.data import decode, scanning
 
 from . import harness
 
@@ -221,7 +219,7 @@ def test_predict_answers_good_files_and_refuses_bad_ones(malformed_folder, train
                                               "with one line naming it; no traceback")
     root, expected = malformed_folder
     # In this process the checkpoint is loaded once; separate processes check a sample below.
-    loaded = predict.load_predictor(trained["checkpoint"])
+    loaded = inference.load_predictor(trained["checkpoint"])
     monkeypatch.setattr(predict, "load_predictor", lambda path, *options, **named: loaded)
     for path, kind in expected.items():
         try:
@@ -269,7 +267,7 @@ def test_unreadable_file_as_an_unprivileged_user(tally):
                 os.setgid(65534)
                 os.setuid(65534)
                 try:
-                    predict.load_image(path, dict(size=64, crop_pct=0.875, mean=[0.5] * 3,
+                    inference.load_image(path, dict(size=64, crop_pct=0.875, mean=[0.5] * 3,
                                                   std=[0.5] * 3))
                     said = "loaded"
                 except errors.UserError as err:
