@@ -46,6 +46,8 @@ class TorchPredictor:
         ckpt = checkpoints.load_checkpoint(path)
         model = checkpoints.model_from_checkpoint(ckpt, path)
         scorer = novelty.scorer_from_checkpoint(ckpt, path)
+        # Older than the verdict (no "novelty" key at all), not a mode that fits none (None)
+        self.predates_novelty = novelty.CHECKPOINT_KEY not in ckpt
         self._setup(model, ckpt["classes"], ckpt.get("class_names"), ckpt["preprocess"], device,
                     float32=precision == "fp32", scorer=scorer)
 

@@ -106,8 +106,8 @@ def run(args):
     check_tta(args.tta, predictor, args.checkpoint)
     if args.explain:
         check_explain(predictor, args.checkpoint)
-    threshold = unknown_threshold(args, predictor)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
+    threshold = unknown_threshold(args, predictor)
     results = predict_paths(predictor, items, args.tta, explain=args.explain)
     if not results:
         raise UserError(f"image {', '.join(args.image)}: no images found (only files that are "
@@ -163,16 +163,17 @@ def parse_threshold(text):
 
 def unknown_threshold(args, predictor):
     """The threshold of the unknown verdict: --unknown_threshold, else the model's; None for a
-    model without novelty data (trained before the verdict), said once on stderr."""
+    model without novelty data, said once on stderr where the checkpoint is older than the
+    verdict (one trained with the epoch head or --finetune has none, by design: docs)."""
     stored = getattr(predictor, "unknown_threshold", None)
     if stored is None:
         if args.unknown_threshold is not None:
-            raise UserError(f"--unknown_threshold: {args.checkpoint} has no novelty data (it "
-                            f"was trained before the unknown verdict); train it again, or drop "
-                            f"--unknown_threshold")
-        print(f"note: {args.checkpoint} has no novelty data (trained before the unknown "
-              f"verdict, or with --finetune or the epoch head): no unknown verdict; train again "
-              f"with the default head for one", file=sys.stderr)
+            raise UserError(f"--unknown_threshold: {args.checkpoint} has no novelty data (the "
+                            f"default head's training stores it); train it again with the "
+                            f"default head, or drop --unknown_threshold")
+        if getattr(predictor, "predates_novelty", False):
+            print(f"note: {args.checkpoint} has no novelty data (trained before the unknown "
+                  f"verdict): no unknown verdict; train again for one", file=sys.stderr)
         return None
     return stored if args.unknown_threshold is None else args.unknown_threshold
 
@@ -366,9 +367,9 @@ def evaluate(args):
     root = args.image[0]
     predictor = load_predictor(args.checkpoint, args.gpu, args.precision)
     check_tta(args.tta, predictor, args.checkpoint)
-    threshold = unknown_threshold(args, predictor)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
     items, labels = labelled_images(root, predictor.classes)
+    threshold = unknown_threshold(args, predictor)
     results = predict_paths(predictor, items, args.tta)
     label_of = dict(zip((item.path for item in items), labels))
     good = [r for r in results if r.error is None]
