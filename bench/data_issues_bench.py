@@ -198,8 +198,7 @@ def main(argv=None):
         return original(probs, labels, paths, *rest, **kwargs)
 
     data_issues.label_issues = keep_probs
-    cached = os.path.isdir(cache) and any(name.startswith("features-")
-                                          for name in os.listdir(cache))
+    cached = os.path.isdir(os.path.join(cache, "features"))  # the per-photo feature store
     try:
         output, wall, with_step = train_once(data, os.path.join(work, "run"), cache)
     finally:

@@ -23,17 +23,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASS = """
 import sys, time, tempfile, torch
 sys.path.insert(0, {root!r})
-import distributed, features, model_utils
+from imgclf.engine import distributed, features
+from imgclf.models import backbones, efficientnet_lite
 torch.set_num_threads({threads})
 paths = {paths!r}
 job = distributed.Single(torch.device("cpu"))
-backbone = model_utils.build_lite_backbone("efficientnet_lite0").eval()
-pre = model_utils.default_preprocessing("efficientnet_lite0")
+backbone = efficientnet_lite.build_lite_backbone("efficientnet_lite0").eval()
+pre = backbones.default_preprocessing("efficientnet_lite0")
 samples = [(p, 0) for p in paths]
 with tempfile.TemporaryDirectory() as d:
     start = time.perf_counter()
-    features.extract_features(backbone, samples, pre, {aug}, 0, {workers}, d + "/f.npy",
-                              d + "/l.npy", "train", job, mirror=True)
+    features.extract_features(backbone, samples, pre, {aug}, 0, {workers}, d, "train", job,
+                              mirror=True, digests=[str(i) for i in range(len(paths))])
     print("rate", {views} * len(paths) / (time.perf_counter() - start))
 """
 

@@ -49,7 +49,8 @@ def train(data_dir=None, **options):
 
 
 def load(path, gpu=None, precision="auto"):
-    """A Classifier for a checkpoint from train.py or an .onnx model from export.py."""
+    """A Classifier for a checkpoint from train.py or an .onnx or .tflite model from
+    export.py."""
     from .app.inference import load_predictor
     return Classifier(path, load_predictor(path, gpu, precision))
 
@@ -247,8 +248,10 @@ class Classifier:
         """Write the model for other runtimes (export.py's options by their long names) after
         its parity check; returns the path written."""
         from .cli import export as command
-        if self.path.lower().endswith(".onnx"):
-            raise UserError(f"{self.path}: already an ONNX model; export its checkpoint")
+        kind = {".onnx": "an ONNX", ".tflite": "a LiteRT"}.get(
+            os.path.splitext(self.path.lower())[1])
+        if kind:
+            raise UserError(f"{self.path}: already {kind} model; export its checkpoint")
         args = parse_options(command.build_parser(), [self.path], dict(options, out=out))
         command.run(args)
         return os.fspath(out)

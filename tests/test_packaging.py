@@ -127,9 +127,11 @@ def test_version_floors_are_the_versions_ci_installs():
     project = pyproject()["project"]
     requirements = project["dependencies"] + [
         r for extra in project["optional-dependencies"].values() for r in extra]
-    with open(os.path.join(ROOT, "requirements-lock.txt")) as f:
-        lock = dict(line.strip().split("==") for line in f
-                    if "==" in line and not line.startswith("#"))
+    lock = {}
+    for name in ("requirements-lock.txt", "requirements-mobile.txt"):  # the mobile extra's pins
+        with open(os.path.join(ROOT, name)) as f:
+            lock.update(line.strip().split("==") for line in f
+                        if "==" in line and not line.startswith("#"))
     lock = {normalize(k): v for k, v in lock.items()}
     for requirement in requirements:
         name, floor = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][^,;\s]*)", requirement).groups()

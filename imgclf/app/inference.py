@@ -3,7 +3,7 @@ predictor (classes, preprocessing, batch -> probabilities), images read in overl
 the top K, and the JSON object of one prediction.
 
 Start-up matters here: only what a run needs is imported (torch and model_utils for a
-checkpoint, onnxruntime for an .onnx file).
+checkpoint, onnxruntime for an .onnx file, ai-edge-litert for a .tflite file).
 """
 import json
 import os
@@ -171,10 +171,14 @@ class OnnxPredictor:
 
 
 def load_predictor(path, gpu=None, precision="auto", threads=None):
-    """The predictor for a model file: ONNX Runtime for .onnx, PyTorch for a checkpoint;
+    """The predictor for a model file: ONNX Runtime for .onnx, LiteRT for .tflite, PyTorch for
+    a checkpoint;
     precision one of PRECISIONS; threads: of the computation on a CPU (None: every core)."""
     if path.lower().endswith(".onnx"):
         return OnnxPredictor(path, gpu, precision, threads)
+    if path.lower().endswith(".tflite"):
+        from .litert_predictor import LiteRTPredictor
+        return LiteRTPredictor(path, gpu, precision, threads)
     try:
         return TorchPredictor(path, gpu, precision, threads)
     except ModuleNotFoundError as err:

@@ -4,7 +4,7 @@
                      [--check_images DIR] [--check_count N] [--web_runtime PATH]
 
 Each format is one module of imgclf/export/ with a write(job) function, listed in FORMATS:
-  onnx    model.onnx, the whole network with the softmax, for ONNX Runtime (imgclf/export/to_onnx.py)
+  onnx    model.onnx, the whole network with its softmax, ONNX Runtime (imgclf/export/to_onnx.py)
   tflite  model.tflite, LiteRT (TensorFlow Lite) for Android (imgclf/export/to_tflite.py)
   coreml  model.mlpackage, Core ML for iOS and macOS (imgclf/export/to_coreml.py)
   web     web/, a page that classifies photos in the browser, offline once loaded
@@ -33,6 +33,16 @@ def onnx_writer(job):
     return to_onnx.write(job)
 
 
+def tflite_writer(job):
+    from ..export import to_tflite
+    return to_tflite.write(job)
+
+
+def coreml_writer(job):
+    from ..export import to_coreml
+    return to_coreml.write(job)
+
+
 def web_writer(job):
     from ..export import to_web
     return to_web.write(job)
@@ -42,6 +52,8 @@ def web_writer(job):
 # imports its converter only when chosen.
 FORMATS = {
     "onnx": onnx_writer,
+    "tflite": tflite_writer,
+    "coreml": coreml_writer,
     "web": web_writer,
 }
 
@@ -62,7 +74,7 @@ def build_parser():
                         "model.onnx, model.tflite, model.mlpackage or web/; model.int8.onnx or "
                         "model.int8.tflite with --quantize)")
     p.add_argument("--quantize", action="store_true",
-                   help="write an 8-bit model (onnx, tflite): about 4x smaller, slightly less "
+                   help="write an 8-bit model (onnx, tflite, web): about 4x smaller, slightly less "
                         "exact; static int8 calibrated on training images (default: float32)")
     p.add_argument("--check_images", metavar="DIR",
                    help="photos to check the export on: a folder of class folders, a data "

@@ -46,7 +46,8 @@ def build_parser():
                    help="a photo, several photos, a folder (searched recursively) or a quoted "
                         "glob such as 'photos/*.jpg'")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="checkpoint.pth written by train.py, or model.onnx from export.py")
+                   help="checkpoint.pth written by train.py, or model.onnx or model.tflite from "
+                        "export.py")
     p.add_argument("--top_k", type=int, metavar="K",
                    help=f"how many of the most likely classes to show (default: {TOP_K})")
     p.add_argument("--category_names", metavar="JSON",

@@ -59,7 +59,8 @@ def build_parser():
                     "page and a JSON API.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("model", metavar="CHECKPOINT_OR_ONNX",
-                   help="checkpoint.pth written by train.py, or model.onnx written by export.py")
+                   help="checkpoint.pth written by train.py, or model.onnx or model.tflite written "
+                        "by export.py")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
                    help="address to listen on; 0.0.0.0 opens it to the network "
                         "(default: 127.0.0.1, this machine only)")
@@ -220,7 +221,8 @@ class Model:
         self.classes = list(predictor.classes)
         self.names = list(predictor.class_names or self.classes)
         self.top_k = min(top_k, len(self.classes))
-        self.backend = "onnxruntime" if type(predictor).__name__ == "OnnxPredictor" else "torch"
+        self.backend = {"OnnxPredictor": "onnxruntime", "LiteRTPredictor": "litert"}.get(
+            type(predictor).__name__, "torch")
         # None for a model without the unknown verdict's data: its answers then have no verdict
         self.unknown_threshold = getattr(predictor, "unknown_threshold", None)
         self.lock = threading.Lock()

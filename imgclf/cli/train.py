@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from .. import checkpoints
-from ..analysis import data_issues, report
+from ..analysis import changes, data_issues, report
 from ..checkpoints import make_checkpoint
 from ..data import category_names, data_report, demo, exclude, scanning
 from ..engine import distributed, epoch_loop, feature_trainer, finetune, train_config
@@ -219,6 +219,9 @@ def run(args):
     if config.check:
         print("\n".join(data_report.report_lines(scan, names)))
         return 0
+    previous = changes.previous_run(config.save_dir) if job.is_main and not resume else None
+    if previous is not None:  # a rerun: what it changes, first
+        print("\n".join(changes.change_lines(previous, scan, config.save_dir, config.finetune)))
     print("\n".join(data_report.summary_lines(scan)))
     epoch_loop.seed_everything(config.seed)
     preprocess = backbones.default_preprocessing(config.arch)
@@ -235,16 +238,19 @@ def run(args):
         return 0
     options = recorded_options(args, config)
     checkpoint = make_checkpoint(config, options, scan, names, preprocess, trainer.model, result)
+    changes.record(checkpoint, scan, result)  # for the next run's comparison
     path = os.path.join(config.save_dir, "checkpoint.pth")
     checkpoints.save_checkpoint(checkpoint, path)
     report.write_history_csv(config.save_dir, result.history)
     job.wait_for_main("rank 0's checkpoint")  # the others may exit now
     return finish(config, options, path, result, scan, names, preprocess, trainer.model, job,
-                  started)
+                  started, previous)
 
 
-def finish(config, options, path, result, scan, names, preprocess, model, job, started):
-    """The lines and the report after the checkpoint is saved; the exit status."""
+def finish(config, options, path, result, scan, names, preprocess, model, job, started,
+           previous=None):
+    """The lines and the report after the checkpoint is saved (with previous, the checkpoint
+    it replaced: how the scores moved); the exit status."""
     if result.interrupted:
         print(f"interrupted after epoch {result.epoch}: saved {path}\n"
               f"resume with: {resume_command(options, path)}", file=sys.stderr)
@@ -262,6 +268,10 @@ def finish(config, options, path, result, scan, names, preprocess, model, job, s
     report.write_training_report(config.save_dir, model, scan, names, preprocess, job.device,
                                  result.history, result.test_probs, result.test_novelty,
                                  (result.novelty or {}).get("threshold"))
+    if previous is not None:
+        for line in changes.score_lines(previous, result.metrics,
+                                        result.metrics.get("test_f1", {}), scan.classes):
+            print(line)
     print(f"saved {path}  ({time.monotonic() - started:.1f}s in all)")
     return 0
 

@@ -92,7 +92,8 @@ class Scan:
 
     def leave_out(self, paths):
         """Drop these (absolute) paths from every split, in place, and record them in
-        excluded; the fingerprint takes them in, so features of the full set are not reused."""
+        excluded; the fingerprint takes them in. (The photos kept find their stored features by
+        content, engine/feature_store.py.)"""
         for split, samples in self.samples.items():
             self.samples[split] = [(p, y) for p, y in samples if os.path.abspath(p) not in paths]
         if self.split_files is not None:

@@ -26,8 +26,6 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import hardware
-from ..utils import atomic
-from . import feature_files
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +159,6 @@ class Single:
     def barrier(self):
         pass
 
-    def part_path(self, path):
-        return f"{path}.tmp-{os.getpid()}.npy"
-
-    def join_parts(self, part, path, rows):
-        atomic.replace(part, path)
-
     def check_visible(self, path, what):
         pass
 
@@ -218,8 +210,6 @@ class Group(Single):
             dist.init_process_group("gloo", timeout=timeout())
         self.long_group = dist.new_group(backend="gloo", timeout=LONG_WAIT)
         self.host = socket.gethostname()
-        # One name for this run's temporary files, the same in every process.
-        self.token = self._broadcast(f"{self.host}-{os.getpid()}")
         if not self.is_main:
             # Only rank 0 prints: the others' output would repeat it.
             sys.stdout = open(os.devnull, "w")
@@ -273,26 +263,6 @@ class Group(Single):
         """Wait until every process is here, with the long timeout: for the steps that rank 0
         does alone (training the head, writing the checkpoint) while the others wait."""
         self.barrier(what, self.long_group)
-
-    def part_path(self, path):
-        return f"{path}.part{self.rank}-{self.token}.npy"
-
-    def join_parts(self, part, path, rows):
-        """Every rank has written its share of path's rows to its part file; rank 0 joins them
-        into path. The parts must be on a file system all ranks share."""
-        self.barrier("the features of the other processes")
-        if not self.is_main:
-            return
-        parts = [f"{path}.part{r}-{self.token}.npy" for r in range(self.world_size)]
-        missing = [p for p in parts if not os.path.exists(p)]
-        if missing:
-            raise NodeError(f"{missing[0]}: written by another process but not found here "
-                            f"({self.host}): --cache_dir must be a folder that every node "
-                            f"sees at the same path (a shared file system)")
-        if feature_files.concatenate(parts, path) != rows:
-            raise RuntimeError(f"{path}: joined parts do not hold {rows} rows")
-        for p in parts:
-            os.remove(p)
 
     def sum(self, values):
         totals = torch.tensor([float(v) for v in values], dtype=torch.float64)

@@ -194,7 +194,7 @@ class FeatureTrainer:
         rows, labels = features.cached_features(backbone, split, aug, self.config, self.scan,
                                                 self.preprocess, self.job, self.cache_dir,
                                                 mirror=mirror)
-        if rows is None:  # another rank's: rank 0 holds the joined file
+        if rows is None:  # another rank's: rank 0 reads the store
             return None, None
         per_photo = 1 + mirror + aug
         # float16 as stored: half the memory, and the head computes in float32 a chunk at a

@@ -213,7 +213,8 @@ def load_calibration_images(ckpt, check, count=64):
     if root and os.path.isdir(root):
         found = find_images(root, list(ckpt["classes"]), splits=("train",), data=ckpt.get("data"))
         if found[0]:
-            return preprocess_images(*found[:2], ckpt["preprocess"], count, f"train images of {root}")
+            return preprocess_images(*found[:2], ckpt["preprocess"], count,
+                                     f"train images of {root}")
     return ImageSet(check.arrays, None, "check images (the training data is not here)")
 
 

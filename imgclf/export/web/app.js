@@ -6,8 +6,8 @@
 const $ = id => document.getElementById(id);
 const TOP_K = 5;
 // The browser's downscaled decode of a large JPEG. On five 12 MP photos (largest probability
-// difference from the checkpoint): 'medium' 0.10, 'high' 0.16, 'low' 0.21, and the whole
-// decode averaged in preprocess.js 0.09 at 1.4x the time.
+// difference from the checkpoint): 'medium' 0.10, 'high' 0.16, 'low' 0.21; decoding all 12
+// million pixels and averaging blocks in JavaScript: 0.09, at 1.4x the time.
 const DRAFT_RESIZE = 'medium';
 let shownUrl = null;
 
@@ -22,7 +22,7 @@ async function loadModel() {
   const meta = await (await fetch('model.json')).json();
   ort.env.wasm.wasmPaths = meta.runtime_base;
   // Threads need a cross-origin-isolated page (COOP/COEP headers), which a plain static host
-  // does not give; one thread is what most visitors get, and what the timing goal is met with.
+  // does not give; one thread is what most visitors get, and what docs/export.md measures.
   ort.env.wasm.numThreads = self.crossOriginIsolated ?
     Math.min(4, navigator.hardwareConcurrency || 1) : 1;
   const session = await ort.InferenceSession.create(meta.model, {
@@ -54,17 +54,15 @@ function imageSize(file) {
 // The photo's pixels: EXIF orientation applied, no colour-profile conversion (Pillow applies
 // none), transparency on white (as decode.to_rgb in Python). A JPEG at least twice the size
 // the resize needs comes at the scale Pillow's draft decode gives (the browser's downscaled
-// decode, not libjpeg's DCT scaling: the one difference from Python); draftDone says so.
+// decode, not libjpeg's DCT scaling: the one difference from Python).
 async function decode(file, pre, isJpeg) {
   let resize = {};
-  let draftDone = false;
   if (isJpeg) {
     const [w, h] = await imageSize(file);
     const scale = jpegDraftScale(w, h, evalSide(pre));
     if (scale > 1) {
       resize = {resizeWidth: Math.ceil(w / scale), resizeHeight: Math.ceil(h / scale),
                 resizeQuality: DRAFT_RESIZE};
-      draftDone = true;
     }
   }
   const bitmap = await createImageBitmap(file, {imageOrientation: 'from-image',
@@ -77,17 +75,15 @@ async function decode(file, pre, isJpeg) {
   ctx.fillRect(0, 0, width, height);
   ctx.drawImage(bitmap, 0, 0);
   bitmap.close();
-  return {img: {data: ctx.getImageData(0, 0, width, height).data, width, height},
-          draftDone};
+  return {data: ctx.getImageData(0, 0, width, height).data, width, height};
 }
 
 // A photo file -> the model's input, float32 (3 * size * size), as Python computes it.
 async function modelInput(file, pre) {
   const head = new Uint8Array(await file.slice(0, 3).arrayBuffer());
-  const {img, draftDone} = await decode(file, pre, isJpegBytes(head));
+  const img = await decode(file, pre, isJpegBytes(head));
   const decoded = performance.now();
-  return {input: evalTensorData(img, pre, isJpegBytes(head) && !draftDone), decoded,
-          width: img.width, height: img.height};
+  return {input: evalTensorData(img, pre), decoded, width: img.width, height: img.height};
 }
 
 async function predict(model, file) {

@@ -150,21 +150,16 @@ function jpegDraftScale(width, height, minSide) {
   return [8, 4, 2, 1].find(s => ratio >= s) || 1;
 }
 
-// Then a photo still twice the size is reduced by a whole factor (Image.reduce), as Python.
-// isJpeg: a JPEG decoded whole (its draft scale is taken here by the mean of each block,
-// what a 1/8 DCT decode computes for the brightness, close to it at 1/2 and 1/4).
-function shrinkLikePillow(img, minSide, isJpeg) {
-  if (isJpeg) {
-    const scale = jpegDraftScale(img.width, img.height, minSide);
-    if (scale > 1) img = boxReduce(img, scale);
-  }
+// A photo still twice the size the resize needs (not a JPEG, whose decode took care of that:
+// app.js) is reduced by a whole factor first, as Python does (Image.reduce).
+function shrinkLikePillow(img, minSide) {
   const factor = Math.floor(Math.min(img.width, img.height) / minSide);
   return factor >= 2 ? boxReduce(img, factor) : img;
 }
 
 // RGBA pixels of the decoded photo -> float32 (1, 3, size, size), as decode.eval_array.
-function evalTensorData(img, pre, isJpeg) {
-  img = shrinkLikePillow(img, evalSide(pre), isJpeg);
+function evalTensorData(img, pre) {
+  img = shrinkLikePillow(img, evalSide(pre));
   const size = pre.size, short = evalSide(pre);
   const scale = short / Math.min(img.width, img.height);
   const newW = Math.max(size, pyRound(img.width * scale));
@@ -190,9 +185,4 @@ function normalize(rgba, size, mean, std) {
 
 function isJpegBytes(head) {
   return head.length >= 3 && head[0] === 0xff && head[1] === 0xd8 && head[2] === 0xff;
-}
-
-if (typeof module !== 'undefined') {
-  module.exports = {pyRound, evalSide, coefficients, resizeAndCropPillow, boxReduce,
-                    shrinkLikePillow, jpegDraftScale, evalTensorData, normalize, isJpegBytes};
 }

@@ -1,0 +1,114 @@
+"""Run a saved Core ML program (.mlpackage) on Linux, where Core ML itself does not run: the
+program is read back from the package by coremltools (its MIL proto and weight file), and each
+operation is computed with PyTorch's functions. Only the operations our networks convert to
+are known; another one raises NotEvaluated, and the export says the numbers were not checked.
+
+This checks what the converter wrote (the graph, the weights, the image scale and bias), not
+Core ML's own kernels, which run only on Apple's systems (docs/export.md says so)."""
+import numpy as np
+
+
+class NotEvaluated(Exception):
+    """The program uses an operation this module does not compute."""
+
+
+def load_program(package):
+    """The MIL program of a saved .mlpackage, and its main function."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load
+    model = ct.models.MLModel(package, skip_model_load=True)
+    spec = model.get_spec()
+    program = load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
+    return program.functions["main"]
+
+
+def run(function, image):
+    """Probabilities for one image batch fed as the program's input (pixels 0-255, N x 3 x H x
+    W float): the value that reaches the classify operation, or the last output."""
+    import torch
+    values = {}
+    [name] = function.inputs
+    values[name] = torch.from_numpy(np.asarray(image, np.float32))
+    probabilities = None
+    for op in function.operations:
+        if op.op_type == "classify":
+            probabilities = values[op.inputs["probabilities"].name]
+            continue
+        result = evaluate(op, {k: value_of(v, values) for k, v in op.inputs.items()})
+        values[op.outputs[0].name] = result
+    if probabilities is None:
+        probabilities = values[function.outputs[0].name]
+    return probabilities.float().numpy()
+
+
+def value_of(var, values):
+    if isinstance(var, (list, tuple)):
+        return [value_of(v, values) for v in var]
+    if var.name in values:
+        return values[var.name]
+    if var.val is not None:  # a constant the loader folded in
+        return as_tensor(var.val)
+    raise NotEvaluated(f"no value for {var.name}")
+
+
+def as_tensor(val):
+    import torch
+    array = np.asarray(val)
+    if array.dtype.kind in "USO":  # names: the class labels, dtype names
+        return val
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)  # fp16 weights, computed in float32
+    return torch.from_numpy(np.array(array))
+
+
+def evaluate(op, a):
+    """One operation, its inputs a (name -> tensor or constant)."""
+    import torch
+    import torch.nn.functional as F
+    kind = op.op_type
+    if kind == "const":
+        return as_tensor(op.outputs[0].val)
+    if kind in ("add", "mul", "sub", "real_div"):
+        fn = {"add": torch.add, "mul": torch.mul, "sub": torch.sub, "real_div": torch.div}[kind]
+        return fn(a["x"], a["y"])
+    if kind == "relu6":
+        return a["x"].clamp(0, 6)
+    if kind == "relu":
+        return a["x"].clamp_min(0)
+    if kind == "cast":
+        return a["x"].float() if str(a["dtype"]).startswith("fp") else a["x"].long()
+    if kind == "softmax":
+        return torch.softmax(a["x"], int(a["axis"]))
+    if kind == "reduce_mean":
+        return a["x"].mean([int(i) for i in a["axes"]], keepdim=bool(a["keep_dims"]))
+    if kind == "reverse":
+        return a["x"].flip([int(i) for i in a["axes"]])
+    if kind == "linear":
+        return F.linear(a["x"], a["weight"], a.get("bias"))
+    if kind == "pad":
+        return pad(a)
+    if kind == "conv":
+        return conv(a)
+    raise NotEvaluated(f"operation {kind}")
+
+
+def pad(a):
+    import torch.nn.functional as F
+    if str(a.get("mode", "constant")) != "constant":
+        raise NotEvaluated(f"pad mode {a['mode']}")
+    widths = [int(w) for w in a["pad"]]  # (before, after) per padded axis, outermost first
+    pairs = [widths[i:i + 2] for i in range(0, len(widths), 2)]
+    torch_order = [w for pair in reversed(pairs) for w in pair]  # innermost axis first
+    return F.pad(a["x"], torch_order, value=float(a.get("constant_val", 0.0)))
+
+
+def conv(a):
+    import torch.nn.functional as F
+    x, kind = a["x"], str(a.get("pad_type", "valid"))
+    if kind == "custom":
+        top, bottom, left, right = (int(p) for p in a["pad"])
+        x = F.pad(x, [left, right, top, bottom])
+    elif kind != "valid":
+        raise NotEvaluated(f"conv pad_type {kind}")
+    return F.conv2d(x, a["weight"], a.get("bias"), [int(s) for s in a["strides"]], 0,
+                    [int(d) for d in a["dilations"]], int(a["groups"]))

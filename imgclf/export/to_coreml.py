@@ -1,0 +1,189 @@
+"""--format coreml: a Core ML classifier (.mlpackage, an ML program) for iOS and macOS, converted
+from PyTorch by coremltools.
+
+  input  "image": a colour image (RGB) of SIZE x SIZE pixels; the normalisation ((pixel / 255 -
+         mean) / std) is inside the model (the image input's scale and bias where the three
+         std are equal, as for EfficientNet-Lite; otherwise operations after it), so Xcode's
+         preview and Vision feed it a photo as it is; the resize and centre crop are the app's
+         (docs/export.md: Vision's regionOfInterest)
+  output "classLabel" (the top class's name) and "classLabel_probs" (name -> probability)
+The model's metadata has the class folder names and the preprocessing as JSON (key "imgclf").
+Core ML predicts only on Apple's systems: here the saved program is read back and computed
+with PyTorch (mil_check.py) and must match PyTorch within checks.PARITY_ATOL, same top class;
+its shapes, labels and metadata are checked too.
+
+Needs the optional package coremltools (the mobile extra): pip install -e '.[mobile]'.
+"""
+import contextlib
+import io
+import json
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+from ..errors import UserError
+from .checks import CheckFailed, PARITY_ATOL, batched, check_parity, parity_line
+from .checks import write_folder_atomic
+from . import mil_check
+
+INSTALL_HINT = "pip install -e '.[mobile]'"
+METADATA_KEY = "imgclf"
+# iOS 15 / macOS 12: the first systems that run ML programs (.mlpackage).
+DEPLOYMENT_TARGET = "iOS15"
+
+
+def write(job):
+    """Convert, check the saved package's spec and numbers, then write --out (a folder)."""
+    ct = require_coremltools()
+    if job.args.quantize:
+        raise UserError("--quantize: not offered for --format coreml (its int8 could not be "
+                        "checked here); drop --quantize")
+    job.check  # noqa: B018 (the photos first: a wrong --check_images fails before converting)
+    out = job.out_path("model.mlpackage")
+    if not out.endswith(".mlpackage"):
+        raise UserError(f"--out {out}: a Core ML model is a folder named *.mlpackage; give a "
+                        f"name ending in .mlpackage")
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        path = os.path.join(tmp, "model.mlpackage")
+        convert(ct, job, path)
+        with quiet():
+            function = mil_check.load_program(path)
+        check_spec(ct, path, job.ckpt, function)
+        check_numbers(function, job)
+        write_folder_atomic(path, out)
+    return out
+
+
+def require_coremltools():
+    try:
+        with quiet():
+            import coremltools
+    except ImportError:
+        raise UserError(f"--format coreml needs the optional package coremltools: "
+                        f"{INSTALL_HINT}") from None
+    return coremltools
+
+
+@contextlib.contextmanager
+def quiet():
+    """coremltools prints, on Linux, a line for each part of Core ML it cannot load (they
+    exist only on Apple's systems), and its converter warns of torch versions it has not
+    tested; the parity check below is what says whether the conversion is right."""
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def image_normalisation(preprocess):
+    """(scale, bias, mean, std left for the graph): Core ML's image input computes scale *
+    pixel + bias[channel], one scale for all channels, so it holds the whole normalisation
+    where the three std are equal; otherwise it only divides by 255."""
+    mean, std = preprocess["mean"], preprocess["std"]
+    if len(set(std)) == 1:
+        return 1 / (255 * std[0]), [-m / std[0] for m in mean], None
+    return 1 / 255, [0.0, 0.0, 0.0], (mean, std)
+
+
+def convert(ct, job, path):
+    import torch
+    size = job.image_size()
+    scale, bias, in_graph = image_normalisation(job.ckpt["preprocess"])
+
+    class NormaliseThenSoftmax(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            mean, std = in_graph or ([0.0] * 3, [1.0] * 3)
+            self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+            self.normalise = in_graph is not None
+
+        def forward(self, image):
+            if self.normalise:
+                image = (image - self.mean) / self.std
+            return torch.softmax(self.net(image), dim=1)
+
+    t0 = time.perf_counter()
+    # torch.export fixes the input size, so Conv2dSame's padding is a constant (the
+    # TorchScript trace keeps it as arithmetic on shapes, which coremltools cannot convert).
+    program = torch.export.export(NormaliseThenSoftmax(job.model).eval(),
+                                  (torch.zeros(1, 3, size, size),)).run_decompositions({})
+    names = list(job.ckpt.get("class_names") or job.ckpt["classes"])
+    with quiet():
+        model = ct.convert(
+            program, convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,
+            minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
+            inputs=[ct.ImageType(name="image", shape=(1, 3, size, size), scale=scale,
+                                 bias=bias, color_layout=ct.colorlayout.RGB)],
+            classifier_config=ct.ClassifierConfig(names))
+    describe(model, job.ckpt)
+    model.save(path)
+    print(f"converted to Core ML in {time.perf_counter() - t0:.1f}s")
+
+
+def describe(model, ckpt):
+    """What Xcode shows about the model, and the metadata an app may read."""
+    pre = ckpt["preprocess"]
+    model.short_description = (f"Image classifier ({len(ckpt['classes'])} classes) exported by "
+                               f"imgclf's export.py")
+    model.input_description["image"] = (
+        f"A photo, {pre['size']} x {pre['size']} RGB: resize the shorter side to "
+        f"{round(pre['size'] / pre['crop_pct'])} px and take the centre square")
+    model.output_description["classLabel"] = "The most likely class"
+    model.output_description["classLabel_probs"] = "Probability of each class"
+    model.user_defined_metadata[METADATA_KEY] = json.dumps(metadata(ckpt))
+
+
+def metadata(ckpt):
+    return {"format": "image-classifier-coreml", "format_version": 1,
+            "classes": list(ckpt["classes"]),
+            "class_names": list(ckpt.get("class_names") or ckpt["classes"]),
+            "preprocess": dict(ckpt["preprocess"]),
+            "arch": str(ckpt["model_args"].get("arch", "")),
+            "averages_mirror": bool(ckpt["model_args"].get("flip_tta", False))}
+
+
+def check_spec(ct, path, ckpt, function):
+    """The saved package, read back: an image input of the checkpoint's size, the class names
+    as labels in output order (the program's classify operation), the metadata."""
+    with quiet():
+        spec = ct.models.MLModel(path, skip_model_load=True).get_spec()
+    size = ckpt["preprocess"]["size"]
+    [image] = spec.description.input
+    kind = image.type.WhichOneof("Type")
+    if kind != "imageType" or (image.type.imageType.width, image.type.imageType.height) != (
+            size, size):
+        raise CheckFailed(f"Core ML's input is {kind}, not a {size} x {size} image")
+    labels = [str(c) for op in function.operations if op.op_type == "classify"
+              for c in op.inputs["classes"].val]
+    names = list(ckpt.get("class_names") or ckpt["classes"])
+    if labels != names:
+        raise CheckFailed(f"Core ML's class labels {labels[:5]} are not the checkpoint's")
+    stored = json.loads(spec.description.metadata.userDefined[METADATA_KEY])
+    if stored["classes"] != list(ckpt["classes"]):
+        raise CheckFailed("Core ML's metadata does not name the checkpoint's classes")
+    print(f"Core ML spec: image {size} x {size} RGB, {len(names)} class labels, metadata ok")
+
+
+def check_numbers(function, job):
+    """The saved program computed with PyTorch on the check photos (as pixels: the program
+    takes the image before its scale and bias) against the checkpoint."""
+    pre = job.ckpt["preprocess"]
+    mean = np.asarray(pre["mean"], np.float32).reshape(3, 1, 1)
+    std = np.asarray(pre["std"], np.float32).reshape(3, 1, 1)
+    try:
+        # 4 photos at a time: the check keeps every intermediate value of a batch (16 at a
+        # time peaked at 3.9 GB on 224 px photos)
+        probs = batched(lambda x: mil_check.run(function, (x * std + mean) * 255),
+                        job.check.arrays, batch_size=4)
+    except mil_check.NotEvaluated as why:
+        print(f"Core ML numbers not checked: the program uses {why}, which this check does "
+              f"not compute (its spec was checked)")
+        return
+    print(parity_line("Core ML program (float32, computed here) vs PyTorch", probs,
+                      job.reference, job.check))
+    check_parity(probs, job.reference, runtime="Core ML's program", atol=PARITY_ATOL)

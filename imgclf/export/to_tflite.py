@@ -1,0 +1,160 @@
+"""--format tflite: a LiteRT (TensorFlow Lite) model for Android, converted from PyTorch by
+litert-torch (no TensorFlow needed), int8 by ai-edge-quantizer, checked with LiteRT's interpreter.
+
+  input  float32 (1, SIZE, SIZE, 3): one photo, channels last (as an Android Bitmap's pixels),
+         preprocessed as predict.py does: resize, centre crop, (pixel / 255 - mean) / std
+  output float32 (1, classes): probabilities (softmax applied), in the order of "classes"
+The flatbuffer's metadata entry "imgclf" (METADATA_NAME; app/litert_predictor.read_metadata
+reads it) holds a JSON object with what prediction needs besides the weights: classes,
+class_names, preprocess, layout, quantization, averages_mirror. predict.py and serve.py read it, so the file alone is enough.
+
+Needs the optional packages of the mobile extra: pip install -e '.[mobile]'.
+"""
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from ..app.litert_predictor import METADATA_NAME
+from ..errors import UserError
+from .checks import check_int8, check_parity, mb, parity_line, write_file_atomic
+
+TFLITE_FORMAT = "image-classifier-tflite"
+TFLITE_FORMAT_VERSION = 1
+INSTALL_HINT = "pip install -e '.[mobile]'"
+# LiteRT's float32 kernels (XNNPACK) sum in another order than PyTorch's: measured up to 3e-6
+# on flowers5 (docs/export.md); the ONNX export's tolerance holds.
+PARITY_ATOL = 1e-4
+
+
+def write(job):
+    """Convert, check against PyTorch, quantize where asked, add the metadata, write --out."""
+    require_converter()
+    job.check  # noqa: B018 (the photos first: a wrong --check_images fails before converting)
+    out = job.out_path("model.int8.tflite" if job.args.quantize else "model.tflite")
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        path = os.path.join(tmp, "model.tflite")
+        convert(job.model, job.image_size(), path)
+        probs = predict_arrays(path, job.check.arrays)
+        print(parity_line("LiteRT (float32) vs PyTorch", probs, job.reference, job.check))
+        check_parity(probs, job.reference, runtime="LiteRT", atol=PARITY_ATOL)
+        if job.args.quantize:
+            path = quantize_and_check(job, path)
+        add_metadata(path, job.ckpt, quantized=job.args.quantize)
+        write_file_atomic(path, out)
+    return out
+
+
+def require_converter():
+    """litert-torch, ai-edge-litert and ai-edge-quantizer are optional: say how to get them."""
+    for module in ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise UserError(f"--format tflite needs the optional package "
+                            f"{module.replace('_', '-')}: {INSTALL_HINT}") from None
+
+
+def convert(model, size, path):
+    """The whole network, softmax included, taking channels-last input, as a .tflite file."""
+    import litert_torch
+    import torch
+
+    class ChannelsLastWithSoftmax(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, image):
+            return torch.softmax(self.net(image.permute(0, 3, 1, 2)), dim=1)
+
+    t0 = time.perf_counter()
+    example = (torch.zeros(1, size, size, 3),)
+    # runtime_constant_folding=False: with it (litert-torch 0.10's default) EfficientNet-Lite0
+    # converted to wrong numbers from its fourth block on (max |difference| 34 on features of
+    # magnitude 34), each block alone right; without it, 3e-5. The parity check would refuse.
+    edge_model = litert_torch.convert(ChannelsLastWithSoftmax(model).eval(), example,
+                                      runtime_constant_folding=False)
+    edge_model.export(path)
+    print(f"converted to LiteRT in {time.perf_counter() - t0:.1f}s")
+
+
+def quantize_and_check(job, float_path):
+    """Static int8 (weights and activations) calibrated on training photos; refused where it
+    loses more than checks.INT8_MAX_DROP points of accuracy on the check photos."""
+    from ai_edge_quantizer import quantizer, recipe
+    print(f"quantizing to int8, calibrated on {job.calibration.describe()}")
+    q = quantizer.Quantizer(float_path)
+    q.load_quantization_recipe(recipe.static_wi8_ai8())
+    signature, input_name = signature_input(float_path)
+    samples = [{input_name: channels_last(a)} for a in job.calibration.arrays]
+    result = q.quantize(q.calibrate({signature: samples}, num_threads=1))
+    path = float_path.replace(".tflite", ".int8.tflite")
+    result.export_model(path, overwrite=True)
+    probs = predict_arrays(path, job.check.arrays)
+    print(parity_line("LiteRT int8 vs PyTorch", probs, job.reference, job.check))
+    print(f"size: float32 {mb(float_path)}, int8 {mb(path)} "
+          f"({os.path.getsize(float_path) / os.path.getsize(path):.1f}x smaller)")
+    check_int8(probs, job.reference, job.check, runtime="LiteRT")
+    return path
+
+
+def signature_input(path):
+    """(signature name, its input's name) of a converted model with one signature."""
+    from ai_edge_litert.interpreter import Interpreter
+    [(name, signature)] = Interpreter(model_path=path).get_signature_list().items()
+    return name, signature["inputs"][0]
+
+
+def channels_last(array):
+    """One preprocessed (3, H, W) photo -> the model's (1, H, W, 3) input."""
+    return np.ascontiguousarray(array.transpose(1, 2, 0)[None], dtype=np.float32)
+
+
+def predict_arrays(path, arrays):
+    """LiteRT's probabilities for preprocessed (3, H, W) photos, one at a time (batch 1)."""
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_path=path)
+    interpreter.allocate_tensors()
+    image = interpreter.get_input_details()[0]["index"]
+    output = interpreter.get_output_details()[0]["index"]
+    probs = []
+    for array in arrays:
+        interpreter.set_tensor(image, channels_last(array))
+        interpreter.invoke()
+        probs.append(interpreter.get_tensor(output)[0].copy())
+    return np.stack(probs)
+
+
+def metadata(ckpt, quantized):
+    return {
+        "format": TFLITE_FORMAT,
+        "format_version": TFLITE_FORMAT_VERSION,
+        "classes": list(ckpt["classes"]),
+        "class_names": list(ckpt.get("class_names") or ckpt["classes"]),
+        "preprocess": dict(ckpt["preprocess"]),
+        "arch": str(ckpt["model_args"].get("arch", "")),
+        "layout": "NHWC",
+        "output": "probabilities (softmax applied)",
+        "quantization": ("int8 static (weights and activations; float32 input and output)"
+                         if quantized else "none (float32)"),
+        "averages_mirror": bool(ckpt["model_args"].get("flip_tta", False)),
+    }
+
+
+def add_metadata(path, ckpt, quantized):
+    """Store metadata(...) as JSON in the flatbuffer's metadata list, under METADATA_NAME."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+    model = flatbuffer_utils.read_model(path)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(metadata(ckpt, quantized)).encode(), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or [])  # names read back are bytes
+                      if m.name not in (METADATA_NAME, METADATA_NAME.encode())]
+    model.metadata.append(entry)
+    flatbuffer_utils.write_model(model, path)

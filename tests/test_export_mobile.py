@@ -1,0 +1,256 @@
+"""export.py --format tflite and coreml (the mobile extra), and predict.py on a .tflite file.
+
+The conversions need the mobile extra (pip install -e '.[mobile]'); without it those tests skip,
+and the tests of the one-line errors and of the refusal of a wrong model still run."""
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from imgclf.app import inference
+from imgclf.cli import export, predict
+from imgclf.export import checks, to_coreml, to_tflite
+
+HAVE_LITERT = all(importlib.util.find_spec(m) for m in
+                  ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"))
+HAVE_COREML = importlib.util.find_spec("coremltools") is not None
+needs_litert = pytest.mark.skipif(not HAVE_LITERT, reason="litert-torch, ai-edge-litert and "
+                                  "ai-edge-quantizer are not installed (optional: pip install "
+                                  "-e '.[mobile]')")
+needs_coreml = pytest.mark.skipif(not HAVE_COREML, reason="coremltools is not installed "
+                                  "(optional: pip install -e '.[mobile]')")
+
+
+def run_export(argv):
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = export.main(argv)
+    return status, printed.getvalue()
+
+
+class SmallNet:
+    """A small network litert-torch converts right (a convolution, a mean, a linear layer),
+    standing in for the checkpoint's (see test_tflite_export_of_the_checkpoint)."""
+
+    @staticmethod
+    def build():
+        import torch
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2), torch.nn.ReLU6(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                   torch.nn.Linear(8, 3)).eval()
+
+
+@pytest.fixture(scope="module")
+def tflite(trained, tmp_path_factory):
+    """A .tflite as export.py writes it (to_tflite.convert, add_metadata), of SmallNet with
+    the shared checkpoint's classes and preprocessing."""
+    if not HAVE_LITERT:
+        pytest.skip("the mobile extra is not installed")
+    from imgclf import checkpoints
+    ckpt = checkpoints.load_checkpoint(trained["checkpoint"])
+    net = SmallNet.build()
+    out = str(tmp_path_factory.mktemp("tflite") / "model.tflite")
+    with contextlib.redirect_stdout(io.StringIO()):
+        to_tflite.convert(net, ckpt["preprocess"]["size"], out)
+    to_tflite.add_metadata(out, ckpt, quantized=False)
+    return dict(trained, tflite=out, net=net, ckpt=ckpt)
+
+
+def torch_probabilities(checkpoint, batch):
+    import torch
+    from imgclf import checkpoints
+    model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(checkpoint)).eval()
+    with torch.inference_mode():
+        return model(torch.from_numpy(batch)).softmax(1).numpy()
+
+
+def photo_batch(trained, preprocess):
+    from imgclf.data import decode
+    folder = os.path.join(trained["data"], "test")
+    paths = sorted(os.path.join(d, n) for d, _, names in os.walk(folder) for n in names)
+    return np.stack([decode.load_eval_array(p, preprocess) for p in paths])
+
+
+@needs_litert
+def test_tflite_carries_its_metadata_and_predicts_as_pytorch(tflite):
+    import torch
+    from imgclf.app.litert_predictor import LiteRTPredictor, read_metadata
+    ckpt = tflite["ckpt"]
+    meta = read_metadata(tflite["tflite"])
+    assert meta["classes"] == ckpt["classes"] == ["cat", "dog", "fox"]
+    assert meta["preprocess"] == ckpt["preprocess"] and meta["layout"] == "NHWC"
+    assert meta["quantization"].startswith("none") and meta["format"] == to_tflite.TFLITE_FORMAT
+    predictor = LiteRTPredictor(tflite["tflite"])
+    assert predictor.classes == ckpt["classes"] and predictor.averages_mirror is False
+    batch = photo_batch(tflite, predictor.preprocess)
+    with torch.inference_mode():
+        reference = tflite["net"](torch.from_numpy(batch)).softmax(1).numpy()
+    ours = predictor.probabilities(batch)
+    np.testing.assert_allclose(ours, reference, atol=to_tflite.PARITY_ATOL, rtol=0)
+    assert (ours.argmax(1) == reference.argmax(1)).all()
+    np.testing.assert_allclose(to_tflite.predict_arrays(tflite["tflite"], list(batch)), ours,
+                               atol=1e-6)
+
+
+@needs_litert
+@pytest.mark.xfail(reason="litert-torch 0.10 converts EfficientNet-Lite to wrong numbers "
+                          "(flowers5: top-1 as PyTorch on 193 of 868 photos), and the parity "
+                          "check refuses the model (docs/export.md)", strict=False)
+def test_tflite_export_of_the_checkpoint(trained, tmp_path):
+    out = str(tmp_path / "model.tflite")
+    status, text = run_export([trained["checkpoint"], "--format", "tflite", "--out", out,
+                               "--check_count", "6"])
+    assert "LiteRT (float32) vs PyTorch: max |probability difference|" in text
+    assert status == 0 and "top-1 same on 6/6" in text
+    from imgclf.app.litert_predictor import read_metadata
+    assert read_metadata(out)["classes"] == ["cat", "dog", "fox"]
+
+
+@needs_litert
+def test_predict_with_tflite_does_not_import_torch(tflite):
+    image = os.path.join(tflite["data"], "test", "dog", "000.jpg")
+    code = ("import sys; from imgclf.cli import predict; status = predict.main(sys.argv[1:]); "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'torchvision', 'litert_torch', 'onnxruntime')); "
+            "print('IMPORTED', heavy); sys.exit(status)")
+    run = subprocess.run([sys.executable, "-c", code, image, tflite["tflite"], "--top_k", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[-1] == "IMPORTED []"
+    assert len(lines) == 3 and lines[0].startswith(" 1. ") and lines[0].endswith("%")
+    assert "ai_edge_litert" not in run.stderr or "error" not in run.stderr.lower()
+
+
+@needs_litert
+def test_a_quantized_tflite_refuses_fp32(tflite, tmp_path):
+    import shutil
+    from imgclf.app.litert_predictor import LiteRTPredictor
+    out = str(tmp_path / "model.int8.tflite")
+    shutil.copy(tflite["tflite"], out)
+    to_tflite.add_metadata(out, tflite["ckpt"], quantized=True)  # replaces the entry
+    from imgclf.app.litert_predictor import read_metadata
+    assert read_metadata(out)["quantization"].startswith("int8")
+    with pytest.raises(inference.UserError, match=r"^--precision fp32: .*model.int8.tflite is "
+                                                  r"an int8 model \(export.py --quantize\)"):
+        LiteRTPredictor(out, precision="fp32")
+
+
+@needs_litert
+def test_broken_tflite_files_are_one_line_errors(tflite, tmp_path, capsys):
+    image = os.path.join(tflite["data"], "test", "dog", "000.jpg")
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"not a model at all")
+    assert predict.main([image, str(junk)]) == 2
+    assert "not a loadable LiteRT model" in capsys.readouterr().err
+    assert predict.main([image, str(tmp_path / "missing.tflite")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+@needs_coreml
+def test_coreml_export_checks_spec_and_numbers(trained, tmp_path):
+    out = str(tmp_path / "Flowers.mlpackage")
+    status, text = run_export([trained["checkpoint"], "--format", "coreml", "--out", out,
+                               "--check_count", "6"])
+    assert status == 0, text
+    assert "Core ML spec: image 64 x 64 RGB, 3 class labels, metadata ok" in text
+    diff = float(re.search(r"Core ML program \(float32, computed here\) vs PyTorch: max "
+                           r"\|probability difference\| (\S+),", text).group(1))
+    assert diff <= checks.PARITY_ATOL and "top-1 same on 6/6" in text
+    import coremltools as ct
+    spec = ct.models.MLModel(out, skip_model_load=True).get_spec()
+    assert spec.description.predictedFeatureName == "classLabel"
+    image = spec.description.input[0].type.imageType
+    assert (image.width, image.height) == (64, 64)
+    meta = json.loads(spec.description.metadata.userDefined["imgclf"])
+    assert meta["classes"] == ["cat", "dog", "fox"]
+
+
+def test_coreml_refuses_quantize_in_one_line(trained, capsys):
+    if not HAVE_COREML:
+        pytest.skip("coremltools is not installed")
+    assert export.main([trained["checkpoint"], "--format", "coreml", "--quantize"]) == 2
+    assert capsys.readouterr().err == ("error: --quantize: not offered for --format coreml "
+                                       "(its int8 could not be checked here); drop --quantize\n")
+
+
+@pytest.mark.parametrize("fmt, missing", [("tflite", "litert_torch"),
+                                          ("tflite", "ai_edge_quantizer"),
+                                          ("coreml", "coremltools")])
+def test_without_the_mobile_extra_export_says_what_to_install(monkeypatch, capsys, tmp_path,
+                                                              fmt, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # makes "import <missing>" fail
+    assert export.main([str(tmp_path / "checkpoint.pth"), "--format", fmt]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: --format {fmt} needs the optional package [a-z-]+: "
+                        rf"pip install -e '\.\[mobile\]'\n", err)
+    if fmt == "coreml" or HAVE_LITERT:
+        assert f"package {missing.replace('_', '-')}:" in err
+
+
+def test_without_ai_edge_litert_predict_says_what_to_install(monkeypatch, capsys, tmp_path):
+    from PIL import Image
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "photo.jpg")
+    assert predict.main([str(tmp_path / "photo.jpg"), str(tmp_path / "model.tflite")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: model {tmp_path / 'model.tflite'}: a .tflite model needs "
+                   f"ai-edge-litert: pip install ai-edge-litert, or pip install -e '.[mobile]'\n")
+
+
+def test_a_tflite_that_disagrees_is_refused_and_nothing_written(trained, tmp_path, monkeypatch,
+                                                                capsys):
+    """The check, not the converter, is under test: the conversion is replaced by an empty
+    file and LiteRT's answers by PyTorch's with two classes swapped."""
+    monkeypatch.setattr(to_tflite, "require_converter", lambda: None)
+    monkeypatch.setattr(to_tflite, "convert", lambda model, size, path: open(path, "wb").close())
+
+    def swapped(path, arrays):
+        return torch_probabilities(trained["checkpoint"], np.stack(arrays))[:, [1, 0, 2]]
+    monkeypatch.setattr(to_tflite, "predict_arrays", swapped)
+    out = tmp_path / "model.tflite"
+    assert export.main([trained["checkpoint"], "--format", "tflite", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the export failed its check, nothing written: LiteRT's "
+                          "probabilities differ from PyTorch's by up to ")
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_a_coreml_program_that_disagrees_is_refused_and_nothing_written(trained, tmp_path,
+                                                                        monkeypatch, capsys):
+    from imgclf.export import mil_check
+    monkeypatch.setattr(to_coreml, "require_coremltools", lambda: None)
+    monkeypatch.setattr(to_coreml, "convert", lambda ct, job, path: os.mkdir(path))
+    monkeypatch.setattr(to_coreml, "check_spec", lambda *a: None)
+    monkeypatch.setattr(mil_check, "load_program", lambda path: None)
+    monkeypatch.setattr(mil_check, "run", lambda function, pixels: np.full(
+        (len(pixels), 3), 1 / 3, np.float32))
+    out = tmp_path / "model.mlpackage"
+    assert export.main([trained["checkpoint"], "--format", "coreml", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.startswith(
+        "error: the export failed its check, nothing written: Core ML's program's "
+        "probabilities differ from PyTorch's by up to ")
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_the_int8_gate_counts_accuracy_points():
+    reference = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2, 0, 1, 2, 0]]
+    labelled = checks.ImageSet([None] * 10, [0, 1, 2, 0, 1, 2, 0, 1, 2, 0], "photos")
+    checks.check_int8(reference.copy(), reference, labelled, "LiteRT")  # the same: accepted
+    worse = reference.copy()
+    worse[0] = [0, 1, 0]  # one photo of ten wrong: 10 points
+    with pytest.raises(checks.CheckFailed, match=r"LiteRT \(int8\) is 10.00 points less "
+                                                 r"accurate than PyTorch on 10 photos"):
+        checks.check_int8(worse, reference, labelled, "LiteRT")
+    unlabelled = checks.ImageSet([None] * 10, None, "photos")
+    checks.check_int8(worse, reference, unlabelled, "LiteRT")  # 90% agree: accepted
