@@ -3,7 +3,7 @@
     python bench/open_set_bench.py DATA FAR WORK [--hold N] [--splits M] [--seed S]
 
 DATA and FAR hold train/ valid/ test/ class folders. Each is trained on once by train.py (in
-this process, the feature cache under WORK, so a second benchmark reads the features back);
+this process; the features it stored are kept in WORK/<name>.npz for the next benchmark);
 then, on the stored features, for each of M splits of DATA's classes into known ones and N
 held-out ones (all splits when there are at most M; default N: 2 of 5 classes, else half):
 the default head is fitted on the known classes' train+valid photos as train.py fits it
@@ -20,7 +20,6 @@ the default head is fitted on the known classes' train+valid photos as train.py 
 Prints one line per split and the mean over splits.
 """
 import argparse
-import glob
 import itertools
 import os
 import sys
@@ -49,24 +48,32 @@ def build_parser():
 
 
 def stored_features(data, work):
-    """{split: (features (photos, views, dim) float32, labels)} of data, from train.py's cache
-    (a run of train.py fills it the first time)."""
-    from imgclf.cli import train
+    """{split: (features (photos, views, dim) float32, labels)} of data as train.py's default
+    head sees them (taken from its run, in this process, by wrapping FeatureTrainer.open_set),
+    kept in WORK/<name>.npz so that a second benchmark reads them back."""
     name = os.path.basename(os.path.normpath(data))
-    save, cache = os.path.join(work, name), os.path.join(work, name, "cache")
-    checkpoint = os.path.join(save, "checkpoint.pth")
-    if not os.path.isfile(checkpoint):
-        assert train.main([data, "--save_dir", save, "--cache_dir", cache]) == 0
-    counts = torch.load(checkpoint, weights_only=True)["data"]["counts"]
-    stored = {}
-    for split, count in counts.items():
-        (labels_path,) = glob.glob(os.path.join(cache, f"features-{split}-*-labels.npy"))
-        labels = np.load(labels_path)
-        rows = np.load(labels_path[:-len("-labels.npy")] + ".npy", mmap_mode="r")[:len(labels)]
-        views = len(labels) // count
-        stored[split] = (np.asarray(rows, np.float32).reshape(count, views, -1),
-                         labels[::views])
-    return stored
+    saved = os.path.join(work, f"{name}.npz")
+    if not os.path.isfile(saved):
+        from imgclf.cli import train
+        from imgclf.engine import feature_trainer
+        captured, original = {}, feature_trainer.FeatureTrainer.open_set
+
+        def capture(self, head, stored, result):
+            captured.update({split: (np.asarray(x, np.float32), np.asarray(y))
+                             for split, (x, y) in stored.items()})
+            return original(self, head, stored, result)
+        feature_trainer.FeatureTrainer.open_set = capture
+        try:
+            save = os.path.join(work, name)
+            assert train.main([data, "--save_dir", save, "--cache_dir",
+                               os.path.join(save, "cache")]) == 0
+        finally:
+            feature_trainer.FeatureTrainer.open_set = original
+        os.makedirs(work, exist_ok=True)
+        np.savez(saved, **{f"{s}_{part}": v for s, pair in captured.items()
+                           for part, v in zip(("x", "y"), pair)})
+    arrays = np.load(saved)
+    return {s: (arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in ("train", "valid", "test")}
 
 
 def auroc(known, unknown):
