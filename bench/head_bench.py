@@ -49,7 +49,8 @@ def build_parser():
     p.add_argument("--data_issues", action="store_true",
                    help="then time train.py's next step in the same process: the search for "
                         "label errors (data_issues.out_of_fold_probs: 5 fits warm-started from "
-                        "the head); the peak then includes it")
+                        "the head, where the choice was not cross-validated); the peak then "
+                        "includes it")
     p.add_argument("--one", choices=["head", "sklearn"], help=argparse.SUPPRESS)
     return p
 
@@ -158,7 +159,8 @@ def run_head(photos, classes, device, passes=None, issues=False):
     if issues:  # as feature_trainer.FeatureTrainer.fit_logistic: the joined features, the threads rule
         started = time.monotonic()
         with feature_trainer.head_threads(x, classes):
-            data_issues.out_of_fold_probs(x, y, classes, head, device=device)
+            if head.held_out_probs is None:  # a cross-validated head kept them: no fit
+                data_issues.out_of_fold_probs(x, y, classes, head, device=device)
         result["issues_seconds"] = time.monotonic() - started
     return dict(result, peak_gib=peak_gib())
 

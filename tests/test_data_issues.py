@@ -146,3 +146,33 @@ def test_hash_pairs_join_the_feature_pairs_once_each():
     assert data_issues.with_hash_pairs(feature_pairs, hash_pairs) == [
         ("train/a.jpg", "test/a.jpg", 0.95), ("train/c.jpg", "test/c.jpg", 1 - 4 / 64),
         ("train/b.jpg", "valid/b.jpg", 0.93)]
+
+
+def test_the_search_reuses_the_heads_held_out_probabilities(monkeypatch):
+    """Where the head kept its cross-validation's held-out probabilities, the search for label
+    errors fits nothing; where it did not, it fits its own out-of-fold heads."""
+    import argparse
+
+    from imgclf.heads import linear_probe as lp
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    x = torch.tensor(rng.normal(size=(60, 1, 8)) + 3 * np.eye(3, 8)[y][:, None],
+                     dtype=torch.float32)
+    scan = argparse.Namespace(classes=list("abc"), samples={
+        "train": [(f"t{i}.jpg", int(y[i])) for i in range(50)],
+        "valid": [(f"v{i}.jpg", int(y[i])) for i in range(50, 60)]})
+    monkeypatch.setattr(data_issues.data_report, "find_near_duplicates", lambda scan: [])
+    stored = {"train": (x[:50], y[:50]), "valid": (x[50:], y[50:])}
+    head, _ = lp.choose_and_fit(x, y, 3, [lp.PLAIN])
+    kept = np.full((60, 3), 0.01)
+    kept[np.arange(60), y] = 0.98
+    kept[7] = [0.01, 0.01, 0.98] if y[7] != 2 else [0.98, 0.01, 0.01]  # one looks mislabelled
+    head.held_out_probs = kept
+    refits = []
+    monkeypatch.setattr(data_issues, "out_of_fold_probs",
+                        lambda *a, **k: refits.append(1) or kept)
+    findings = data_issues.find_issues(stored, scan, head)
+    assert not refits and [path for path, *_ in findings.labels] == ["t7.jpg"]
+    head.held_out_probs = None
+    data_issues.find_issues(stored, scan, head)
+    assert refits == [1]

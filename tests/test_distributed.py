@@ -85,6 +85,14 @@ def test_torchrun_writes_one_checkpoint_like_a_single_process(runs):
     assert "test acc" in proc.stdout
 
 
+def test_torchrun_checkpoint_carries_the_unknown_verdict(runs):
+    """Rank 0 fits the novelty's bank and threshold as a single process does."""
+    one, two = load(runs["single"] / "checkpoint.pth"), load(runs["two"] / "checkpoint.pth")
+    assert one["novelty"]["bank"].shape == two["novelty"]["bank"].shape
+    assert abs(one["novelty"]["threshold"] - two["novelty"]["threshold"]) < 0.5
+    assert two["metrics"]["temperature"] > 0
+
+
 def stored_rows(cache):
     """{key: row} of every row of a cache's feature store, and the number of rows stored."""
     from imgclf.engine import feature_store

@@ -78,7 +78,10 @@ def test_finetune_trains_the_last_stages_and_predict_uses_it(tmp_path, image_fol
     assert torch.equal(kept, pretrained["backbone._conv_head.weight"]) == (ckpt["epoch"] == 0)
     image = os.path.join(image_folder, "test", "fox", "000.jpg")
     assert predict.main([image, str(tmp_path / "checkpoint.pth"), "--top_k", "3"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 3
+    # the top 3, and the unknown verdict where the probe (the default head) was kept
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 + (ckpt.get("novelty") is not None)
+    assert lines[0].startswith(" 1. ") and all(line.startswith("verdict: ") for line in lines[3:])
 
 
 def test_finetune_that_does_worse_than_the_linear_probe_keeps_the_probe(tmp_path, image_folder,

@@ -245,3 +245,38 @@ def test_the_progress_bar_shows_only_when_the_fits_take_a_while(monkeypatch, cap
     slow.close()
     err = capsys.readouterr().err
     assert err.count("fitting the head") == 1 and "3/3" in err
+
+
+def test_the_cut_short_cross_validation_scores_and_chooses_as_fitting_every_c(monkeypatch):
+    """Each view set's path stops once its held-out loss has risen twice: the C it leaves out
+    could not win, and the C it fits score as when every C is fitted."""
+    x, y = blobs(photos=100, d=64, views=2, spread=6.0, seed=4)  # noisy: C=0.1 wins
+    view_sets = [lp.PLAIN, lp.MIRRORED]
+    scores = lp.cross_validate(x, y, 4, view_sets)
+    monkeypatch.setattr(lp, "PATH_PATIENCE", len(lp.C_GRID))
+    every = lp.cross_validate(x, y, 4, view_sets)
+    assert len(every) == 2 * len(lp.C_GRID) and len(scores) < len(every)
+    for key, (loss, accuracy) in scores.items():
+        assert loss == pytest.approx(every[key][0], rel=1e-5) and accuracy == every[key][1]
+    assert min(scores, key=lambda key: scores[key][0]) == min(every, key=lambda k: every[k][0])
+
+
+def test_the_final_fit_is_the_one_fitting_every_c_gave():
+    """The choice is the same, and so is the final fit: cold, on all photos, bit for bit."""
+    x, y = blobs(photos=150, views=2, spread=1.5, seed=4)
+    head, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN, lp.MIRRORED])
+    assert torch.equal(head.weight, lp.fit_head(x, y, 4, head.view_set, head.c).weight)
+
+
+def test_the_head_keeps_the_held_out_probabilities_of_its_cross_validation():
+    from imgclf.analysis import data_issues
+    x, y = blobs(photos=150, views=2, spread=1.5, seed=4)
+    head, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN, lp.MIRRORED])
+    # what the search for label errors fitted before: k heads warm-started from the head
+    refits = data_issues.out_of_fold_probs(x, y, 4, head)
+    assert head.held_out_probs.shape == (150, 4)
+    # the same optima, reached from other starts: within L-BFGS's stopping tolerance
+    assert np.abs(head.held_out_probs - refits).max() < 0.03
+    assert np.abs(head.held_out_probs - refits).mean() < 1e-3
+    balanced, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN], class_weight=torch.ones(4))
+    assert balanced.held_out_probs is None  # the search fits unweighted heads of its own

@@ -82,14 +82,17 @@ def test_write_report_files(tmp_path, photos):
         decodes(summary["files"][key])
     doc = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert set(doc) == {"images", "accuracy", "top5_accuracy", "macro", "per_class",
-                        "confusion_matrix"}
+                        "confusion_matrix", "ece"}
     assert doc["images"] == 30 and len(doc["per_class"]) == 5
     assert set(doc["per_class"][0]) == {"class", "name", "precision", "recall", "f1", "support"}
     assert np.array(doc["confusion_matrix"]["counts"]).sum() == 30
     text = (tmp_path / "rep" / "report.txt").read_text().splitlines()
     assert text[0].startswith("images 30   accuracy ")
     assert text[2].split() == ["class", "precision", "recall", "f1", "support"]
-    assert len(text) == 3 + 5 + 1
+    assert len(text) == 3 + 5 + 1 + 2  # + a blank line and the calibration error
+    assert text[-1].startswith("expected calibration error ")
+    assert 0 <= doc["ece"] <= 1
+    decodes(summary["files"]["calibration"])
     lines = report.summary_lines(summary)
     assert lines[0].startswith("evaluated 30 images: accuracy ")
 

@@ -16,8 +16,11 @@ FILE (data/exclude.py) leaves the photos a user agrees are bad out of the next r
   cross-validation chose. Implemented here in some 60 lines rather than depending on cleanlab
   (which pulls pandas); tests/test_data_issues.py checks it flags what cleanlab flags.
 
-The step reads the features and fits k heads of its own; it changes neither the fitted head
-nor the random streams training uses.
+Where the head's choice was cross-validated (every data set under 2,000 valid photos), its
+folds' fits at the chosen view set and C are those k heads: the head keeps their held-out
+probabilities and the step fits nothing. Otherwise (a choice made on a held-out set, or class
+weights) the step fits the k heads itself. It changes neither the fitted head nor the random
+streams training uses.
 """
 import os
 import time
@@ -66,7 +69,8 @@ def find_issues(stored, scan, head, seed=0, fit_features=None, device=None):
     logistic heads with the view set and C of head (a linear_probe.Head fitted on train+valid),
     near-duplicates from view 0. fit_features: train's and valid's features joined, where the
     caller holds them so (else they are joined here, a copy); device: where the fits run (the
-    features' by default)."""
+    features' by default). The cross-validation's held-out probabilities, where head keeps
+    them (head.held_out_probs), are used as they are."""
     started = time.monotonic()
     for split, (_, labels) in stored.items():
         expected = [label for _, label in scan.samples[split]]
@@ -78,9 +82,11 @@ def find_issues(stored, scan, head, seed=0, fit_features=None, device=None):
     findings.near_duplicates = with_hash_pairs(near_duplicates(plain, paths),
                                                data_report.find_near_duplicates(scan))
     fit = [s for s in FIT_SPLITS if s in stored]
-    x = torch.cat([stored[s][0] for s in fit]) if fit_features is None else fit_features
     y = np.concatenate([np.asarray(stored[s][1]) for s in fit])
-    probs = out_of_fold_probs(x, y, len(scan.classes), head, seed, device=device)
+    probs = head.held_out_probs
+    if probs is None or probs.shape != (len(y), len(scan.classes)):
+        x = torch.cat([stored[s][0] for s in fit]) if fit_features is None else fit_features
+        probs = out_of_fold_probs(x, y, len(scan.classes), head, seed, device=device)
     findings.labels = label_issues(probs, y, [p for s in fit for p in paths[s]], scan.classes)
     findings.seconds = time.monotonic() - started
     return findings

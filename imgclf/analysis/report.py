@@ -19,13 +19,14 @@ import time
 import numpy as np
 
 from ..data import decode
+from . import calibration
 from . import heatmaps
 from ..utils import atomic
 
 MISTAKES_SHOWN = 24
 REPORT_FILES = dict(text="report.txt", json="metrics.json", predictions="predictions.csv",
                     confusion="confusion_matrix.png", mistakes="mistakes.png",
-                    curves="curves.png")
+                    curves="curves.png", calibration="calibration.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,19 +98,29 @@ def confident_mistakes(probs, labels, limit=MISTAKES_SHOWN):
 # The report
 # ---------------------------------------------------------------------------------------------
 def write_report(out_dir, probs, labels, classes, names, image_paths, history=None,
-                 predictor=None, tta=False):
+                 predictor=None, tta=False, novelty=None, threshold=None):
     """Write the report files into out_dir; return its metrics and the files written.
     predictor (a checkpoint's, see app/inference.py): draws each mistake's heatmap (tta: as
-    predicted with predict.py --tta)."""
+    predicted with predict.py --tta). With novelty (photos,) and its threshold, the report
+    also counts the photos that the unknown verdict would call unknown."""
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     metrics = compute_metrics(probs, labels, len(classes))
+    metrics["ece"] = calibration.expected_calibration_error(probs, labels)
+    if novelty is not None and threshold is not None:
+        called = np.asarray(novelty, dtype=np.float64) > threshold
+        metrics["unknown"] = dict(threshold=float(threshold), count=int(called.sum()),
+                                  share=float(called.mean()))
     files = {key: os.path.join(out_dir, name) for key, name in REPORT_FILES.items()}
     if not history:
         files.pop("curves")
     os.makedirs(out_dir, exist_ok=True)
-    atomic.write_text(files["text"], "\n".join(report_text(metrics, names)) + "\n")
+    atomic.write_text(files["text"], "\n".join(report_text(metrics, names)
+                                                + open_set_lines(metrics)) + "\n")
     atomic.write_text(files["json"], json.dumps(
-        metrics_document(metrics, classes, names), indent=2) + "\n")
+        {**metrics_document(metrics, classes, names), **open_set_document(metrics)},
+        indent=2) + "\n")
+    calibration.plot_reliability(files["calibration"], probs, labels, _save,
+                                 title=f"{len(labels)} photos: ")
     write_predictions_csv(files["predictions"], probs, labels, names, image_paths)
     plot_confusion(files["confusion"], metrics["confusion"], names)
     mistakes = [(image_paths[i], names[labels[i]], names[metrics["predicted"][i]],
@@ -121,6 +132,25 @@ def write_report(out_dir, probs, labels, classes, names, image_paths, history=No
     if history:
         plot_curves(history, files["curves"])
     return dict(metrics=metrics, names=list(names), files=files)
+
+
+def open_set_lines(metrics):
+    """report.txt's lines on calibration and the unknown verdict."""
+    lines = ["", f"expected calibration error {100 * metrics['ece']:.1f}% (15 bins of the top "
+                 f"probability; calibration.png)"]
+    unknown = metrics.get("unknown")
+    if unknown:
+        lines.append(f"called unknown at threshold {unknown['threshold']:.2f}: "
+                     f"{unknown['count']} of {metrics['images']} photos "
+                     f"({100 * unknown['share']:.1f}%)")
+    return lines
+
+
+def open_set_document(metrics):
+    document = {"ece": metrics["ece"]}
+    if metrics.get("unknown"):
+        document["unknown"] = metrics["unknown"]
+    return document
 
 
 def write_predictions_csv(path, probs, labels, names, image_paths):
@@ -164,6 +194,11 @@ def summary_lines(summary):
     lines = [f"evaluated {m['images']} images: accuracy {100 * m['accuracy']:.1f}%, "
              f"top-5 accuracy {100 * m['top5_accuracy']:.1f}%, "
              f"macro F1 {m['macro']['f1']:.3f}"]
+    if "ece" in m:
+        unknown = m.get("unknown")
+        lines.append(f"calibration error {100 * m['ece']:.1f}%" + (
+            f"; called unknown (novelty above {unknown['threshold']:.2f}): {unknown['count']} "
+            f"of {m['images']} ({100 * unknown['share']:.1f}%)" if unknown else ""))
     present = np.flatnonzero(m["support"] > 0)
     weakest = present[np.argsort(m["f1"][present], kind="stable")][:3]
     if len(present) > 3:
@@ -175,7 +210,7 @@ def summary_lines(summary):
 
 
 def write_training_report(save_dir, model, scan, names, preprocess, device, history,
-                          test_probs=None):
+                          test_probs=None, test_novelty=None, threshold=None):
     """End of a completed training run: the training curves and, when there is a test split,
     the report on it, in SAVE_DIR/report. test_probs (in the order of scan.samples["test"]),
     when training already computed them, spare a second pass over the photos."""
@@ -193,7 +228,8 @@ def write_training_report(save_dir, model, scan, names, preprocess, device, hist
     if test_probs is not None:
         paths, labels = zip(*scan.samples["test"])
         summary = write_report(out_dir, test_probs, list(labels), scan.classes, display,
-                               list(paths), history, predictor)
+                               list(paths), history, predictor, novelty=test_novelty,
+                               threshold=threshold)
         _print_summary(summary, started)
         return
     label_of = dict(scan.samples["test"])

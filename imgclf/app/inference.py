@@ -42,10 +42,14 @@ class TorchPredictor:
         if threads and device.type == "cpu":
             import torch
             torch.set_num_threads(threads)
+        from ..heads import novelty
         ckpt = checkpoints.load_checkpoint(path)
         model = checkpoints.model_from_checkpoint(ckpt, path)
+        scorer = novelty.scorer_from_checkpoint(ckpt, path)
+        # Older than the verdict (no "novelty" key at all), not a mode that fits none (None)
+        self.predates_novelty = novelty.CHECKPOINT_KEY not in ckpt
         self._setup(model, ckpt["classes"], ckpt.get("class_names"), ckpt["preprocess"], device,
-                    float32=precision == "fp32")
+                    float32=precision == "fp32", scorer=scorer)
 
     @classmethod
     def from_model(cls, model, classes, class_names, preprocess, device):
@@ -54,7 +58,8 @@ class TorchPredictor:
         self._setup(model, classes, class_names, preprocess, device)
         return self
 
-    def _setup(self, model, classes, class_names, preprocess, device, float32=False):
+    def _setup(self, model, classes, class_names, preprocess, device, float32=False,
+               scorer=None):
         import torch
 
         from ..models import hardware
@@ -63,6 +68,12 @@ class TorchPredictor:
         self.preprocess = preprocess
         self.model = model
         self.batch_size = hardware.inference_batch_size(device)
+        # With novelty data the forward pass gives the logits and the novelty in one output
+        # (heads/novelty.ScoredClassifier); None where the checkpoint has none.
+        self.unknown_threshold = scorer.threshold if scorer is not None else None
+        if scorer is not None:
+            from ..heads.novelty import ScoredClassifier
+            model = ScoredClassifier(model, scorer)
         self._forward = hardware.fast_forward(model, device, float32)
         # Whether the model averages each photo with its mirror image (predict.py --tta would
         # change nothing)
@@ -86,8 +97,15 @@ class TorchPredictor:
 
     def probabilities(self, batch):
         """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""
-        logits = self._forward(self._torch.from_numpy(np.ascontiguousarray(batch)))
-        return self._torch.softmax(logits, dim=1).numpy()
+        return self.scores(batch)[0]
+
+    def scores(self, batch):
+        """float32 array (N, 3, H, W), preprocessed -> (probabilities (N, classes), novelty
+        (N,) or None where the checkpoint has no novelty data)."""
+        out = self._forward(self._torch.from_numpy(np.ascontiguousarray(batch)))
+        if self.unknown_threshold is None:
+            return self._torch.softmax(out, dim=1).numpy(), None
+        return self._torch.softmax(out[:, :-1], dim=1).numpy(), out[:, -1].numpy()
 
 
 class OnnxPredictor:
@@ -127,6 +145,12 @@ class OnnxPredictor:
             raise UserError(f"model {path}: has no class names and preprocessing in its "
                             f"metadata; export it with export.py") from None
         self._input = self.session.get_inputs()[0].name
+        # An export with the unknown verdict has a second output, "novelty", and its threshold
+        # in the metadata
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._novelty = outputs.index("novelty") if "novelty" in outputs else None
+        self.unknown_threshold = (float(json.loads(meta["unknown_threshold"]))
+                                  if self._novelty is not None else None)
         # Unknown (None) for a file exported before export.py stored it
         self.averages_mirror = json.loads(meta.get("averages_mirror", "null"))
         quantization = meta.get("quantization", "none")
@@ -137,8 +161,13 @@ class OnnxPredictor:
 
     def probabilities(self, batch):
         """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""
+        return self.scores(batch)[0]
+
+    def scores(self, batch):
+        """As TorchPredictor.scores: (probabilities, novelty or None)."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        return self.session.run(None, {self._input: batch})[0]
+        outputs = self.session.run(None, {self._input: batch})
+        return outputs[0], (outputs[self._novelty] if self._novelty is not None else None)
 
 
 def load_predictor(path, gpu=None, precision="auto", threads=None):
@@ -182,6 +211,7 @@ class Result:
     probs: np.ndarray = None
     error: str = None
     heatmap: np.ndarray = None  # the top class's evidence map (h, w), with explain=True
+    novelty: float = None  # where the model has the unknown verdict
 
 
 def read_image(item, preprocess):
@@ -243,15 +273,21 @@ def predict_paths(predictor, items, tta=False, threads=DECODE_THREADS, explain=F
     results = []
     for chunk, decoded in read_batches(items, predictor.preprocess, batch_size, threads):
         good = [array for array, error in decoded if array is not None]
+        novelty = None
         if explain and good:
             probs, maps = predictor.explain(np.stack(good), tta)
             probs, maps = iter(probs), iter(maps)
+            if getattr(predictor, "unknown_threshold", None) is not None:  # one more pass
+                novelty = batch_scores(predictor, np.stack(good), tta)[1]
         else:
-            probs = iter(batch_probabilities(predictor, np.stack(good), tta) if good else [])
+            probs, novelty = batch_scores(predictor, np.stack(good), tta) if good else ([], None)
+            probs = iter(probs)
+        novelty = iter([None] * len(good) if novelty is None else novelty.tolist())
         for item, (array, error) in zip(chunk, decoded):
             if array is not None:
                 results.append(Result(item.path, next(probs),
-                                      heatmap=next(maps) if explain else None))
+                                      heatmap=next(maps) if explain else None,
+                                      novelty=next(novelty)))
             elif error:
                 results.append(Result(item.path, error=error))
         if progress:
@@ -262,10 +298,22 @@ def predict_paths(predictor, items, tta=False, threads=DECODE_THREADS, explain=F
 
 
 def batch_probabilities(predictor, batch, tta=False):
-    probs = predictor.probabilities(batch)
+    return batch_scores(predictor, batch, tta)[0]
+
+
+def batch_scores(predictor, batch, tta=False):
+    """(probabilities, novelty or None) of a batch; with tta both averaged with the mirror
+    image's."""
+    scores = getattr(predictor, "scores", None)
+    probs, novelty = scores(batch) if scores else (predictor.probabilities(batch), None)
     if tta:  # the mirror image: flowers, animals and most objects look the same mirrored
-        probs = (probs + predictor.probabilities(np.ascontiguousarray(batch[..., ::-1]))) / 2
-    return probs
+        mirrored = np.ascontiguousarray(batch[..., ::-1])
+        other, other_novelty = scores(mirrored) if scores else \
+            (predictor.probabilities(mirrored), None)
+        probs = (probs + other) / 2
+        if novelty is not None:
+            novelty = (novelty + other_novelty) / 2
+    return probs, novelty
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,13 +324,33 @@ def top_k(probs, k):
     return top.tolist(), probs[top].tolist()
 
 
-def prediction_object(image, probs, k, classes, names, heatmap=None):
+def prediction_object(image, probs, k, classes, names, heatmap=None, novelty=None,
+                      threshold=None):
     """The JSON object of one image's prediction, as predict.py --json and serve.py give it;
-    with a heatmap (predict.py --explain), "heatmap": its grid (models/explain.heatmap_grid)."""
+    with a heatmap (predict.py --explain), "heatmap": its grid (models/explain.heatmap_grid);
+    with a novelty and the threshold it is judged by, "unknown" and "novelty"."""
     obj = {"image": image, "predictions": [
         {"class": classes[i], "name": names[i], "probability": round(float(p), 4)}
         for i, p in zip(*top_k(probs, k))]}
+    if novelty is not None and threshold is not None:
+        obj["unknown"] = is_unknown(novelty, threshold)
+        obj["novelty"] = round(float(novelty), 4)
     if heatmap is not None:
         from ..models.explain import heatmap_grid
         obj["heatmap"] = heatmap_grid(heatmap)
     return obj
+
+
+def is_unknown(novelty, threshold):
+    """The verdict: unlike the training photos of every class (novelty above the threshold)."""
+    return bool(novelty > threshold)
+
+
+def verdict_line(novelty, threshold):
+    """The verdict in plain words, as predict.py prints it under the top K."""
+    if is_unknown(novelty, threshold):
+        return (f"verdict: unknown - unlike the training photos of every class (novelty "
+                f"{novelty:.2f} > threshold {threshold:.2f}); the classes above are only the "
+                f"nearest")
+    return (f"verdict: one of the known classes (novelty {novelty:.2f} <= threshold "
+            f"{threshold:.2f})")

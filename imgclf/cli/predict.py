@@ -61,6 +61,11 @@ def build_parser():
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the predictions of each image and its "
                         "mirror image (twice the compute; default: off)")
+    p.add_argument("--unknown_threshold", metavar="X",
+                   help="call a photo unknown (none of the classes) when its novelty is above X; "
+                        "lower calls more photos unknown (docs/open_set.md says how to pick one) "
+                        "(default: the checkpoint's, chosen in training to keep 95%% of held-out "
+                        "photos of the known classes)")
     out = p.add_argument_group("Output")
     out.add_argument("--json", action="store_true",
                      help="print one JSON document (a list, one object per image) instead of text")
@@ -103,6 +108,7 @@ def run(args):
     if args.explain:
         check_explain(predictor, args.checkpoint)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
+    threshold = unknown_threshold(args, predictor)
     results = predict_paths(predictor, items, args.tta, explain=args.explain)
     if not results:
         raise UserError(f"image {', '.join(args.image)}: no images found (only files that are "
@@ -111,7 +117,7 @@ def run(args):
         raise UserError(results[0].error)
     k = clip_top_k(args.top_k or TOP_K, len(names))
     write_outputs(args, results, predictor.classes, names, k, single,
-                  predictor.preprocess["crop_pct"])
+                  predictor.preprocess["crop_pct"], threshold)
     failed = [r for r in results if r.error]
     for result in failed:
         print(f"error: {result.error}", file=sys.stderr)
@@ -139,6 +145,38 @@ def check_options(args):
         if len(args.image) != 1:
             raise UserError("--evaluate takes one folder of class folders, e.g. "
                             "python predict.py DATA_DIR/test checkpoint.pth --evaluate")
+    if args.unknown_threshold is not None:
+        args.unknown_threshold = parse_threshold(args.unknown_threshold)
+
+
+def parse_threshold(text):
+    """--unknown_threshold's value as a finite float, or a one-line UserError."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise UserError(f"--unknown_threshold {text}: not a finite number; give the novelty "
+                        f"above which a photo is called unknown, e.g. 1.5 (--json shows each "
+                        f"photo's novelty)")
+    return value
+
+
+def unknown_threshold(args, predictor):
+    """The threshold of the unknown verdict: --unknown_threshold, else the model's; None for a
+    model without novelty data, said once on stderr where the checkpoint is older than the
+    verdict (one trained with the epoch head or --finetune has none, by design: docs)."""
+    stored = getattr(predictor, "unknown_threshold", None)
+    if stored is None:
+        if args.unknown_threshold is not None:
+            raise UserError(f"--unknown_threshold: {args.checkpoint} has no novelty data (the "
+                            f"default head's training stores it); train it again with the "
+                            f"default head, or drop --unknown_threshold")
+        if getattr(predictor, "predates_novelty", False):
+            print(f"note: {args.checkpoint} has no novelty data (trained before the unknown "
+                  f"verdict): no unknown verdict; train again for one", file=sys.stderr)
+        return None
+    return stored if args.unknown_threshold is None else args.unknown_threshold
 
 
 def check_tta(tta, predictor, path):
@@ -171,15 +209,16 @@ def clip_top_k(top_k, num_classes):
     return k
 
 
-def write_outputs(args, results, classes, names, k, single, crop_pct=None):
-    """crop_pct: of the network's view, under --plot's heatmaps (--explain)."""
+def write_outputs(args, results, classes, names, k, single, crop_pct=None, threshold=None):
+    """crop_pct: of the network's view, under --plot's heatmaps (--explain); threshold: of the
+    unknown verdict (None: the model has none)."""
     tops = [top_k(r.probs, k) if r.error is None else None for r in results]
     if args.json:
-        print(json.dumps(json_document(results, k, classes, names), indent=2))
+        print(json.dumps(json_document(results, k, classes, names, threshold), indent=2))
     else:
-        print_human(results, tops, names, single)
+        print_human(results, tops, names, single, threshold)
     if args.csv:
-        write_csv(args.csv, results, tops, names, k)
+        write_csv(args.csv, results, tops, names, k, threshold)
         print(f"wrote {args.csv}", file=sys.stderr)
     if args.plot:
         plot(args.plot, results, tops, names, crop_pct)
@@ -233,10 +272,10 @@ def format_top_k(names, indices, probs, width=None):
             for rank, (i, p) in enumerate(zip(indices, probs), 1)]
 
 
-def print_human(results, tops, names, single):
+def print_human(results, tops, names, single, threshold=None):
     if single:
-        print("\n".join(format_top_k(names, *tops[0]) + heatmap_lines(results[0], names,
-                                                                       tops[0])))
+        print("\n".join(format_top_k(names, *tops[0]) + verdict_lines(results[0], threshold)
+                        + heatmap_lines(results[0], names, tops[0])))
         return
     width = max(len(name) for name in names)  # one column of percentages for all images
     for result, top in zip(results, tops):
@@ -244,7 +283,14 @@ def print_human(results, tops, names, single):
             continue  # reported on stderr
         print(result.path)
         print("\n".join("  " + line for line in format_top_k(names, *top, width=width)
-                        + heatmap_lines(result, names, top)))
+                        + verdict_lines(result, threshold) + heatmap_lines(result, names, top)))
+
+
+def verdict_lines(result, threshold):
+    """The unknown verdict in plain words, under the top K (none without novelty data)."""
+    if threshold is None or result.novelty is None:
+        return []
+    return [inference.verdict_line(result.novelty, threshold)]
 
 
 HEAT_CHARS = " .:-=+*#%@"  # from no evidence for the top class to the most
@@ -263,24 +309,31 @@ def heatmap_lines(result, names, top):
                     for row in grid]
 
 
-def json_document(results, k, classes, names):
+def json_document(results, k, classes, names, threshold=None):
     return [{"image": r.path, "error": r.error} if r.error else
-            inference.prediction_object(r.path, r.probs, k, classes, names, r.heatmap)
+            inference.prediction_object(r.path, r.probs, k, classes, names, r.heatmap,
+                                        r.novelty, threshold)
             for r in results]
 
 
-def write_csv(path, results, tops, names, k):
+def write_csv(path, results, tops, names, k, threshold=None):
+    """One row per image: its top K, then (with the unknown verdict) "unknown" (1 or 0) and
+    "novelty", then the error of an image that could not be read."""
     header = ["image"]
     for rank in range(1, k + 1):
         header += [f"name_{rank}", f"probability_{rank}"]
-    rows = [header + ["error"]]
+    verdict = [] if threshold is None else ["unknown", "novelty"]
+    rows = [header + verdict + ["error"]]
     for result, top in zip(results, tops):
         row = [result.path]
         if result.error:
-            rows.append(row + [""] * (2 * k) + [result.error])
+            rows.append(row + [""] * (2 * k + len(verdict)) + [result.error])
             continue
         for i, p in zip(*top):
             row += [names[i], f"{p:.4f}"]
+        if verdict:
+            row += [int(inference.is_unknown(result.novelty, threshold)),
+                    f"{result.novelty:.4f}"]
         rows.append(row + [""])
     try:
         atomic.write_csv(path, rows)
@@ -317,6 +370,7 @@ def evaluate(args):
     check_tta(args.tta, predictor, args.checkpoint)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
     items, labels = labelled_images(root, predictor.classes)
+    threshold = unknown_threshold(args, predictor)
     results = predict_paths(predictor, items, args.tta)
     label_of = dict(zip((item.path for item in items), labels))
     good = [r for r in results if r.error is None]
@@ -327,7 +381,9 @@ def evaluate(args):
     summary = report.write_report(args.report_dir or "report", np.stack([r.probs for r in good]),
                                   np.array([label_of[r.path] for r in good]),
                                   predictor.classes, names, [r.path for r in good],
-                                  predictor=predictor, tta=args.tta)
+                                  predictor=predictor, tta=args.tta,
+                                  novelty=np.array([r.novelty for r in good])
+                                  if threshold is not None else None, threshold=threshold)
     print("\n".join(report.summary_lines(summary)))
     for result in failed:
         print(f"error: {result.error}", file=sys.stderr)

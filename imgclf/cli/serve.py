@@ -189,7 +189,8 @@ def create_app(predictor, model_name, top_k=5, max_upload_bytes=10_000_000, max_
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "backend": model.backend,
-                "classes": len(model.classes), "top_k": model.top_k}
+                "classes": len(model.classes), "top_k": model.top_k,
+                "unknown_threshold": model.unknown_threshold}
 
     @app.post("/predict")
     async def predict_endpoint(request: Request):
@@ -200,9 +201,11 @@ def create_app(predictor, model_name, top_k=5, max_upload_bytes=10_000_000, max_
             name, data = await read_upload(request, max_upload_bytes)
             batch = await run_in_threadpool(model.preprocess_bytes, data)
             if model.explain_asked(request):  # ?explain=1
-                return model.answer(name, *await run_in_threadpool(model.explained, batch))
-            probs = await run_in_threadpool(model.probabilities, batch)
-            return model.answer(name, probs)
+                probs, heatmap = await run_in_threadpool(model.explained, batch)
+                _, novelty = await run_in_threadpool(model.scores, batch)
+                return model.answer(name, probs, heatmap, novelty)
+            probs, novelty = await run_in_threadpool(model.scores, batch)
+            return model.answer(name, probs, novelty=novelty)
         finally:
             in_progress["n"] -= 1
 
@@ -220,6 +223,8 @@ class Model:
         self.top_k = min(top_k, len(self.classes))
         self.backend = {"OnnxPredictor": "onnxruntime", "LiteRTPredictor": "litert"}.get(
             type(predictor).__name__, "torch")
+        # None for a model without the unknown verdict's data: its answers then have no verdict
+        self.unknown_threshold = getattr(predictor, "unknown_threshold", None)
         self.lock = threading.Lock()
         self.explain_error = heat_page.explain_error(predictor)  # None where ?explain=1 works
         # render_page's explain and crop_pct: whether the page asks for and draws the heatmap
@@ -249,9 +254,16 @@ class Model:
             probs, maps = self.predictor.explain(batch)
         return probs[0], maps[0]
 
-    def answer(self, image_name, probs, heatmap=None):
+    def scores(self, batch):
+        """(probabilities, novelty or None) of a batch of one image."""
+        with self.lock:
+            probs, novelty = inference.batch_scores(self.predictor, batch)
+        return probs[0], (None if novelty is None else float(novelty[0]))
+
+    def answer(self, image_name, probs, heatmap=None, novelty=None):
         return inference.prediction_object(image_name, probs, self.top_k, self.classes,
-                                           self.names, heatmap)
+                                           self.names, heatmap, novelty,
+                                           self.unknown_threshold)
 
 
 async def read_upload(request, limit):
@@ -367,6 +379,8 @@ __HEAT_CSS__
            background: #eef0f4; }
   #top { font-size: 1.25rem; margin: 0 0 12px; }
   #top span { color: var(--muted); font-weight: 400; font-size: 1rem; }
+  #verdict { margin: -6px 0 12px; color: var(--muted); }
+  #verdict.unknown { color: #b3261e; font-weight: 600; }
   .row { display: grid; grid-template-columns: minmax(0, 9em) 1fr 4.2em; gap: 10px;
          align-items: center; margin: 8px 0; font-size: .95rem; }
   .name { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
@@ -402,6 +416,7 @@ __HEAT_CSS__
     </figure>
     <div>
       <h2 id="top"></h2>
+      <p id="verdict"></p>
       <div id="bars"></div>
     </div>
   </section>
@@ -450,6 +465,13 @@ function render(data) {
   top1.textContent = best.name + ' ';
   const sure = document.createElement('span'); sure.textContent = pct(best.probability);
   top1.appendChild(sure);
+  // The unknown verdict, where the model has it: the bars then show only the nearest classes
+  const verdict = document.getElementById('verdict');
+  verdict.className = data.unknown ? 'unknown' : '';
+  verdict.textContent = data.unknown === undefined ? '' : data.unknown
+    ? 'None of my classes: this photo is unlike the training photos of every class; ' +
+      'the bars show only the nearest.'
+    : 'One of my classes.';
 }
 
 async function classify(file) {

@@ -266,7 +266,8 @@ def finish(config, options, path, result, scan, names, preprocess, model, job, s
         print("data issues: not looked for, as the fine-tuned backbone's features are not "
               "stored; train without --finetune for report/data_issues.csv")
     report.write_training_report(config.save_dir, model, scan, names, preprocess, job.device,
-                                 result.history, result.test_probs)
+                                 result.history, result.test_probs, result.test_novelty,
+                                 (result.novelty or {}).get("threshold"))
     if previous is not None:
         for line in changes.score_lines(previous, result.metrics,
                                         result.metrics.get("test_f1", {}), scan.classes):

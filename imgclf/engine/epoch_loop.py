@@ -19,6 +19,8 @@ class Result:
         self.train_state = None
         self.test_probs = None  # numpy (test images, classes), in scan order
         self.data_issues = None  # data_issues.Findings, where the run looked for them
+        self.novelty = None  # the checkpoint's "novelty" entry (heads/novelty.py), if fitted
+        self.test_novelty = None  # numpy (test images,), where novelty and a test split are
 
 
 def run_epochs(mode, epochs, patience, signals=None, resume=None, verbose=True):

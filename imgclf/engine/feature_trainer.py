@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..analysis import data_issues
-from ..heads import linear_probe
+from ..analysis import calibration, data_issues
+from ..heads import linear_probe, novelty
 from ..models import classifier
 from ..utils.progress import Progress
 from ..utils.stopping import StopSignals
@@ -34,6 +34,7 @@ from .train_config import HEAD_EPOCHS, HEAD_MIN_STEPS
 class FeatureTrainer:
     verbose = True
     finds_data_issues = True  # data_issues.py, from the stored features, once the head is fitted
+    fits_open_set = True  # calibration and the unknown verdict's data, once the head is fitted
     splits = ("train", "valid", "test")  # the splits whose features are computed and scored
 
     def __init__(self, config, scan, model, preprocess, job, cache_dir=None, resume=None):
@@ -90,14 +91,47 @@ class FeatureTrainer:
                 result.data_issues = data_issues.find_issues(
                     stored, self.scan, head, self.config.seed, fit_features=self.joined,
                     device=self.device)
+        if self.fits_open_set:
+            head = self.open_set(head, stored, result)
         self.joined = None  # the run's largest array, not needed past here
         if "test" in stored:
             logits = head.logits(stored["test"][0])
             correct = logits.argmax(1).numpy() == stored["test"][1]
             result.metrics["test_acc"] = float(correct.mean())
             result.test_probs = torch.softmax(logits, 1).numpy()
+            if result.novelty is not None:
+                result.test_novelty = novelty.NoveltyScorer(result.novelty)(
+                    novelty.photo_features(stored["test"][0], head.view_set.test),
+                    logits).numpy()
         self.install(head)
         return result
+
+    def open_set(self, head, stored, result):
+        """Calibration and the unknown verdict, from out-of-fold logits of train+valid (k more
+        fits, warm-started from head): the head divided by the temperature that calibrates
+        them where it lowers their calibration error (calibration.fit_temperature), and the
+        novelty's bank, references and threshold (novelty.fit) in result.novelty. Returns the
+        head as it now predicts."""
+        started = time.monotonic()
+        labels = np.concatenate([stored[s][1] for s in ("train", "valid")])
+        with head_threads(self.joined, len(self.scan.classes)):
+            held_out = novelty.out_of_fold_logits(self.joined, labels, len(self.scan.classes),
+                                                  head, self.config.seed, self.device)
+        temperature, before, after = calibration.fit_temperature(held_out.numpy(), labels)
+        head = dataclasses.replace(head, weight=head.weight / temperature,
+                                   bias=head.bias / temperature)
+        result.novelty = novelty.fit(self.joined, labels, head.view_set.test,
+                                     held_out / temperature, self.config.seed)
+        result.metrics.update(temperature=temperature, held_out_ece=after,
+                              unknown_threshold=result.novelty["threshold"])
+        if self.verbose:
+            scaled = (f"temperature {temperature:.2f} fitted (held-out calibration error "
+                      f"{100 * before:.1f}% -> {100 * after:.1f}%)" if temperature != 1.0 else
+                      f"no temperature (held-out calibration error {100 * before:.1f}%)")
+            print(f"calibration: {scaled}; unknown verdict: threshold "
+                  f"{result.novelty['threshold']:.2f} keeps {100 * novelty.KEEP:.0f}% of the "
+                  f"held-out known photos  [{time.monotonic() - started:.1f}s]")
+        return head
 
     def valid_loss_of_train_fit(self):
         """The valid loss of the logistic head fitted on the train split alone, as fine-tuning

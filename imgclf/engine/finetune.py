@@ -194,7 +194,7 @@ class FinetuneTrainer:
         print("fine-tune step 1: the head on stored features")
         probe = FeatureTrainer(self.config.probe(), self.scan, self.model, self.preprocess,
                                self.job, self.cache_dir)
-        probe.verbose = probe.finds_data_issues = False
+        probe.verbose = probe.finds_data_issues = probe.fits_open_set = False
         probe.splits = ("train", "valid")  # the fine-tuned network is the one tested
         probe.fit()
         self.job.wait_for_main("rank 0's linear probe")  # [distributed] the head, on rank 0

@@ -3,11 +3,15 @@
   input  "image":         float32 (N, 3, SIZE, SIZE), preprocessed exactly as predict.py does
                           (decode.eval_array: resize, centre crop, normalise); N is free
   output "probabilities": float32 (N, classes), each row sums to 1, columns in class order
+  output "novelty":       float32 (N,), where the checkpoint has the unknown verdict's data
+                          (heads/novelty.py: its bank of features is inside the model); a
+                          photo is unknown above metadata "unknown_threshold"
 Its metadata_props carry, as JSON strings, what prediction needs besides the weights: "classes"
 (folder names, output order), "class_names", "preprocess" {size, crop_pct, upscale, mean, std},
-and "arch". predict.py and serve.py read them, so the .onnx file alone is enough to predict.
-ONNX Runtime's probabilities must match PyTorch's within checks.PARITY_ATOL and name the same
-top class on every check photo.
+"arch", and "unknown_threshold" with the novelty output. predict.py and serve.py read them, so
+the .onnx file alone is enough to predict. ONNX Runtime's probabilities must match PyTorch's
+within checks.PARITY_ATOL and name the same top class on every check photo, and its novelty
+PyTorch's within NOVELTY_ATOL.
 
 Needs the optional packages of the export extra (onnx, onnxruntime): pip install -e '.[export]'.
 """
@@ -24,6 +28,7 @@ ONNX_FORMAT = "image-classifier-onnx"
 ONNX_FORMAT_VERSION = 1
 OPSET = 17
 INSTALL_HINT = "pip install -e '.[export]'"
+NOVELTY_ATOL = 1e-3  # the largest |novelty difference| (a z-score, mostly within -3..10)
 
 
 def write(job):
@@ -33,22 +38,51 @@ def write(job):
     out = job.out_path("model.int8.onnx" if job.args.quantize else "model.onnx")
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         path = os.path.join(tmp, "model.onnx")
-        export_and_check(job, path, ort)
+        novelty = export_and_check(job, path, ort, with_novelty=True)
         if job.args.quantize:
             path = quantize_and_report(ort, job, path)
-        add_metadata(onnx, path, job.ckpt, quantized=job.args.quantize)
+        add_metadata(onnx, path, job.ckpt, quantized=job.args.quantize, novelty=novelty)
         write_file_atomic(path, out)
     return out
 
 
-def export_and_check(job, path, ort):
-    """Export, then compare with PyTorch on the check images."""
+def export_and_check(job, path, ort, with_novelty=False):
+    """Export, then compare with PyTorch on the check images. with_novelty: where the
+    checkpoint has the unknown verdict's data, the model's second output is the novelty
+    (heads/novelty.ScoredClassifier), checked too; returns whether it has it."""
+    from ..heads import novelty
+    scorer = novelty.scorer_from_checkpoint(job.ckpt, job.args.checkpoint) \
+        if with_novelty else None
+    model = job.model if scorer is None else novelty.ScoredClassifier(job.model, scorer).eval()
     t0 = time.perf_counter()
-    export_onnx(job.model, job.image_size(), path)
+    export_onnx(model, job.image_size(), path, scorer is not None)
     print(f"exported to ONNX in {time.perf_counter() - t0:.1f}s")
     probs = batched(onnx_runner(ort, path), job.check.arrays)
     print(parity_line("ONNX Runtime (float32) vs PyTorch", probs, job.reference, job.check))
     check_parity(probs, job.reference)
+    if scorer is not None:
+        check_novelty_parity(model, ort, path, job.check.arrays)
+    return scorer is not None
+
+
+def check_novelty_parity(model, ort, path, arrays):
+    """ONNX Runtime's novelty against PyTorch's float32 one: within NOVELTY_ATOL (CheckFailed
+    beyond), and how many verdicts agree."""
+    import numpy as np
+    import torch
+
+    from .checks import CheckFailed
+    with torch.inference_mode():
+        reference = batched(lambda x: model(torch.from_numpy(x))[:, -1].numpy(), arrays)
+    values = batched(onnx_runner(ort, path, output=1), arrays)
+    diff = float(np.abs(values - reference).max())
+    threshold = model.scorer.threshold
+    same = int(((values > threshold) == (reference > threshold)).sum())
+    print(f"novelty (the unknown verdict's score): max |difference| {diff:.2e}, same verdict "
+          f"on {same}/{len(values)}")
+    if diff > NOVELTY_ATOL:
+        raise CheckFailed(f"ONNX Runtime's novelty differs from PyTorch's by up to {diff:.2e} "
+                          f"(allowed {NOVELTY_ATOL:.0e})")
 
 
 def quantize_and_report(ort, job, float_path):
@@ -76,8 +110,9 @@ def require_onnx():
 # ---------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------
-def export_onnx(model, size, path):
-    """Trace the whole network, softmax included, at the checkpoint's input size."""
+def export_onnx(model, size, path, with_novelty=False):
+    """Trace the whole network, softmax included, at the checkpoint's input size; with_novelty
+    (model a novelty.ScoredClassifier, its novelty in the last column) as a second output."""
     import torch
 
     class WithSoftmax(torch.nn.Module):
@@ -86,9 +121,13 @@ def export_onnx(model, size, path):
             self.net = net
 
         def forward(self, image):
-            return torch.softmax(self.net(image), dim=1)
+            out = self.net(image)
+            if with_novelty:
+                return torch.softmax(out[:, :-1], dim=1), out[:, -1]
+            return torch.softmax(out, dim=1)
 
     example = torch.zeros(2, 3, size, size)
+    names = ["probabilities", "novelty"] if with_novelty else ["probabilities"]
     with warnings.catch_warnings():
         # Conv2dSame computes its padding from the input's height and width in Python; the
         # tracer warns that it records them as constants. That is what we want: the input size
@@ -101,13 +140,14 @@ def export_onnx(model, size, path):
         warnings.simplefilter("ignore", DeprecationWarning)
         # The exporter puts the module back in the mode it found it in: eval, for the checks.
         torch.onnx.export(WithSoftmax(model).eval(), (example,), path, dynamo=False,
-                          input_names=["image"], output_names=["probabilities"],
-                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+                          input_names=["image"], output_names=names,
+                          dynamic_axes={name: {0: "batch"} for name in ["image", *names]},
                           opset_version=OPSET, do_constant_folding=True)
 
 
-def add_metadata(onnx, path, ckpt, quantized):
-    """Store classes, names and preprocessing in the model file, as JSON strings."""
+def add_metadata(onnx, path, ckpt, quantized, novelty=False):
+    """Store classes, names and preprocessing in the model file, as JSON strings (and with
+    novelty, the model's second output, the unknown verdict's threshold)."""
     model = onnx.load(path)
     meta = {
         "format": ONNX_FORMAT,
@@ -120,6 +160,10 @@ def add_metadata(onnx, path, ckpt, quantized):
         "quantization": "int8 static per-channel (QDQ)" if quantized else "none (float32)",
         "averages_mirror": json.dumps(bool(ckpt["model_args"].get("flip_tta", False))),
     }
+    if novelty:
+        meta["unknown_threshold"] = json.dumps(float(ckpt["novelty"]["threshold"]))
+        meta["output"] += ("; novelty (N,): the unknown verdict's score, a photo is unknown "
+                           "above metadata unknown_threshold")
     del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
@@ -162,6 +206,6 @@ def quantize_static_int8(ort, src, dest, calibration_arrays):
     os.remove(prepared)
 
 
-def onnx_runner(ort, path):
+def onnx_runner(ort, path, output=0):
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"image": x})[0]
+    return lambda x: session.run(None, {"image": x})[output]

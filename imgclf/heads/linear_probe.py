@@ -9,6 +9,11 @@ held-out folds of train+valid: with 10 valid photos a class, a choice made on th
 alone is mostly noise. The final head is then fitted on train+valid, twice the photos of the
 train split in the few-shot case.
 
+The cross-validation does not fit what cannot win: C runs from the strongest L2 to the
+weakest, each fold's fit warm-started from its fit at the C before, and a view set's path ends
+once its held-out loss has risen twice. The held-out probabilities of the chosen fits are kept
+for the search for label errors (data_issues.py), which then fits nothing.
+
 Measured on five data sets (flowers and handwritten digits, 10 photos a class to 600; see
 docs/design.md), against the AdamW head with early stopping this replaced: +3.3 points on
 the mean, +5.2 on the few-shot sets.
@@ -21,9 +26,6 @@ once the held-out loss has risen twice; the head is then fitted on train+valid, 
 from the chosen fit. Those fits read the feature rows where they lie (float16 as stored,
 never standardised into a copy: the scaling is folded into the weights) in chunks of rows, so
 their memory is the stored features plus a few chunks, on the device the run uses.
-
-Features arrive per photo as an array (photos, views, dim): view 0 is the plain centre crop,
-view 1 its mirror image, views 2.. random augmentations (features.py stores them so).
 """
 from dataclasses import dataclass
 
@@ -31,24 +33,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..utils.text import plural
+# The view sets and their rows (views.py): callers reach them through this module.
+from .views import (AUG_VIEWS, MIRRORED, PLAIN, ViewSet, augmented, candidates,  # noqa: F401
+                    training_rows)
 
 # The inverse L2 strengths tried, in half-decade steps (scikit-learn's C: C times the summed
 # loss plus half the squared weights). Features are standardised first, so one grid serves
 # every backbone.
 C_GRID = tuple(10.0 ** (k / 2) for k in range(-6, 3))  # 0.001 ... 10
 FOLDS = 5
-# Augmented views are stored only on request (--aug_views N, --always_augment: this many).
-# Stored by default for sets up to 1,000 photos, they were chosen on two of the panel's four
-# small sets, for 3 and 8 test photos of 868, at 4 more backbone passes of every train and
-# valid photo: past the reference's wall on a 2-class set, and a decode twice the size of a
-# 12 MP photo (docs/design.md).
-AUG_VIEWS = 4
 # From this many held-out photos on, C and the views are chosen on a held-out set along a
 # warm-started path rather than by cross-validation (docs/scaling.md, "The head").
 HOLDOUT_MIN_PHOTOS = 2000
 # The path stops once the held-out loss has risen this many times in a row: weaker L2 only
-# overfits more, and the weakest fits are the slowest.
+# overfits more, and the weakest fits are the slowest. Cross-validation's paths stop so too.
 PATH_PATIENCE = 2
 # Values per chunk of a pass over the rows (the chunk's float32 rows or its logits, whichever is
 # wider): 64 MB, so a pass's memory does not grow with the rows.
@@ -58,33 +56,6 @@ CHUNK_VALUES = 1 << 24
 MULTITHREAD_VALUES = 1 << 30
 # The share of the available memory a fit may plan to use.
 MEMORY_SHARE = 0.8
-
-
-@dataclass(frozen=True)
-class ViewSet:
-    """Which views of a photo are training rows, and which views' logits are averaged to
-    predict (view 1, the mirror image, means flip averaging at prediction time too)."""
-    name: str
-    train: tuple
-    test: tuple
-
-
-PLAIN = ViewSet("plain views", (0,), (0,))
-MIRRORED = ViewSet("plain + mirrored views", (0, 1), (0, 1))
-
-
-def augmented(views):
-    name = f"plain + mirrored + {plural(views, 'augmented view')}"
-    return ViewSet(name, tuple(range(2 + views)), (0, 1))
-
-
-def candidates(stored_views, always_augment=False):
-    """The view sets cross-validation chooses from, given the views stored per photo (1: plain
-    only; 2: plus the mirror image; more: plus augmentations)."""
-    if stored_views > 2:
-        return [augmented(stored_views - 2)] if always_augment else \
-            [PLAIN, MIRRORED, augmented(stored_views - 2)]
-    return [PLAIN, MIRRORED][:stored_views]
 
 
 @dataclass
@@ -98,6 +69,10 @@ class Head:
     cv_loss: float = float("nan")
     cv_acc: float = float("nan")
     held_out: str = f"{FOLDS} folds of train+valid"
+    # (photos, classes): each photo's probabilities from the fold fit that held it out, at
+    # the chosen view set and C (None where the choice was made on a held-out set, or with
+    # class weights): what data_issues.py's search for label errors needs, fitted once.
+    held_out_probs: np.ndarray = None
 
     def logits(self, photos, device=None):
         """Logits (photos, classes) of photos (photos, views, dim), averaged over the
@@ -167,23 +142,6 @@ def chunked_moments(rows, chunk):
     return (mean + shift).float(), var.clamp(min=0).sqrt().float()
 
 
-def training_rows(photos, labels, view_set, class_weight=None):
-    """(rows, labels, weights) of the view set: each photo weighs 1 in all (times its class's
-    weight, with --balance), whatever its number of views, so that C means the same for every
-    view set. The rows are a view of photos where they can be (the view sets' training views
-    are the first ones stored), not a copy."""
-    views = len(view_set.train)
-    if view_set.train == tuple(range(views)):
-        rows = photos[:, :views].reshape(-1, photos.shape[-1])
-    else:
-        rows = photos[:, list(view_set.train)].reshape(-1, photos.shape[-1])
-    row_labels = labels.repeat_interleave(views)
-    weights = torch.full((len(rows),), 1.0 / views, device=labels.device)
-    if class_weight is not None:
-        weights = weights * class_weight[row_labels]
-    return rows, row_labels, weights
-
-
 def fit_logistic(x, y, num_classes, c, sample_weight=None, init=None, max_iter=500,
                  scaler=None, device=None):
     """Weights (classes, features) and bias minimising the sample-weighted mean cross-entropy
@@ -243,41 +201,79 @@ def photo_folds(labels, k, seed):
     return folds
 
 
+@dataclass
+class FoldPath:
+    """One view set's cross-validation along C: its standardised rows, each fold's latest fit,
+    every photo's held-out probabilities at the best C so far, and how often the held-out loss
+    has risen since."""
+    view_set: ViewSet
+    rows: tuple  # (rows, labels, weights, folds) of training_rows, standardised, with folds
+    photos: torch.Tensor  # standardised
+    fits: list
+    best: float = float("inf")
+    rises: int = 0
+    probs: torch.Tensor = None
+
+
+def fold_path(photos, labels, view_set, folds, class_weight):
+    rows, row_labels, row_weights = training_rows(photos, labels, view_set, class_weight)
+    scaler = Standardizer(rows)
+    row_folds = folds.repeat_interleave(len(view_set.train))
+    return FoldPath(view_set, (scaler(rows), row_labels, row_weights, row_folds), scaler(photos),
+                    [None] * (int(folds.max()) + 1))
+
+
 def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, k=FOLDS,
                    class_weight=None, on_fit=None):
-    """Held-out (mean log loss, accuracy) over k folds of photos for each (view set, C). A
-    photo's views stay in its fold; held-out photos are predicted as the view set predicts.
-    Each view set's rows are standardised once with all their photos' statistics (no labels
-    involved), and a fold's held-out rows get weight 0 rather than a copy of the matrix.
-    Folds are fitted from the strongest regularisation to the weakest, each warm-started from
-    the one before. on_fit() is called after each fit."""
-    labels_t = torch.as_tensor(labels, dtype=torch.long).to(photos.device)
-    folds = torch.from_numpy(photo_folds(labels_t.cpu().numpy(), k, seed)).to(photos.device)
-    scores = {}
-    for view_set in view_sets:
-        rows, row_labels, row_weights = training_rows(photos, labels_t, view_set, class_weight)
-        scaler = Standardizer(rows)
-        rows = scaler(rows)
-        scaled_photos = scaler(photos)
-        row_folds = folds.repeat_interleave(len(view_set.train))
-        loss_sum, correct = dict.fromkeys(grid, 0.0), dict.fromkeys(grid, 0)
-        for fold in range(k):
-            held = folds == fold
-            if not held.any():
-                continue
-            fit_weights = row_weights * (row_folds != fold)
-            init = None
-            for c in sorted(grid):
-                init = fit_logistic(rows, row_labels, num_classes, c, fit_weights, init)
-                head = Head(*init, view_set, c)
-                logits = head.logits(scaled_photos[held])
-                loss_sum[c] += F.cross_entropy(logits, labels_t[held], reduction="sum").item()
-                correct[c] += (logits.argmax(1) == labels_t[held]).sum().item()
-                if on_fit:
-                    on_fit()
-        for c in grid:
-            scores[view_set, c] = (loss_sum[c] / len(labels), correct[c] / len(labels))
-    return scores
+    """Held-out (mean log loss, accuracy) over k folds of photos for each (view set, C) fitted
+    (validate_paths)."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(photos.device)
+    return validate_paths(photos, labels, num_classes, view_sets, seed, grid, k, class_weight,
+                          on_fit)[0]
+
+
+def validate_paths(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, k=FOLDS,
+                   class_weight=None, on_fit=None):
+    """({(view set, C): held-out (mean log loss, accuracy)}, {view set: every photo's held-out
+    probabilities at its best C}) over k folds of photos. A photo's views stay in its fold;
+    held-out photos are predicted as the view set predicts. Each view set's rows are
+    standardised once with all their photos' statistics (no labels involved), and a fold's
+    held-out rows get weight 0 rather than a copy of the matrix. C runs from the strongest L2
+    to the weakest, each fold's fit warm-started from its fit at the C before (so each score
+    is the one fitting every C gave), and a view set's path stops once its held-out loss has
+    risen PATH_PATIENCE times in a row (weaker L2 only overfits more). on_fit() is called
+    after each fit."""
+    folds = torch.from_numpy(photo_folds(labels.cpu().numpy(), k, seed)).to(photos.device)
+    scores, probs = {}, {}
+    for view_set in view_sets:  # one view set's standardised rows at a time
+        path = fold_path(photos, labels, view_set, folds, class_weight)
+        for c in sorted(grid):
+            scores[view_set, c] = fit_folds(path, labels, num_classes, c, folds, on_fit)
+            if path.rises == PATH_PATIENCE:
+                break
+        probs[view_set] = path.probs
+    return scores, probs
+
+
+def fit_folds(path, labels, num_classes, c, folds, on_fit=None):
+    """Fit each fold of path at C; its held-out (mean log loss, accuracy), and path updated."""
+    rows, row_labels, row_weights, row_folds = path.rows
+    logits = torch.zeros(len(labels), num_classes, device=labels.device)
+    for fold, init in enumerate(path.fits):
+        held = folds == fold
+        if not held.any():
+            continue
+        path.fits[fold] = fit_logistic(rows, row_labels, num_classes, c,
+                                       row_weights * (row_folds != fold), init)
+        logits[held] = Head(*path.fits[fold], path.view_set, c).logits(path.photos[held])
+        if on_fit:
+            on_fit()
+    loss = F.cross_entropy(logits, labels, reduction="sum").item() / len(labels)
+    if loss < path.best:
+        path.best, path.rises, path.probs = loss, 0, torch.softmax(logits, 1)
+    else:
+        path.rises += 1
+    return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
 @dataclass
@@ -382,10 +378,12 @@ def choose_and_fit(photos, labels, num_classes, view_sets, seed=0, class_weight=
         labels_t = labels_t.to(photos.device)
         if class_weight is not None:
             class_weight = class_weight.to(photos.device)
-        scores = cross_validate(photos, labels_t, num_classes, view_sets, seed,
-                                class_weight=class_weight, on_fit=fitted)
+        scores, probs = validate_paths(photos, labels_t, num_classes, view_sets, seed,
+                                       class_weight=class_weight, on_fit=fitted)
         view_set, c = min(scores, key=lambda key: scores[key][0])
         head = fit_head(photos, labels_t, num_classes, view_set, c, class_weight)
+        if class_weight is None:  # the search for label errors fits unweighted heads
+            head.held_out_probs = probs[view_set].cpu().numpy()
         held_out = Head.held_out
     else:
         photos = on_device(torch.as_tensor(photos), device)
