@@ -95,11 +95,16 @@ class Prediction:
     image: object = field(default=None, repr=False)  # the PIL image or array given, if any
     # predict(explain=True): the top class's heatmap, as predict.py --json gives it
     heatmap: np.ndarray = field(default=None, repr=False)
+    # The unknown verdict (None where the model has none): novelty above the threshold
+    unknown: bool = None
+    novelty: float = None
 
     def _repr_html_(self):
         """A notebook shows the photo beside its top classes."""
         rows = "".join(f"<tr><td>{html.escape(str(n))}</td><td>{100 * p:.1f}%</td></tr>"
                        for n, p in self.top)
+        if self.unknown:
+            rows += "<tr><td colspan=2><b>unknown</b>: unlike every class's photos</td></tr>"
         if self.error:
             rows = f"<tr><td colspan=2>{html.escape(self.error)}</td></tr>"
         thumb = self._thumbnail_uri()
@@ -158,6 +163,8 @@ class Classifier:
         self.classes = list(predictor.classes)
         self.names = list(predictor.class_names)
         self.preprocess = predictor.preprocess
+        # The unknown verdict's threshold (None: the model has no verdict); may be changed
+        self.unknown_threshold = getattr(predictor, "unknown_threshold", None)
 
     def __repr__(self):
         shown = ", ".join(self.names[:5]) + (", ..." if len(self.names) > 5 else "")
@@ -182,6 +189,8 @@ class Classifier:
             if result.probabilities is not None:
                 top = np.argsort(-result.probabilities, kind="stable")[:k]
                 result.top = [(self.names[i], float(result.probabilities[i])) for i in top]
+            if result.novelty is not None and self.unknown_threshold is not None:
+                result.unknown = bool(result.novelty > self.unknown_threshold)
             results.append(result)
         return results
 
@@ -200,14 +209,16 @@ class Classifier:
                 yield self._predict_image(image, explain)
 
     def _predict_image(self, image, explain=False):
-        from .app.inference import batch_probabilities
+        from .app.inference import batch_scores
         from .data import decode
         array = decode.eval_array(to_pil(image), self.preprocess)
+        probs, novelty = batch_scores(self.predictor, array[None])
+        novelty = None if novelty is None else float(novelty[0])
         if explain:
             probs, maps = self.predictor.explain(array[None])
-            return Prediction(probabilities=probs[0], image=image, heatmap=as_heatmap(maps[0]))
-        probs = batch_probabilities(self.predictor, array[None])[0]
-        return Prediction(probabilities=probs, image=image)
+            return Prediction(probabilities=probs[0], image=image, heatmap=as_heatmap(maps[0]),
+                              novelty=novelty)
+        return Prediction(probabilities=probs[0], image=image, novelty=novelty)
 
     def _predict_paths(self, items, explain=False):
         from .app.inference import predict_paths
@@ -221,7 +232,7 @@ class Classifier:
                 out[item.path] = Prediction(item.path, error=f"image {item.path}: not an image")
             else:
                 out[item.path] = Prediction(item.path, error=r.error, probabilities=r.probs,
-                                            heatmap=as_heatmap(r.heatmap))
+                                            heatmap=as_heatmap(r.heatmap), novelty=r.novelty)
         return out
 
     def evaluate(self, folder, report_dir=None):
@@ -238,11 +249,14 @@ class Classifier:
             raise UserError(f"{folder}: none of its images could be read")
         probs = np.stack([r.probs for r in good])
         truth = np.array([label_of[r.path] for r in good])
+        threshold = self.unknown_threshold
+        novelty = np.array([r.novelty for r in good]) if threshold is not None else None
         if report_dir:
             report.write_report(os.fspath(report_dir), probs, truth, self.classes, self.names,
-                                [r.path for r in good], predictor=self.predictor)
-        metrics = report.compute_metrics(probs, truth, len(self.classes))
-        return report.metrics_document(metrics, self.classes, self.names)
+                                [r.path for r in good], predictor=self.predictor,
+                                novelty=novelty, threshold=threshold)
+        metrics = report.evaluation_metrics(probs, truth, len(self.classes), novelty, threshold)
+        return report.evaluation_document(metrics, self.classes, self.names)
 
     def export(self, out, **options):
         """Write the model for other runtimes (export.py's options by their long names) after

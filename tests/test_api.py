@@ -34,6 +34,16 @@ def test_train_returns_a_classifier_and_writes_the_files(tmp_path):
     assert os.path.isfile(tmp_path / "run" / "report" / "metrics.json")
     [result] = clf.predict(os.path.join(data, "test", "dog", "000.jpg"), top_k=2)
     assert [name for name, _ in result.top][0] == "dog"
+    # The default head's unknown verdict, as predict.py gives it
+    assert isinstance(clf.unknown_threshold, float) and isinstance(result.novelty, float)
+    assert result.unknown is (result.novelty > clf.unknown_threshold)
+    grey = np.full((48, 48, 3), 128, np.uint8)
+    [flat] = clf.predict(grey)
+    assert flat.novelty > result.novelty
+    clf.unknown_threshold = float("-inf")
+    assert all(r.unknown for r in clf.predict([grey, draw_sample(1, 3)]))
+    metrics = clf.evaluate(os.path.join(data, "test"))
+    assert metrics["unknown"]["share"] == 1.0 and 0 <= metrics["ece"] <= 1
 
 
 def test_an_unknown_or_bad_option_is_a_user_error(tmp_path):
@@ -90,6 +100,7 @@ def test_evaluate_returns_the_metrics_the_report_writes(classifier, trained, tmp
     with open(tmp_path / "report" / "metrics.json") as f:
         assert json.load(f) == json.loads(json.dumps(metrics))
     assert metrics["images"] == 12 and 0 <= metrics["accuracy"] <= 1
+    assert "unknown" not in metrics  # the epoch head stores no verdict
     with pytest.raises(imgclf.UserError, match="class folder\\(s\\) the checkpoint does not know"):
         classifier.evaluate(trained["data"])
 

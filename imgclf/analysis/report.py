@@ -104,12 +104,7 @@ def write_report(out_dir, probs, labels, classes, names, image_paths, history=No
     predicted with predict.py --tta). With novelty (photos,) and its threshold, the report
     also counts the photos that the unknown verdict would call unknown."""
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
-    metrics = compute_metrics(probs, labels, len(classes))
-    metrics["ece"] = calibration.expected_calibration_error(probs, labels)
-    if novelty is not None and threshold is not None:
-        called = np.asarray(novelty, dtype=np.float64) > threshold
-        metrics["unknown"] = dict(threshold=float(threshold), count=int(called.sum()),
-                                  share=float(called.mean()))
+    metrics = evaluation_metrics(probs, labels, len(classes), novelty, threshold)
     files = {key: os.path.join(out_dir, name) for key, name in REPORT_FILES.items()}
     if not history:
         files.pop("curves")
@@ -117,8 +112,7 @@ def write_report(out_dir, probs, labels, classes, names, image_paths, history=No
     atomic.write_text(files["text"], "\n".join(report_text(metrics, names)
                                                 + open_set_lines(metrics)) + "\n")
     atomic.write_text(files["json"], json.dumps(
-        {**metrics_document(metrics, classes, names), **open_set_document(metrics)},
-        indent=2) + "\n")
+        evaluation_document(metrics, classes, names), indent=2) + "\n")
     calibration.plot_reliability(files["calibration"], probs, labels, _save,
                                  title=f"{len(labels)} photos: ")
     write_predictions_csv(files["predictions"], probs, labels, names, image_paths)
@@ -144,6 +138,23 @@ def open_set_lines(metrics):
                      f"{unknown['count']} of {metrics['images']} photos "
                      f"({100 * unknown['share']:.1f}%)")
     return lines
+
+
+def evaluation_metrics(probs, labels, num_classes, novelty=None, threshold=None):
+    """compute_metrics, the expected calibration error, and with novelty (photos,) and its
+    threshold how many photos the unknown verdict calls unknown."""
+    metrics = compute_metrics(probs, labels, num_classes)
+    metrics["ece"] = calibration.expected_calibration_error(probs, labels)
+    if novelty is not None and threshold is not None:
+        called = np.asarray(novelty, dtype=np.float64) > threshold
+        metrics["unknown"] = dict(threshold=float(threshold), count=int(called.sum()),
+                                  share=float(called.mean()))
+    return metrics
+
+
+def evaluation_document(metrics, classes, names):
+    """metrics.json: the metrics, the calibration error and the unknown count."""
+    return {**metrics_document(metrics, classes, names), **open_set_document(metrics)}
 
 
 def open_set_document(metrics):
