@@ -23,9 +23,11 @@ def test_cli_train_then_predict(tmp_path):
     predicted = run("predict.py", os.path.join(data, "test", "fox", "001.jpg"),
                     str(tmp_path / "run" / "checkpoint.pth"), "--top_k", "3")
     assert predicted.returncode == 0, predicted.stderr
-    lines = predicted.stdout.splitlines()
+    *lines, verdict = predicted.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["1.", "2.", "3."]
     assert sorted(line.split()[1] for line in lines) == ["cat", "dog", "fox"]
+    assert re.fullmatch(r"verdict: (one of the known classes|unknown - .*) \(novelty -?\d+\.\d+ "
+                        r"(<=|>) threshold -?\d+\.\d+\).*", verdict)
 
 
 def test_cli_user_mistakes_get_one_line_and_status_2(tmp_path):
@@ -52,4 +54,5 @@ def test_flowers5_with_default_options_reaches_70_percent(tmp_path):
     photo = os.path.join(FLOWERS5, "test", "sunflower",
                          sorted(os.listdir(os.path.join(FLOWERS5, "test", "sunflower")))[0])
     predicted = run("predict.py", photo, str(tmp_path / "checkpoint.pth"), "--top_k", "3")
-    assert predicted.returncode == 0 and len(predicted.stdout.splitlines()) == 3
+    lines = predicted.stdout.splitlines()
+    assert predicted.returncode == 0 and len(lines) == 4 and lines[-1].startswith("verdict: ")
