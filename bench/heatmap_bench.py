@@ -99,9 +99,9 @@ def run_set(name, checkpoint, folder, limit, gpu, drawn):
 
 def draw(path, drawn):
     """Each canvas as the network saw it, its heatmap over it, the peak marked."""
-    from imgclf.analysis import heatmaps, report
+    from imgclf.analysis import heatmaps, plots
     from imgclf.models.explain import peak_position
-    plt = report._pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, len(drawn), figsize=(2.2 * len(drawn), 2.5), squeeze=False)
     for ax, (name, array, heatmap, pre) in zip(axes[0], drawn):
         std, mean = np.asarray(pre["std"])[:, None, None], np.asarray(pre["mean"])[:, None, None]
@@ -113,7 +113,7 @@ def draw(path, drawn):
         ax.axis("off")
     fig.suptitle("photo in one quadrant of a grey canvas: heatmap of the top class, + its peak",
                  fontsize=10)
-    report._save(fig, path)
+    plots.save(fig, path)
     print(f"wrote {path}")
 
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import draw_sample
-from imgclf.analysis import data_issues, report
+from imgclf.analysis import data_issues, plots, report
 
 
 def decodes(path):
@@ -117,11 +117,11 @@ def test_no_mistakes_still_draws_a_picture(tmp_path, photos):
 
 def test_plot_curves_and_predictions(tmp_path, photos):
     history = [dict(epoch=1, train_loss=1.0, valid_loss=0.9, valid_acc=0.6)]
-    report.plot_curves(history, str(tmp_path / "curves.png"))
+    plots.plot_curves(history, str(tmp_path / "curves.png"))
     decodes(tmp_path / "curves.png")
     shown = [(p, ["a rose", "a very long flower name that wraps", "daisy"], [0.8, 0.15, 0.05])
              for p in photos[:5]]
-    report.plot_predictions(str(tmp_path / "grid.png"), shown)
+    plots.plot_predictions(str(tmp_path / "grid.png"), shown)
     decodes(tmp_path / "grid.png")
 
 

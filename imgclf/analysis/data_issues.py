@@ -33,7 +33,7 @@ from ..data import data_report
 from ..heads import linear_probe
 from ..utils import atomic
 from ..utils.text import plural
-from . import report
+from . import plots
 
 CSV_NAME = "data_issues.csv"
 PNG_NAME = "data_issues.png"
@@ -310,7 +310,7 @@ def write_report(save_dir, findings, names):
     started = time.monotonic()
     write_csv(csv_path, findings)
     if findings.near_duplicates or findings.labels:
-        report.plot_data_issues(png_path, findings, names)
+        plots.plot_data_issues(png_path, findings, names)
     else:
         atomic.remove_quietly(png_path)
     findings.seconds += time.monotonic() - started

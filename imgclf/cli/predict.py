@@ -343,7 +343,7 @@ def write_csv(path, results, tops, names, k, threshold=None):
 
 
 def plot(path, results, tops, names, crop_pct=None):
-    from ..analysis import report
+    from ..analysis import plots
     shown = [(r.path, [names[i] for i in top[0]], top[1])
              for r, top in zip(results, tops) if not r.error]
     maps = [r.heatmap for r in results if not r.error][:PLOT_LIMIT]
@@ -353,8 +353,8 @@ def plot(path, results, tops, names, crop_pct=None):
         shown = shown[:PLOT_LIMIT]
     if shown:
         try:
-            report.plot_predictions(path, shown, maps if maps and maps[0] is not None else None,
-                                    crop_pct)
+            plots.plot_predictions(path, shown, maps if maps and maps[0] is not None else None,
+                                   crop_pct)
         except OSError as err:
             raise UserError(f"--plot {path}: cannot write it ({err}); give a writable "
                             f"path") from None
