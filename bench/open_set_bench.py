@@ -125,7 +125,7 @@ def one_split(stored, far, held, seed):
             "far": far[:, :views] if far.shape[1] >= views else np.repeat(far, views, 1)}
     candidates = linear_probe.candidates(min(views, train_x.shape[1]))
     head, _ = linear_probe.choose_and_fit(train_x, train_y, len(classes), candidates, seed)
-    held_out = novelty.out_of_fold_logits(train_x, train_y, len(classes), head, seed)
+    held_out = linear_probe.out_of_fold_logits(train_x, train_y, len(classes), head, seed)
     temperature, _, _ = calibration.fit_temperature(held_out.numpy(), train_y)
     head.weight, head.bias = head.weight / temperature, head.bias / temperature
     entry = novelty.fit(train_x, train_y, head.view_set.test, held_out / temperature, seed)

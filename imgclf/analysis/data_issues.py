@@ -168,35 +168,11 @@ def column_mean(rows, block=BLOCK):
 
 def out_of_fold_probs(photos, labels, num_classes, head, seed=0, k=linear_probe.FOLDS,
                       device=None):
-    """Held-out probabilities (photos, classes): each photo's from a logistic head with the
-    view set and C of head, fitted on the other folds (the folds of linear_probe's
-    cross-validation). As there, a fold's rows get weight 0 rather than a copy of the matrix.
-    Each fold's fit starts from head, fitted on all of them: near every fold's optimum, it
-    takes a fraction of the iterations of a cold start (measured 3x fewer seconds on
-    flowers5). The fits run on device (the photos' by default), reading the rows a chunk at a
-    time."""
-    view_set, c = head.view_set, head.c
-    labels_t = torch.as_tensor(labels, dtype=torch.long)
-    folds = torch.from_numpy(linear_probe.photo_folds(np.asarray(labels), k, seed))
-    rows, row_labels, row_weights = linear_probe.training_rows(photos, labels_t, view_set)
-    # The rows stay as stored (float16, say): the fits fold the scaling in a chunk at a time,
-    # so no standardised copy of them is made.
-    scaler = linear_probe.Standardizer.streamed(rows, num_classes, device)
-    row_folds = folds.repeat_interleave(len(view_set.train))
-    # head on standardised rows: W (x - m) / s + b = (W s) x_std + (b + W m)
-    weight, bias = head.weight.to(scaler.scale.device), head.bias.to(scaler.scale.device)
-    start = weight * scaler.scale, bias + weight @ scaler.mean
-    probs = torch.zeros(len(labels), num_classes)
-    for fold in range(k):
-        held = folds == fold
-        if not held.any():
-            continue
-        fitted = linear_probe.fit_logistic(rows, row_labels, num_classes, c,
-                                           row_weights * (row_folds != fold), start,
-                                           scaler=scaler, device=device)
-        fold_head = linear_probe.Head(*scaler.unscaled(*fitted), view_set, c)
-        probs[held] = torch.softmax(fold_head.logits(photos[held], device), 1).cpu()
-    return probs.numpy()
+    """Held-out probabilities (photos, classes): the softmax of linear_probe.out_of_fold_logits
+    (each photo's from a head with head's view set and C fitted on the other folds, warm-started
+    from head: 3x fewer seconds than a cold start on flowers5). The fits run on device."""
+    logits = linear_probe.out_of_fold_logits(photos, labels, num_classes, head, seed, k, device)
+    return torch.softmax(logits, 1).numpy()
 
 
 def label_issues(probs, labels, paths, classes):

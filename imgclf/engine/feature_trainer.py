@@ -115,8 +115,9 @@ class FeatureTrainer:
         started = time.monotonic()
         labels = np.concatenate([stored[s][1] for s in ("train", "valid")])
         with head_threads(self.joined, len(self.scan.classes)):
-            held_out = novelty.out_of_fold_logits(self.joined, labels, len(self.scan.classes),
-                                                  head, self.config.seed, self.device)
+            held_out = linear_probe.out_of_fold_logits(self.joined, labels, len(self.scan.classes),
+                                                       head, self.config.seed,
+                                                       device=self.device)
         temperature, before, after = calibration.fit_temperature(held_out.numpy(), labels)
         head = dataclasses.replace(head, weight=head.weight / temperature,
                                    bias=head.bias / temperature)

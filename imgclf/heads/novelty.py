@@ -137,31 +137,6 @@ def combine(energy, knn, refs):
     return torch.maximum((energy - refs[0]) / refs[1], (knn - refs[2]) / refs[3])
 
 
-def out_of_fold_logits(photos, labels, num_classes, head, seed=0, device=None):
-    """Held-out logits (photos, classes): each photo's from a head with head's view set and C
-    fitted on the other folds of linear_probe's cross-validation, warm-started from head."""
-    view_set, c = head.view_set, head.c
-    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    folds = torch.from_numpy(linear_probe.photo_folds(np.asarray(labels), linear_probe.FOLDS,
-                                                      seed))
-    rows, row_labels, row_weights = linear_probe.training_rows(photos, labels_t, view_set)
-    scaler = linear_probe.Standardizer.streamed(rows, num_classes, device)
-    row_folds = folds.repeat_interleave(len(view_set.train))
-    weight, bias = head.weight.to(scaler.scale.device), head.bias.to(scaler.scale.device)
-    start = weight * scaler.scale, bias + weight @ scaler.mean
-    logits = torch.zeros(len(labels_t), num_classes)
-    for fold in range(linear_probe.FOLDS):
-        held = folds == fold
-        if not held.any():
-            continue
-        fitted = linear_probe.fit_logistic(rows, row_labels, num_classes, c,
-                                           row_weights * (row_folds != fold).to(row_weights),
-                                           start, scaler=scaler, device=device)
-        fold_head = linear_probe.Head(*scaler.unscaled(*fitted), view_set, c)
-        logits[held] = fold_head.logits(photos[held.to(photos.device)], device).cpu()
-    return logits
-
-
 # ---------------------------------------------------------------------------------------------
 # Scoring, at prediction time (PyTorch and the ONNX export)
 # ---------------------------------------------------------------------------------------------
