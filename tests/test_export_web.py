@@ -224,7 +224,7 @@ def test_an_int8_page_is_judged_as_int8_models_are(trained, ort_web, with_browse
 def test_a_page_that_disagrees_writes_nothing(trained, tmp_path, monkeypatch, capsys):
     def wrong(folder, photos, preprocess):
         probs = np.full((len(photos), 3), 1 / 3, dtype=np.float32)
-        return probs, 100.0
+        return probs, 100.0, None
     monkeypatch.setattr(web_page, "run_in_browser", wrong)
     out = tmp_path / "site"
     assert export.main([trained["checkpoint"], "--format", "web", "--out", str(out)]) == 1
