@@ -54,24 +54,51 @@ def fit(photos, labels, views, held_out_logits, seed=0, keep=KEEP):
     """The checkpoint's "novelty" entry from the training photos (photos, views, dim), their
     labels, the head's prediction views and the out-of-fold logits of every photo."""
     feats = photo_features(photos, views).cpu()
+    scaler, projection, reduced = reduced_space(feats)
+    labels = np.asarray(labels)
+    bank_index = bank_photos(labels, BANK_MAX, seed)
+    k = min(K, len(bank_index) - 1)
+    knn = -out_of_fold_similarity(reduced, bank_index, labels, k, seed)
+    return make_entry(scaler, projection, reduced[bank_index], k, held_out_logits, knn, keep,
+                      len(feats))
+
+
+def fit_on_held_out(bank_feats, bank_labels, held_feats, held_logits, seed=0, keep=KEEP):
+    """The "novelty" entry of a head that has no out-of-fold fits (the epoch head,
+    fine-tuning): the bank from bank_feats (photos, dim), the train split's features as the
+    model computes them; the z-score references and the threshold from a split the head was
+    not fitted on (the valid split: held_feats and the head's held_logits), each of whose
+    photos meets the whole bank as a new photo does."""
+    bank_feats = torch.as_tensor(bank_feats).float().cpu()
+    scaler, projection, reduced = reduced_space(bank_feats)
+    bank = reduced[bank_photos(np.asarray(bank_labels), BANK_MAX, seed)]
+    k = min(K, len(bank))
+    held = unit_rows(scaler(torch.as_tensor(held_feats).float().cpu())) @ projection.half().float()
+    knn = -kth_similarity(held, bank, k)
+    return make_entry(scaler, projection, bank, k, held_logits, knn, keep, len(bank_feats))
+
+
+def reduced_space(feats):
+    """(the Standardizer, the PCA projection (dim, dims), the photos' projected unit rows as
+    stored (float16 values)) of feats (photos, dim)."""
     scaler = linear_probe.Standardizer(feats)
     standard = unit_rows(scaler(feats))
     dims = int(min(PCA_DIMS, feats.shape[1], max(len(feats) - 1, 1)))
     projection = principal_directions(standard, 0.0, dims)
-    reduced = (standard @ projection).half().float()  # as stored
-    labels = np.asarray(labels)
-    bank_index = bank_photos(labels, BANK_MAX, seed)
-    bank = reduced[bank_index]
-    k = min(K, len(bank) - 1)
-    knn = -out_of_fold_similarity(reduced, bank_index, labels, k, seed)
-    energy = -torch.logsumexp(torch.as_tensor(held_out_logits).float(), 1)
+    return scaler, projection, (standard @ projection).half().float()
+
+
+def make_entry(scaler, projection, bank, k, held_logits, knn, keep, photos):
+    """The entry, its references and threshold from the held-out photos' logits and kNN
+    scores (minus the k-th similarity)."""
+    energy = -torch.logsumexp(torch.as_tensor(held_logits).float().cpu(), 1)
     refs = torch.tensor([energy.mean(), energy.std(), knn.mean(), knn.std()])
-    refs[1::2] = refs[1::2].clamp(min=1e-6)
+    refs[1::2] = torch.nan_to_num(refs[1::2], nan=1.0).clamp(min=1e-6)  # one photo: no spread
     novelty = combine(energy, knn, refs)
     return {"version": NOVELTY_VERSION, "mean": scaler.mean, "scale": scaler.scale,
             "projection": projection.half(), "bank": bank.half(), "k": int(k), "z": refs,
             "threshold": float(torch.quantile(novelty.double(), keep)), "keep": float(keep),
-            "photos": int(len(feats))}
+            "photos": int(photos)}
 
 
 def principal_directions(feats, mean, dims, block=8192):
@@ -166,23 +193,39 @@ class NoveltyScorer(nn.Module):
 class ScoredClassifier(nn.Module):
     """A classifier (models.classifier.ImageClassifier) with its novelty: x -> (N, classes + 1),
     the logits then the novelty in the last column (one output, so that every forward helper
-    and the ONNX export take it as they take the logits). The features and logits are
-    computed as ImageClassifier.forward computes them, the mirror image averaged in where it
-    averages it."""
+    and the ONNX export take it as they take the logits)."""
 
     def __init__(self, model, scorer):
         super().__init__()
         self.model, self.scorer = model, scorer
 
     def forward(self, x):
-        model = self.model
-        features = model.backbone(x)
-        logits = model.head(features)
-        if model.flip_tta:
-            mirrored = model.backbone(x.flip(-1))
-            logits = (logits + model.head(mirrored)) / 2
-            features = (features + mirrored) / 2
+        features, logits = features_and_logits(self.model, x)
         return torch.cat([logits, self.scorer(features, logits)[:, None]], 1)
+
+
+class FeaturesAndLogits(nn.Module):
+    """x -> (N, dim + classes): the features and logits of features_and_logits side by side
+    (one output, for the forward helpers): what a fine-tuned model's verdict is fitted on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.cat(features_and_logits(self.model, x), 1)
+
+
+def features_and_logits(model, x):
+    """(features, logits) of x as ImageClassifier.forward computes the logits: with the
+    mirror image averaged in where it averages it (both the features and the logits)."""
+    features = model.backbone(x)
+    logits = model.head(features)
+    if model.flip_tta:
+        mirrored = model.backbone(x.flip(-1))
+        logits = (logits + model.head(mirrored)) / 2
+        features = (features + mirrored) / 2
+    return features, logits
 
 
 def scorer_from_checkpoint(ckpt, path="checkpoint"):
