@@ -349,3 +349,26 @@ def test_keeping_the_logits_leaves_the_choice_and_head_as_they_were():
     assert scores == again
     refit = lp.fit_head(x, y, 4, head.view_set, head.c)
     assert torch.equal(head.weight, refit.weight) and torch.equal(head.bias, refit.bias)
+
+
+def test_the_fold_heads_are_less_confident_than_the_head_fitted_on_all_photos():
+    """out_of_fold_fits' scale: the head's logits over the fold heads', on the same photos.
+    With the same C and a fifth fewer photos the fold heads' weights are smaller: above 1."""
+    x, y = blobs(photos=60, spread=1.5, seed=5)
+    head = lp.fit_head(x, y, 4, lp.PLAIN, 0.1)
+    logits, scale = lp.out_of_fold_fits(x, y, 4, head)
+    assert torch.equal(logits, lp.out_of_fold_logits(x, y, 4, head))
+    assert 1.02 < scale < 1.5
+
+
+def test_the_kept_fits_give_out_of_fold_fits_scale_without_a_fit(monkeypatch):
+    """held_out_fits: the kept logits, and the scale of out_of_fold_fits (the head's logit
+    spread over the fold heads' mean) from the cross-validation's fold heads: no fit."""
+    x, y = blobs(photos=150, views=2, spread=1.5, seed=4)
+    head, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN, lp.MIRRORED])
+    refits, refit_scale = lp.out_of_fold_fits(x, y, 4, head)
+    fits = []
+    monkeypatch.setattr(lp, "fit_logistic", lambda *a, **k: fits.append(1))
+    logits, scale = lp.held_out_fits(x, y, 4, head)
+    assert not fits and torch.equal(logits, torch.from_numpy(head.held_out_logits))
+    assert scale == pytest.approx(refit_scale, rel=0.02) and scale > 1

@@ -114,9 +114,10 @@ def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, 
 
 def validate_paths(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, k=FOLDS,
                    class_weight=None, on_fit=None):
-    """({(view set, C): held-out (mean log loss, accuracy)}, {view set: every photo's held-out
-    logits at its best C}) over k folds of photos. A photo's views stay in its fold;
-    held-out photos are predicted as the view set predicts. Each view set's rows are
+    """({(view set, C): held-out (mean log loss, accuracy)}, {view set: (every photo's held-out
+    logits at its best C, its fold heads' mean logit_spread)}) over k folds of photos. A
+    photo's views stay in its fold; held-out photos are predicted as the view set predicts.
+    Each view set's rows are
     standardised once with all their photos' statistics (no labels involved), and a fold's
     held-out rows get weight 0 rather than a copy of the matrix.
 
@@ -155,16 +156,19 @@ def search_path(path, labels, num_classes, grid, folds, on_fit=None, before=None
 
 def refine(path, scores, bound, labels, num_classes, folds, on_fit=None):
     """Fit again to TOLERANCE, from the search's fits, each C of scores whose held-out loss is
-    at most bound (scores updated); the held-out logits of the best of them (None if none)."""
-    best, logits = float("inf"), None
+    at most bound (scores updated). (held-out logits, the fold heads' mean logit_spread over
+    all photos) of the best of them (None if none): what out_of_fold_fits returns, fitted."""
+    best, kept = float("inf"), None
     for c, (loss, _) in list(scores.items()):
         if loss > bound:
             continue
         scores[c], held = fit_folds(path, labels, num_classes, c, folds, on_fit, path.by_c[c],
                                     TOLERANCE)
         if scores[c][0] < best:
-            best, logits = scores[c][0], held
-    return logits
+            spreads = [logit_spread(Head(*fit, path.view_set, c).logits(path.photos))
+                       for fit in path.fits if fit is not None]
+            best, kept = scores[c][0], (held, float(np.mean(spreads)))
+    return kept
 
 
 def view_starts(before, path, c):
@@ -275,10 +279,19 @@ def holdout_path(photos, labels, num_classes, view_set, held, grid=C_GRID, class
 
 
 def out_of_fold_logits(photos, labels, num_classes, head, seed=0, k=FOLDS, device=None):
-    """Held-out logits (photos, classes): each photo's from a head with head's view set and C
-    fitted on the other folds of the cross-validation (a fold's rows get weight 0 rather than a
-    copy of the matrix), warm-started from head, which is near every fold's optimum. The rows
-    stay as stored (float16, say): the fits fold the scaling in a chunk at a time."""
+    """Held-out logits (photos, classes): out_of_fold_fits' logits."""
+    return out_of_fold_fits(photos, labels, num_classes, head, seed, k, device)[0]
+
+
+def out_of_fold_fits(photos, labels, num_classes, head, seed=0, k=FOLDS, device=None):
+    """(held-out logits (photos, classes), scale). Each photo's logits come from a head with
+    head's view set and C fitted on the other folds of the cross-validation (a fold's rows get
+    weight 0 rather than a copy of the matrix), warm-started from head, which is near every
+    fold's optimum. The rows stay as stored (float16, say): the fits fold the scaling in a chunk
+    at a time. scale: how much larger head's logits are than the fold heads' on the same
+    photos (all of them; logit_spread's ratio): fitted on (k-1)/k of the photos with the same
+    C, the fold heads are less confident than head, the more so the fewer the photos, so what
+    is learnt from their held-out logits (a temperature) applies to head's logits times scale."""
     view_set, c = head.view_set, head.c
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     folds = torch.from_numpy(photo_folds(np.asarray(labels), k, seed))
@@ -287,7 +300,7 @@ def out_of_fold_logits(photos, labels, num_classes, head, seed=0, k=FOLDS, devic
     row_folds = folds.repeat_interleave(len(view_set.train))
     weight, bias = head.weight.to(scaler.scale.device), head.bias.to(scaler.scale.device)
     start = weight * scaler.scale, bias + weight @ scaler.mean
-    logits = torch.zeros(len(labels_t), num_classes)
+    logits, spreads = torch.zeros(len(labels_t), num_classes), []
     for fold in range(k):
         held = folds == fold
         if not held.any():
@@ -295,9 +308,16 @@ def out_of_fold_logits(photos, labels, num_classes, head, seed=0, k=FOLDS, devic
         fitted = fit_logistic(rows, row_labels, num_classes, c,
                               row_weights * (row_folds != fold).to(row_weights), start,
                               scaler=scaler, device=device)
-        fold_head = Head(*scaler.unscaled(*fitted), view_set, c)
-        logits[held] = fold_head.logits(photos[held.to(photos.device)], device).cpu()
-    return logits
+        fold_logits = Head(*scaler.unscaled(*fitted), view_set, c).logits(photos, device).cpu()
+        logits[held] = fold_logits[held]
+        spreads.append(logit_spread(fold_logits))
+    return logits, logit_spread(head.logits(photos, device).cpu()) / float(np.mean(spreads))
+
+
+def logit_spread(logits):
+    """The root mean square of logits (photos, classes) about each photo's mean: their scale,
+    which is what a temperature divides (a shift common to a photo's logits changes nothing)."""
+    return float((logits - logits.mean(1, keepdim=True)).pow(2).mean().sqrt())
 
 
 def held_out_logits(photos, labels, num_classes, head, seed=0, device=None):
@@ -308,6 +328,15 @@ def held_out_logits(photos, labels, num_classes, head, seed=0, device=None):
     if kept is not None:
         return kept
     return out_of_fold_logits(photos, labels, num_classes, head, seed, device=device)
+
+
+def held_out_fits(photos, labels, num_classes, head, seed=0, device=None):
+    """out_of_fold_fits' (held-out logits, scale): from what head's cross-validation kept (its
+    fold heads' logits and spread: no fit here), else out_of_fold_fits'."""
+    kept = kept_logits(head, len(labels), num_classes)
+    if kept is None:
+        return out_of_fold_fits(photos, labels, num_classes, head, seed, device=device)
+    return kept, logit_spread(head.logits(photos, device).cpu()) / head.held_out_spread
 
 
 def kept_logits(head, photos, num_classes):
@@ -364,7 +393,8 @@ def choose_and_fit(photos, labels, num_classes, view_sets, seed=0, class_weight=
         view_set, c = min(scores, key=lambda key: scores[key][0])
         head = fit_head(photos, labels_t, num_classes, view_set, c, class_weight)
         if class_weight is None:  # out_of_fold_logits fits unweighted heads
-            head.held_out_logits = logits[view_set].cpu().numpy()
+            kept, head.held_out_spread = logits[view_set]
+            head.held_out_logits = kept.cpu().numpy()
         held_out = Head.held_out
     else:
         photos = on_device(torch.as_tensor(photos), device)

@@ -35,6 +35,8 @@ class Head:
     # class weights): what the search for label errors (data_issues.py) and the unknown
     # verdict (novelty.py) need, fitted once (held_out_logits() below).
     held_out_logits: np.ndarray = None
+    # the fold heads' mean logit_spread over all photos (linear_probe.out_of_fold_fits' scale)
+    held_out_spread: float = float("nan")
 
     def logits(self, photos, device=None):
         """Logits (photos, classes) of photos (photos, views, dim), averaged over the
