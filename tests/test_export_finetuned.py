@@ -16,6 +16,7 @@ import pytest
 from conftest import FAST, make_image_folder
 from imgclf.cli import export, predict, train
 from imgclf.export import checks, outputs
+from imgclf.heads import novelty
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
 HAVE_LITERT = all(importlib.util.find_spec(m) for m in
@@ -94,13 +95,17 @@ def test_onnx_export_of_a_finetuned_checkpoint_carries_its_backbone(finetuned, t
     diff, same, count = parity(text, "ONNX Runtime (float32)")
     assert diff <= checks.PARITY_ATOL and same == count == 12
     session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["probabilities", "heatmap"]
+    # the unknown verdict's novelty too: its bank is the fine-tuned backbone's features
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "novelty", "heatmap"]
     paths, batch = photo_batch(finetuned)
-    probs, heat = session.run(None, {"image": batch})
+    probs, novelty_out, heat = session.run(None, {"image": batch})
     tuned, pretrained = networks(finetuned["ckpt"])
+    scored = novelty.ScoredClassifier(tuned, novelty.scorer_from_checkpoint(finetuned["ckpt"]))
     with torch.inference_mode():
         np.testing.assert_allclose(probs, tuned(torch.from_numpy(batch)).softmax(1).numpy(),
                                    atol=checks.PARITY_ATOL, rtol=0)
+        np.testing.assert_allclose(novelty_out, scored(torch.from_numpy(batch))[:, -1].numpy(),
+                                   atol=1e-3, rtol=0)
     np.testing.assert_allclose(heat, outputs.reference_heatmaps(tuned, list(batch)),
                                atol=outputs.HEATMAP_ATOL, rtol=0)
     # The pretrained backbone would give other maps: the export is the fine-tuned network

@@ -243,7 +243,33 @@ class FeatureTrainer:
             _, result.metrics["test_acc"], result.test_probs = evaluate_rows(
                 head, *stored["test"], self.device, keep_probs=True)
         self.model.head = head.cpu()
+        if self.fits_open_set and not result.interrupted:
+            self.epoch_head_novelty(stored, result)
         return result
+
+    def epoch_head_novelty(self, stored, result):
+        """The unknown verdict of the epoch head (self.model.head): no out-of-fold fits, so the
+        references and threshold come from the valid split, which it was not fitted on
+        (novelty.fit_on_held_out), and the bank from the train split's plain views (a
+        stratified sample of novelty.BANK_MAX at most, read from the store)."""
+        started = time.monotonic()
+        rows, labels = stored["train"]
+        plain = view_rows(len(labels), self.config.aug_views or 0, 0)
+        plain = plain[novelty.bank_photos(labels[plain], novelty.BANK_MAX, self.config.seed)]
+        valid_rows, valid_labels = stored["valid"]
+        valid_x = torch.from_numpy(np.asarray(valid_rows[:len(valid_labels)])).float()
+        with torch.no_grad():
+            valid_logits = self.model.head(valid_x)
+        result.novelty = novelty.fit_on_held_out(np.asarray(rows[plain]), labels[plain],
+                                                 valid_x, valid_logits, self.config.seed)
+        result.metrics["unknown_threshold"] = result.novelty["threshold"]
+        if "test" in stored:
+            result.test_novelty = rows_novelty(novelty.NoveltyScorer(result.novelty),
+                                               self.model.head, stored["test"][0])
+        if self.verbose:
+            print(f"unknown verdict: threshold {result.novelty['threshold']:.2f} keeps "
+                  f"{100 * novelty.KEEP:.0f}% of the valid photos  "
+                  f"[{time.monotonic() - started:.1f}s]")
 
     def choose_views(self, train, valid):
         """How many stored augmented views the head trains on: all of them, or none when a head
@@ -354,6 +380,17 @@ def evaluate_rows(head, features, labels, device, chunk=1024, keep_probs=False):
                 probs.append(torch.softmax(logits, 1).cpu().numpy())
     loss, acc = total_loss / len(labels), correct / len(labels)
     return (loss, acc, np.concatenate(probs)) if keep_probs else (loss, acc)
+
+
+def rows_novelty(scorer, head, rows, chunk=1024):
+    """The novelty (rows,) of stored feature rows (one per photo) under head, a chunk at a
+    time."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), chunk):
+            x = torch.from_numpy(np.asarray(rows[start:start + chunk])).float()
+            out.append(scorer(x, head(x)).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 class LateProgress:
