@@ -292,8 +292,8 @@ def make_checkpoint(config, options, scan, names, preprocess, model, result):
     }
     if result.interrupted:
         checkpoint["train_state"] = result.train_state
-    # The unknown verdict's data (heads/novelty.py); None where the run fits none (the epoch
-    # head, --finetune), which predict tells apart from a checkpoint older than the verdict
+    # The unknown verdict's data (heads/novelty.py); None where the run was stopped before
+    # fitting it, which predict tells apart from a checkpoint older than the verdict
     checkpoint["novelty"] = getattr(result, "novelty", None)
     return checkpoint
 

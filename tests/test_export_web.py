@@ -98,7 +98,13 @@ def test_the_export_checks_the_page_on_every_test_photo_and_writes_the_folder(ex
         assert "://" not in text and not re.search(r"""(src|href)=["']?/""", text), name
     with open(os.path.join(exported["out"], "model.json")) as f:
         meta = json.load(f)
-    assert meta["runtime_base"] == "./" and meta["outputs"] == {"probabilities": "probabilities"}
+    assert meta["runtime_base"] == "./"
+    assert meta["outputs"] == {"probabilities": "probabilities", "novelty": "novelty",
+                               "heatmap": "heatmap"}
+    assert set(meta["novelty"]) == {"threshold"}  # the page's unknown verdict
+    # The heatmap checked twice: ONNX Runtime's, then the page's, each against predict --explain's
+    heat = [x for x in log.splitlines() if x.startswith("heatmap (2 x 2) vs predict --explain's")]
+    assert len(heat) == 2 and all("same peak cell on 12/12" in x for x in heat), log
 
 
 def page_input(driver, data, preprocess):
@@ -224,7 +230,7 @@ def test_an_int8_page_is_judged_as_int8_models_are(trained, ort_web, with_browse
 def test_a_page_that_disagrees_writes_nothing(trained, tmp_path, monkeypatch, capsys):
     def wrong(folder, photos, preprocess):
         probs = np.full((len(photos), 3), 1 / 3, dtype=np.float32)
-        return probs, 100.0
+        return probs, 100.0, None
     monkeypatch.setattr(web_page, "run_in_browser", wrong)
     out = tmp_path / "site"
     assert export.main([trained["checkpoint"], "--format", "web", "--out", str(out)]) == 1

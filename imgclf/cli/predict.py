@@ -164,17 +164,19 @@ def parse_threshold(text):
 
 def unknown_threshold(args, predictor):
     """The threshold of the unknown verdict: --unknown_threshold, else the model's; None for a
-    model without novelty data, said once on stderr where the checkpoint is older than the
-    verdict (one trained with the epoch head or --finetune has none, by design: docs)."""
+    model without novelty data (a checkpoint older than the verdict, or of a run stopped
+    before it was fitted), said once on stderr."""
     stored = getattr(predictor, "unknown_threshold", None)
     if stored is None:
         if args.unknown_threshold is not None:
-            raise UserError(f"--unknown_threshold: {args.checkpoint} has no novelty data (the "
-                            f"default head's training stores it); train it again with the "
-                            f"default head, or drop --unknown_threshold")
-        if getattr(predictor, "predates_novelty", False):
-            print(f"note: {args.checkpoint} has no novelty data (trained before the unknown "
-                  f"verdict): no unknown verdict; train again for one", file=sys.stderr)
+            raise UserError(f"--unknown_threshold: {args.checkpoint} has no novelty data (every "
+                            f"finished training run stores it); train it again, or drop "
+                            f"--unknown_threshold")
+        why = ("trained before the unknown verdict" if getattr(predictor, "predates_novelty",
+                                                               False)
+               else "its training was stopped before the verdict was fitted")
+        print(f"note: {args.checkpoint} has no novelty data ({why}): no unknown verdict; "
+              f"train again for one", file=sys.stderr)
         return None
     return stored if args.unknown_threshold is None else args.unknown_threshold
 

@@ -108,27 +108,29 @@ class FeatureTrainer:
 
     def open_set(self, head, stored, result):
         """Calibration and the unknown verdict, from out-of-fold logits of train+valid (k more
-        fits, warm-started from head): the head divided by the temperature that calibrates
-        them where it lowers their calibration error (calibration.fit_temperature), and the
+        fits, warm-started from head): the head divided by the temperature of their lowest log
+        loss times how much larger the head's logits are than the fold heads' (the fold heads
+        see fewer photos: calibration.fit_temperature, docs/open_set.md), and the
         novelty's bank, references and threshold (novelty.fit) in result.novelty. Returns the
         head as it now predicts."""
         started = time.monotonic()
         labels = np.concatenate([stored[s][1] for s in ("train", "valid")])
         with head_threads(self.joined, len(self.scan.classes)):
-            held_out = linear_probe.out_of_fold_logits(self.joined, labels, len(self.scan.classes),
-                                                       head, self.config.seed,
-                                                       device=self.device)
-        temperature, before, after = calibration.fit_temperature(held_out.numpy(), labels)
+            held_out, scale = linear_probe.out_of_fold_fits(
+                self.joined, labels, len(self.scan.classes), head, self.config.seed,
+                device=self.device)
+        temperature, before, after = calibration.fit_temperature(held_out.numpy(), labels, scale)
         head = dataclasses.replace(head, weight=head.weight / temperature,
                                    bias=head.bias / temperature)
+        # the novelty's references: the held-out logits at their own temperature
         result.novelty = novelty.fit(self.joined, labels, head.view_set.test,
-                                     held_out / temperature, self.config.seed)
+                                     held_out * (scale / temperature), self.config.seed)
         result.metrics.update(temperature=temperature, held_out_ece=after,
                               unknown_threshold=result.novelty["threshold"])
         if self.verbose:
-            scaled = (f"temperature {temperature:.2f} fitted (held-out calibration error "
-                      f"{100 * before:.1f}% -> {100 * after:.1f}%)" if temperature != 1.0 else
-                      f"no temperature (held-out calibration error {100 * before:.1f}%)")
+            scaled = (f"temperature {temperature:.2f} (held-out calibration error "
+                      f"{100 * before:.1f}% -> {100 * after:.1f}% at {temperature / scale:.2f}; the "
+                      f"head's logits are {scale:.2f}x the fold heads')")
             print(f"calibration: {scaled}; unknown verdict: threshold "
                   f"{result.novelty['threshold']:.2f} keeps {100 * novelty.KEEP:.0f}% of the "
                   f"held-out known photos  [{time.monotonic() - started:.1f}s]")
@@ -243,7 +245,33 @@ class FeatureTrainer:
             _, result.metrics["test_acc"], result.test_probs = evaluate_rows(
                 head, *stored["test"], self.device, keep_probs=True)
         self.model.head = head.cpu()
+        if self.fits_open_set and not result.interrupted:
+            self.epoch_head_novelty(stored, result)
         return result
+
+    def epoch_head_novelty(self, stored, result):
+        """The unknown verdict of the epoch head (self.model.head): no out-of-fold fits, so the
+        references and threshold come from the valid split, which it was not fitted on
+        (novelty.fit_on_held_out), and the bank from the train split's plain views (a
+        stratified sample of novelty.BANK_MAX at most, read from the store)."""
+        started = time.monotonic()
+        rows, labels = stored["train"]
+        plain = view_rows(len(labels), self.config.aug_views or 0, 0)
+        plain = plain[novelty.bank_photos(labels[plain], novelty.BANK_MAX, self.config.seed)]
+        valid_rows, valid_labels = stored["valid"]
+        valid_x = torch.from_numpy(np.asarray(valid_rows[:len(valid_labels)])).float()
+        with torch.no_grad():
+            valid_logits = self.model.head(valid_x)
+        result.novelty = novelty.fit_on_held_out(np.asarray(rows[plain]), labels[plain],
+                                                 valid_x, valid_logits, self.config.seed)
+        result.metrics["unknown_threshold"] = result.novelty["threshold"]
+        if "test" in stored:
+            result.test_novelty = rows_novelty(novelty.NoveltyScorer(result.novelty),
+                                               self.model.head, stored["test"][0])
+        if self.verbose:
+            print(f"unknown verdict: threshold {result.novelty['threshold']:.2f} keeps "
+                  f"{100 * novelty.KEEP:.0f}% of the valid photos  "
+                  f"[{time.monotonic() - started:.1f}s]")
 
     def choose_views(self, train, valid):
         """How many stored augmented views the head trains on: all of them, or none when a head
@@ -354,6 +382,17 @@ def evaluate_rows(head, features, labels, device, chunk=1024, keep_probs=False):
                 probs.append(torch.softmax(logits, 1).cpu().numpy())
     loss, acc = total_loss / len(labels), correct / len(labels)
     return (loss, acc, np.concatenate(probs)) if keep_probs else (loss, acc)
+
+
+def rows_novelty(scorer, head, rows, chunk=1024):
+    """The novelty (rows,) of stored feature rows (one per photo) under head, a chunk at a
+    time."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), chunk):
+            x = torch.from_numpy(np.asarray(rows[start:start + chunk])).float()
+            out.append(scorer(x, head(x)).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 class LateProgress:

@@ -2,11 +2,15 @@
 together on images augmented on the fly."""
 import contextlib
 import math
+import time
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..heads import novelty
 from ..models import classifier, hardware
 from ..utils.progress import Progress
 from ..utils.stopping import StopSignals
@@ -63,8 +67,48 @@ class FinetuneTrainer:
             _, result.metrics["test_acc"], logits = self.evaluate_split("test", keep=True)
             if logits is not None:
                 result.test_probs = torch.softmax(logits, 1).numpy()
+        if not result.interrupted:
+            if job.is_main:  # one pass over the photos, on rank 0 while the others wait
+                self.fit_novelty(result)
+            job.wait_for_main("rank 0's unknown verdict")
         self.model = model.cpu().to(memory_format=torch.contiguous_format)
         return result
+
+    def fit_novelty(self, result):
+        """The unknown verdict of the fine-tuned model: the stored features are the pretrained
+        backbone's, so the bank takes one more pass of the fine-tuned one over the train photos
+        (novelty.BANK_MAX of them at most), the references and threshold one over the valid
+        split (which it was early-stopped on, not trained on: novelty.fit_on_held_out), and
+        the report's count one over the test split. Inference passes: a fraction of one
+        fine-tuning epoch's forward and backward passes (docs/open_set.md)."""
+        started = time.monotonic()
+        train = self.scan.samples["train"]
+        labels = np.array([label for _, label in train])
+        chosen = novelty.bank_photos(labels, novelty.BANK_MAX, self.config.seed)
+        bank, _ = self.features_and_logits([train[i] for i in chosen])
+        valid, valid_logits = self.features_and_logits(self.scan.samples["valid"])
+        result.novelty = novelty.fit_on_held_out(bank, labels[chosen], valid, valid_logits,
+                                                 self.config.seed)
+        result.metrics["unknown_threshold"] = result.novelty["threshold"]
+        if "test" in self.scan.samples:
+            test, test_logits = self.features_and_logits(self.scan.samples["test"])
+            result.test_novelty = novelty.NoveltyScorer(result.novelty)(test,
+                                                                        test_logits).numpy()
+        print(f"unknown verdict: the fine-tuned backbone's features of {len(chosen)} train "
+              f"photos in its bank; threshold {result.novelty['threshold']:.2f} keeps "
+              f"{100 * novelty.KEEP:.0f}% of the valid photos  "
+              f"[{time.monotonic() - started:.1f}s]")
+
+    def features_and_logits(self, samples):
+        """(features (photos, dim), logits (photos, classes)) of samples as the fine-tuned
+        model predicts them (novelty.features_and_logits), in this process alone."""
+        loader = features.make_loader(features.EvalDataset(samples, self.preprocess),
+                                      hardware.inference_batch_size(self.device),
+                                      self.config.workers, self.job)
+        forward = hardware.fast_forward(novelty.FeaturesAndLogits(self.module), self.device)
+        out = torch.cat([forward(x) for x, _ in loader])
+        classes = len(self.scan.classes)
+        return out[:, :-classes], out[:, -classes:]
 
     def frozen_result(self, tuned):
         """The default mode's result on the pretrained backbone (to which early stopping went

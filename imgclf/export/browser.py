@@ -96,7 +96,8 @@ def classify_in_page(driver, data, name="photo.jpg"):
         const done = arguments[arguments.length - 1];
         const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
         window.imgclf.classify(new File([bytes], arguments[1]))
-          .then(a => done({probabilities: a.probabilities, timing: a.timing}),
+          .then(a => done({probabilities: a.probabilities, timing: a.timing,
+                           heatmap: a.heatmap ? Array.from(a.heatmap.data) : null}),
                 err => done({error: String(err && err.message || err)}));""",
                                          base64.b64encode(data).decode(), name)
     if "error" in answer:
@@ -105,10 +106,13 @@ def classify_in_page(driver, data, name="photo.jpg"):
 
 
 def predict_files(driver, files):
-    """[(name, bytes)] -> (probabilities (N, classes), [timing dict])."""
+    """[(name, bytes)] -> (probabilities (N, classes), [timing dict], heatmaps (N, h * w) or
+    None where the model has no heatmap output)."""
     answers = [classify_in_page(driver, data, name) for name, data in files]
+    heatmaps = (np.asarray([a["heatmap"] for a in answers], dtype=np.float32)
+                if all(a.get("heatmap") is not None for a in answers) else None)
     return (np.asarray([a["probabilities"] for a in answers], dtype=np.float32),
-            [a["timing"] for a in answers])
+            [a["timing"] for a in answers], heatmaps)
 
 
 def phone_screen(driver, width=400, height=850):

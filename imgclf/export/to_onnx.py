@@ -6,12 +6,16 @@
   output "novelty":       float32 (N,), where the checkpoint has the unknown verdict's data
                           (heads/novelty.py: its bank of features is inside the model); a
                           photo is unknown above metadata "unknown_threshold"
+  output "heatmap":       float32 (N, h, w), where the network can carry it exactly (a linear
+                          head on pooled features: outputs.py): the top class's evidence map,
+                          normalised as predict.py --json's "heatmap" (0..1, rows top down)
 Its metadata_props carry, as JSON strings, what prediction needs besides the weights: "classes"
 (folder names, output order), "class_names", "preprocess" {size, crop_pct, upscale, mean, std},
 "arch", and "unknown_threshold" with the novelty output. predict.py and serve.py read them, so
 the .onnx file alone is enough to predict. ONNX Runtime's probabilities must match PyTorch's
-within checks.PARITY_ATOL and name the same top class on every check photo, and its novelty
-PyTorch's within NOVELTY_ATOL.
+within checks.PARITY_ATOL and name the same top class on every check photo, its novelty
+PyTorch's within NOVELTY_ATOL, and its heatmap predict.py --explain's within
+outputs.HEATMAP_ATOL.
 
 Needs the optional packages of the export extra (onnx, onnxruntime): pip install -e '.[export]'.
 """
@@ -38,31 +42,48 @@ def write(job):
     out = job.out_path("model.int8.onnx" if job.args.quantize else "model.onnx")
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         path = os.path.join(tmp, "model.onnx")
-        novelty = export_and_check(job, path, ort, with_novelty=True)
+        names = export_and_check(job, path, ort)
         if job.args.quantize:
             path = quantize_and_report(ort, job, path)
-        add_metadata(onnx, path, job.ckpt, quantized=job.args.quantize, novelty=novelty)
+        add_metadata(onnx, path, job.ckpt, quantized=job.args.quantize, outputs=names)
         write_file_atomic(path, out)
     return out
 
 
-def export_and_check(job, path, ort, with_novelty=False):
-    """Export, then compare with PyTorch on the check images. with_novelty: where the
-    checkpoint has the unknown verdict's data, the model's second output is the novelty
-    (heads/novelty.ScoredClassifier), checked too; returns whether it has it."""
-    from ..heads import novelty
-    scorer = novelty.scorer_from_checkpoint(job.ckpt, job.args.checkpoint) \
-        if with_novelty else None
-    model = job.model if scorer is None else novelty.ScoredClassifier(job.model, scorer).eval()
+def export_and_check(job, path, ort):
+    """Export, then compare with PyTorch on the check images: the probabilities, and the
+    novelty and the heatmap where the model carries them (outputs.py). Returns the output
+    names."""
+    from . import outputs
+    scorer, heatmap = carried_extras(job)
+    names = ["probabilities"] + ["novelty"] * (scorer is not None) + ["heatmap"] * heatmap
     t0 = time.perf_counter()
-    export_onnx(model, job.image_size(), path, scorer is not None)
+    export_onnx(outputs.build(job.model, scorer, heatmap), job.image_size(), path, names)
     print(f"exported to ONNX in {time.perf_counter() - t0:.1f}s")
     probs = batched(onnx_runner(ort, path), job.check.arrays)
     print(parity_line("ONNX Runtime (float32) vs PyTorch", probs, job.reference, job.check))
     check_parity(probs, job.reference)
     if scorer is not None:
-        check_novelty_parity(model, ort, path, job.check.arrays)
-    return scorer is not None
+        from ..heads import novelty
+        check_novelty_parity(novelty.ScoredClassifier(job.model, scorer).eval(), ort, path,
+                             job.check.arrays)
+    if heatmap:
+        maps = batched(onnx_runner(ort, path, output=names.index("heatmap")), job.check.arrays)
+        outputs.check_heatmaps(maps, outputs.reference_heatmaps(job.model, job.check.arrays),
+                               "ONNX Runtime")
+    return names
+
+
+def carried_extras(job):
+    """(the novelty scorer or None, whether the heatmap is carried), saying why not where the
+    heatmap is not."""
+    from ..heads import novelty
+    from . import outputs
+    scorer = novelty.scorer_from_checkpoint(job.ckpt, job.args.checkpoint)
+    problem = outputs.heatmap_problem(job.model)
+    if problem:
+        print(f"no heatmap output: {problem}")
+    return scorer, problem is None
 
 
 def check_novelty_parity(model, ort, path, arrays):
@@ -110,24 +131,11 @@ def require_onnx():
 # ---------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------
-def export_onnx(model, size, path, with_novelty=False):
-    """Trace the whole network, softmax included, at the checkpoint's input size; with_novelty
-    (model a novelty.ScoredClassifier, its novelty in the last column) as a second output."""
+def export_onnx(net, size, path, names):
+    """Trace the network (outputs.build: softmax included) at the checkpoint's input size; its
+    outputs named names, the batch axis free."""
     import torch
-
-    class WithSoftmax(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, image):
-            out = self.net(image)
-            if with_novelty:
-                return torch.softmax(out[:, :-1], dim=1), out[:, -1]
-            return torch.softmax(out, dim=1)
-
     example = torch.zeros(2, 3, size, size)
-    names = ["probabilities", "novelty"] if with_novelty else ["probabilities"]
     with warnings.catch_warnings():
         # Conv2dSame computes its padding from the input's height and width in Python; the
         # tracer warns that it records them as constants. That is what we want: the input size
@@ -139,15 +147,15 @@ def export_onnx(model, size, path, with_novelty=False):
         # notice is for the maintainers, not for the person exporting.
         warnings.simplefilter("ignore", DeprecationWarning)
         # The exporter puts the module back in the mode it found it in: eval, for the checks.
-        torch.onnx.export(WithSoftmax(model).eval(), (example,), path, dynamo=False,
+        torch.onnx.export(net, (example,), path, dynamo=False,
                           input_names=["image"], output_names=names,
                           dynamic_axes={name: {0: "batch"} for name in ["image", *names]},
                           opset_version=OPSET, do_constant_folding=True)
 
 
-def add_metadata(onnx, path, ckpt, quantized, novelty=False):
-    """Store classes, names and preprocessing in the model file, as JSON strings (and with
-    novelty, the model's second output, the unknown verdict's threshold)."""
+def add_metadata(onnx, path, ckpt, quantized, outputs=("probabilities",)):
+    """Store classes, names and preprocessing in the model file, as JSON strings (and where
+    outputs has "novelty", the unknown verdict's threshold)."""
     model = onnx.load(path)
     meta = {
         "format": ONNX_FORMAT,
@@ -160,10 +168,13 @@ def add_metadata(onnx, path, ckpt, quantized, novelty=False):
         "quantization": "int8 static per-channel (QDQ)" if quantized else "none (float32)",
         "averages_mirror": json.dumps(bool(ckpt["model_args"].get("flip_tta", False))),
     }
-    if novelty:
+    if "novelty" in outputs:
         meta["unknown_threshold"] = json.dumps(float(ckpt["novelty"]["threshold"]))
         meta["output"] += ("; novelty (N,): the unknown verdict's score, a photo is unknown "
                            "above metadata unknown_threshold")
+    if "heatmap" in outputs:
+        meta["output"] += ("; heatmap (N, h, w): where the model found the evidence for its top "
+                           "class, 0..1 (1: the most), over the centre crop it sees")
     del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)

@@ -2,7 +2,8 @@
 what is in it), the model being the ONNX export, checked as --format onnx checks it. Then the
 page itself runs in headless Chromium on the check photos, where chromium, chromium-driver and
 selenium are installed: it must name the same top class as PyTorch on every photo and give its
-probabilities within checks.PARITY_ATOL; with --quantize it is judged as the int8 model is
+probabilities within checks.PARITY_ATOL (and its heatmap, where the model has one, predict.py
+--explain's within outputs.HEATMAP_ATOL); with --quantize it is judged as the int8 model is
 (checks.check_int8: ONNX Runtime Web's int8 kernels round otherwise than ONNX Runtime's, by up
 to 1e-2 on flowers5). Only then is the folder moved to --out.
 """
@@ -11,7 +12,7 @@ import tempfile
 
 import numpy as np
 
-from . import to_onnx, web_page
+from . import outputs, to_onnx, web_page
 from .checks import batched, check_int8, check_parity, parity_line, write_folder_atomic
 
 
@@ -24,12 +25,12 @@ def write(job):
     web_page.refuse_other_folder(out)
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         path = os.path.join(tmp, "model.onnx")
-        to_onnx.export_and_check(job, path, ort)
+        names = to_onnx.export_and_check(job, path, ort)
         int8 = None
         if job.args.quantize:
             path = to_onnx.quantize_and_report(ort, job, path)
             int8 = batched(to_onnx.onnx_runner(ort, path), job.check.arrays)
-        to_onnx.add_metadata(onnx, path, job.ckpt, quantized=job.args.quantize)
+        to_onnx.add_metadata(onnx, path, job.ckpt, quantized=job.args.quantize, outputs=names)
         folder = os.path.join(tmp, "web")
         os.mkdir(folder)
         web_page.write_files(folder, web_page.page_files(path, job.ckpt, runtime))
@@ -45,7 +46,7 @@ def check_page(folder, job, int8=None):
     those of ONNX Runtime on the int8 model, int8, where it is one)."""
     check = job.check
     try:
-        probs, median_ms = web_page.run_in_browser(folder, check.paths or check.files,
+        probs, median_ms, heatmaps = web_page.run_in_browser(folder, check.paths or check.files,
                                                    job.ckpt["preprocess"])
     except web_page.PageNotRun as why:
         print(f"not checked in a browser ({why}): ONNX Runtime was, above; the page was not")
@@ -54,6 +55,9 @@ def check_page(folder, job, int8=None):
           + f"; median answer {median_ms:.0f} ms")
     if int8 is None:
         check_parity(probs, job.reference, runtime="The page")
+        if heatmaps is not None:
+            outputs.check_heatmaps(heatmaps, outputs.reference_heatmaps(job.model, check.arrays),
+                                   "The page")
         return
     same = int((probs.argmax(1) == int8.argmax(1)).sum())
     print(f"the page vs the int8 model in ONNX Runtime: max |probability difference| "

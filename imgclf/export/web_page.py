@@ -152,7 +152,8 @@ class PageNotRun(Exception):
 
 def run_in_browser(folder, photos, preprocess):
     """The page of folder in headless Chromium on photos (paths, or [(name, bytes)]): its
-    probabilities (N, classes) and median milliseconds per answer."""
+    probabilities (N, classes), median milliseconds per answer, and its heatmaps (N, h * w;
+    None where the model has none)."""
     import numpy as np
 
     from . import browser
@@ -166,8 +167,8 @@ def run_in_browser(folder, photos, preprocess):
         except RuntimeError as err:
             raise PageNotRun(f"the page did not load: {err}; --web_runtime PATH gives it a "
                              f"local runtime") from None
-        probs, timings = browser.predict_files(driver, files)
-    return probs, float(np.median([t["total"] for t in timings]))
+        probs, timings, heatmaps = browser.predict_files(driver, files)
+    return probs, float(np.median([t["total"] for t in timings])), heatmaps
 
 
 def page_check_files(paths, preprocess):

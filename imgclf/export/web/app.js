@@ -126,7 +126,8 @@ function render(meta, answer) {
   const sure = document.createElement('span'); sure.textContent = pct(best);
   $('top').appendChild(sure);
   renderVerdict(meta, answer);
-  renderHeatmap(answer);
+  answer.top = bestIndex;
+  renderHeatmap(meta, answer);
 }
 
 // The "unknown" verdict, where the model has a novelty output and the checkpoint a threshold.
@@ -142,23 +143,26 @@ function renderVerdict(meta, answer) {
   }
 }
 
-// A heatmap output (1, H, W) over the centre crop the model saw, drawn over the photo.
-function renderHeatmap(answer) {
+// The heatmap output (1, h, w), 0..1 as predict.py --json gives it, over the part of the photo
+// the model sees (the centre square's crop_pct), as serve.py's page draws it: each cell from
+// blue (no evidence) to red (the most), more opaque the more evidence, smoothed by the
+// canvas's scaling.
+function renderHeatmap(meta, answer) {
   const canvas = $('heatmap');
   canvas.style.display = answer.heatmap ? 'block' : 'none';
+  $('heatnote').textContent = answer.heatmap ? 'Heatmap: where the model saw ' +
+    meta.class_names[answer.top] + ' (red: most), over the part of the photo it looks at.' : '';
   if (!answer.heatmap) return;
   const [h, w] = answer.heatmap.dims.slice(-2), values = answer.heatmap.data;
-  let lo = Infinity, hi = -Infinity;
-  for (const v of values) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
-  const side = Math.min(answer.width, answer.height);
+  const side = Math.min(answer.width, answer.height) * meta.preprocess.crop_pct;
   canvas.width = answer.width; canvas.height = answer.height;
-  const cells = new ImageData(w, h);
+  const small = new OffscreenCanvas(w, h), sctx = small.getContext('2d');
   for (let i = 0; i < w * h; i++) {
-    const v = hi > lo ? (values[i] - lo) / (hi - lo) : 0;
-    cells.data.set([255, Math.round(200 * (1 - v)), 0, Math.round(255 * v)], i * 4);
+    const v = Math.min(1, Math.max(0, values[i]));
+    sctx.fillStyle = 'hsla(' + Math.round(240 * (1 - v)) + ', 100%, 50%, ' +
+                     (0.15 + 0.45 * v).toFixed(2) + ')';
+    sctx.fillRect(i % w, Math.floor(i / w), 1, 1);
   }
-  const small = new OffscreenCanvas(w, h);
-  small.getContext('2d').putImageData(cells, 0, 0);
   const ctx = canvas.getContext('2d');
   ctx.imageSmoothingEnabled = true;
   ctx.drawImage(small, (answer.width - side) / 2, (answer.height - side) / 2, side, side);
