@@ -125,10 +125,11 @@ def one_split(stored, far, held, seed):
             "far": far[:, :views] if far.shape[1] >= views else np.repeat(far, views, 1)}
     candidates = linear_probe.candidates(min(views, train_x.shape[1]))
     head, _ = linear_probe.choose_and_fit(train_x, train_y, len(classes), candidates, seed)
-    held_out = linear_probe.out_of_fold_logits(train_x, train_y, len(classes), head, seed)
-    temperature, _, _ = calibration.fit_temperature(held_out.numpy(), train_y)
+    held_out, scale = linear_probe.out_of_fold_fits(train_x, train_y, len(classes), head, seed)
+    temperature, _, _ = calibration.fit_temperature(held_out.numpy(), train_y, scale)
     head.weight, head.bias = head.weight / temperature, head.bias / temperature
-    entry = novelty.fit(train_x, train_y, head.view_set.test, held_out / temperature, seed)
+    entry = novelty.fit(train_x, train_y, head.view_set.test, held_out * (scale / temperature),
+                        seed)
     scorer = novelty.NoveltyScorer(entry)
     scores = baseline_scores(head, train_x, train_y, sets)
     scores["novelty"] = {}
@@ -137,9 +138,10 @@ def one_split(stored, far, held, seed):
         scores["novelty"][name] = scorer(novelty.photo_features(s, head.view_set.test),
                                          logits).numpy()
     logits = head.logits(torch.as_tensor(sets["known"])).numpy()
+    probs = calibration.softmax(logits)
     figures = dict(accuracy=float((logits.argmax(1) == remap[test_y[in_test]]).mean()),
-                   ece=calibration.expected_calibration_error(calibration.softmax(logits),
-                                                              remap[test_y[in_test]]),
+                   ece=calibration.expected_calibration_error(probs, remap[test_y[in_test]]),
+                   ece_if_calibrated=calibration.ece_if_calibrated(probs),
                    called=float((scores["novelty"]["known"] > scorer.threshold).mean()),
                    temperature=temperature, bank_mb=novelty.entry_bytes(entry) / 1e6)
     for score, values in scores.items():
@@ -155,10 +157,11 @@ def print_table(rows, title):
     for score in SCORES:
         cells = [np.mean([r[score, kind] for r in rows], 0) for kind in ("near", "far")]
         print(f"| {score} | " + " | ".join(f"{a:.3f} / {f:.3f}" for a, f in cells) + " |")
-    mean = {k: np.mean([r[k] for r in rows]) for k in ("accuracy", "ece", "called",
-                                                        "temperature", "bank_mb")}
+    mean = {k: np.mean([r[k] for r in rows]) for k in ("accuracy", "ece", "ece_if_calibrated",
+                                                        "called", "temperature", "bank_mb")}
     print(f"known test photos: accuracy {100 * mean['accuracy']:.1f}%, ECE "
-          f"{100 * mean['ece']:.2f}%, called unknown at the default threshold "
+          f"{100 * mean['ece']:.2f}% (perfectly calibrated: {100 * mean['ece_if_calibrated']:.2f}%)"
+          f", called unknown at the default threshold "
           f"{100 * mean['called']:.1f}%; temperature {mean['temperature']:.2f}; novelty data "
           f"{mean['bank_mb']:.2f} MB")
 
@@ -182,7 +185,8 @@ def main(argv=None):
               f"{r['novelty', 'near'][1]:.3f}, far {r['novelty', 'far'][0]:.3f} / "
               f"{r['novelty', 'far'][1]:.3f}; energy near {r['energy', 'near'][0]:.3f}, kNN far "
               f"{r['kNN cosine', 'far'][0]:.3f}; accuracy {100 * r['accuracy']:.1f}%, ECE "
-              f"{100 * r['ece']:.2f}%, called unknown {100 * r['called']:.1f}%", flush=True)
+              f"{100 * r['ece']:.2f}% (perfectly calibrated: {100 * r['ece_if_calibrated']:.2f}%), "
+              f"called unknown {100 * r['called']:.1f}%", flush=True)
     print_table(rows, f"{args.data}: {len(rows)} splits holding out {hold} of {len(classes)} "
                       f"classes; far: {args.far}'s test photos")
     return 0

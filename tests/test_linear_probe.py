@@ -280,3 +280,13 @@ def test_the_head_keeps_the_held_out_probabilities_of_its_cross_validation():
     assert np.abs(head.held_out_probs - refits).mean() < 1e-3
     balanced, _ = lp.choose_and_fit(x, y, 4, [lp.PLAIN], class_weight=torch.ones(4))
     assert balanced.held_out_probs is None  # the search fits unweighted heads of its own
+
+
+def test_the_fold_heads_are_less_confident_than_the_head_fitted_on_all_photos():
+    """out_of_fold_fits' scale: the head's logits over the fold heads', on the same photos.
+    With the same C and a fifth fewer photos the fold heads' weights are smaller: above 1."""
+    x, y = blobs(photos=60, spread=1.5, seed=5)
+    head = lp.fit_head(x, y, 4, lp.PLAIN, 0.1)
+    logits, scale = lp.out_of_fold_fits(x, y, 4, head)
+    assert torch.equal(logits, lp.out_of_fold_logits(x, y, 4, head))
+    assert 1.02 < scale < 1.5

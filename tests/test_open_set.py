@@ -147,6 +147,19 @@ def test_ece_by_hand():
     assert calibration.expected_calibration_error(probs, labels, bins=2) == pytest.approx(0.0)
 
 
+def test_ece_if_calibrated_is_what_a_calibrated_model_measures():
+    rng = np.random.default_rng(2)
+    probs = calibration.softmax(rng.normal(size=(300, 5)) * 2)
+    # labels drawn from the probabilities themselves: a perfectly calibrated model
+    measured = [calibration.expected_calibration_error(
+        probs, np.array([rng.choice(5, p=p) for p in probs])) for _ in range(100)]
+    expected = calibration.ece_if_calibrated(probs)
+    assert expected == pytest.approx(np.mean(measured), rel=0.15)
+    assert expected > 0.02  # 300 photos: far from 0 even when perfectly calibrated
+    many = calibration.softmax(rng.normal(size=(30000, 5)) * 2)
+    assert calibration.ece_if_calibrated(many) < expected / 5
+
+
 def test_temperature_scaling_undoes_overconfidence():
     rng = np.random.default_rng(0)
     true_logits = rng.normal(size=(4000, 5)) * 2
@@ -156,11 +169,14 @@ def test_temperature_scaling_undoes_overconfidence():
     assert after < before / 2
 
 
-def test_temperature_is_1_where_it_does_not_help():
+def test_temperature_of_calibrated_logits_is_near_1_times_the_heads_scale():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(4000, 5)) * 2
     labels = np.array([rng.choice(5, p=p) for p in calibration.softmax(logits)])
-    assert calibration.fit_temperature(logits, labels)[0] == 1.0
+    alone = calibration.fit_temperature(logits, labels)[0]
+    assert alone == pytest.approx(1, abs=0.05)
+    # for a head whose logits are 1.2x these (fitted on more photos), 1.2x that temperature
+    assert calibration.fit_temperature(logits, labels, 1.2)[0] == pytest.approx(1.2 * alone)
 
 
 def test_kth_similarity_leaves_each_photo_itself_out():

@@ -82,7 +82,7 @@ def test_write_report_files(tmp_path, photos):
         decodes(summary["files"][key])
     doc = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert set(doc) == {"images", "accuracy", "top5_accuracy", "macro", "per_class",
-                        "confusion_matrix", "ece"}
+                        "confusion_matrix", "ece", "ece_if_calibrated"}
     assert doc["images"] == 30 and len(doc["per_class"]) == 5
     assert set(doc["per_class"][0]) == {"class", "name", "precision", "recall", "f1", "support"}
     assert np.array(doc["confusion_matrix"]["counts"]).sum() == 30
@@ -91,7 +91,7 @@ def test_write_report_files(tmp_path, photos):
     assert text[2].split() == ["class", "precision", "recall", "f1", "support"]
     assert len(text) == 3 + 5 + 1 + 2  # + a blank line and the calibration error
     assert text[-1].startswith("expected calibration error ")
-    assert 0 <= doc["ece"] <= 1
+    assert 0 <= doc["ece"] <= 1 and 0 < doc["ece_if_calibrated"] < 1
     decodes(summary["files"]["calibration"])
     lines = report.summary_lines(summary)
     assert lines[0].startswith("evaluated 30 images: accuracy ")

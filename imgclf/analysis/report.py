@@ -127,7 +127,8 @@ def write_report(out_dir, probs, labels, classes, names, image_paths, history=No
 def open_set_lines(metrics):
     """report.txt's lines on calibration and the unknown verdict."""
     lines = ["", f"expected calibration error {100 * metrics['ece']:.1f}% (15 bins of the top "
-                 f"probability; calibration.png)"]
+                 f"probability; calibration.png); a perfectly calibrated model would measure "
+                 f"{100 * metrics['ece_if_calibrated']:.1f}% on these {metrics['images']} photos"]
     unknown = metrics.get("unknown")
     if unknown:
         lines.append(f"called unknown at threshold {unknown['threshold']:.2f}: "
@@ -141,6 +142,7 @@ def evaluation_metrics(probs, labels, num_classes, novelty=None, threshold=None)
     threshold how many photos the unknown verdict calls unknown."""
     metrics = compute_metrics(probs, labels, num_classes)
     metrics["ece"] = calibration.expected_calibration_error(probs, labels)
+    metrics["ece_if_calibrated"] = calibration.ece_if_calibrated(probs)
     if novelty is not None and threshold is not None:
         called = np.asarray(novelty, dtype=np.float64) > threshold
         metrics["unknown"] = dict(threshold=float(threshold), count=int(called.sum()),
@@ -154,7 +156,7 @@ def evaluation_document(metrics, classes, names):
 
 
 def open_set_document(metrics):
-    document = {"ece": metrics["ece"]}
+    document = {"ece": metrics["ece"], "ece_if_calibrated": metrics["ece_if_calibrated"]}
     if metrics.get("unknown"):
         document["unknown"] = metrics["unknown"]
     return document
@@ -203,7 +205,8 @@ def summary_lines(summary):
              f"macro F1 {m['macro']['f1']:.3f}"]
     if "ece" in m:
         unknown = m.get("unknown")
-        lines.append(f"calibration error {100 * m['ece']:.1f}%" + (
+        lines.append(f"calibration error {100 * m['ece']:.1f}% (perfectly calibrated: "
+                     f"{100 * m['ece_if_calibrated']:.1f}%)" + (
             f"; called unknown (novelty above {unknown['threshold']:.2f}): {unknown['count']} "
             f"of {m['images']} ({100 * unknown['share']:.1f}%)" if unknown else ""))
     present = np.flatnonzero(m["support"] > 0)

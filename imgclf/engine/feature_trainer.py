@@ -108,27 +108,29 @@ class FeatureTrainer:
 
     def open_set(self, head, stored, result):
         """Calibration and the unknown verdict, from out-of-fold logits of train+valid (k more
-        fits, warm-started from head): the head divided by the temperature that calibrates
-        them where it lowers their calibration error (calibration.fit_temperature), and the
+        fits, warm-started from head): the head divided by the temperature of their lowest log
+        loss times how much larger the head's logits are than the fold heads' (the fold heads
+        see fewer photos: calibration.fit_temperature, docs/open_set.md), and the
         novelty's bank, references and threshold (novelty.fit) in result.novelty. Returns the
         head as it now predicts."""
         started = time.monotonic()
         labels = np.concatenate([stored[s][1] for s in ("train", "valid")])
         with head_threads(self.joined, len(self.scan.classes)):
-            held_out = linear_probe.out_of_fold_logits(self.joined, labels, len(self.scan.classes),
-                                                       head, self.config.seed,
-                                                       device=self.device)
-        temperature, before, after = calibration.fit_temperature(held_out.numpy(), labels)
+            held_out, scale = linear_probe.out_of_fold_fits(
+                self.joined, labels, len(self.scan.classes), head, self.config.seed,
+                device=self.device)
+        temperature, before, after = calibration.fit_temperature(held_out.numpy(), labels, scale)
         head = dataclasses.replace(head, weight=head.weight / temperature,
                                    bias=head.bias / temperature)
+        # the novelty's references: the held-out logits at their own temperature
         result.novelty = novelty.fit(self.joined, labels, head.view_set.test,
-                                     held_out / temperature, self.config.seed)
+                                     held_out * (scale / temperature), self.config.seed)
         result.metrics.update(temperature=temperature, held_out_ece=after,
                               unknown_threshold=result.novelty["threshold"])
         if self.verbose:
-            scaled = (f"temperature {temperature:.2f} fitted (held-out calibration error "
-                      f"{100 * before:.1f}% -> {100 * after:.1f}%)" if temperature != 1.0 else
-                      f"no temperature (held-out calibration error {100 * before:.1f}%)")
+            scaled = (f"temperature {temperature:.2f} (held-out calibration error "
+                      f"{100 * before:.1f}% -> {100 * after:.1f}% at {temperature / scale:.2f}; the "
+                      f"head's logits are {scale:.2f}x the fold heads')")
             print(f"calibration: {scaled}; unknown verdict: threshold "
                   f"{result.novelty['threshold']:.2f} keeps {100 * novelty.KEEP:.0f}% of the "
                   f"held-out known photos  [{time.monotonic() - started:.1f}s]")

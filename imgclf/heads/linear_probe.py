@@ -340,10 +340,19 @@ def holdout_path(photos, labels, num_classes, view_set, held, grid=C_GRID, class
 
 
 def out_of_fold_logits(photos, labels, num_classes, head, seed=0, k=FOLDS, device=None):
-    """Held-out logits (photos, classes): each photo's from a head with head's view set and C
-    fitted on the other folds of the cross-validation (a fold's rows get weight 0 rather than a
-    copy of the matrix), warm-started from head, which is near every fold's optimum. The rows
-    stay as stored (float16, say): the fits fold the scaling in a chunk at a time."""
+    """Held-out logits (photos, classes): out_of_fold_fits' logits."""
+    return out_of_fold_fits(photos, labels, num_classes, head, seed, k, device)[0]
+
+
+def out_of_fold_fits(photos, labels, num_classes, head, seed=0, k=FOLDS, device=None):
+    """(held-out logits (photos, classes), scale). Each photo's logits come from a head with
+    head's view set and C fitted on the other folds of the cross-validation (a fold's rows get
+    weight 0 rather than a copy of the matrix), warm-started from head, which is near every
+    fold's optimum. The rows stay as stored (float16, say): the fits fold the scaling in a chunk
+    at a time. scale: how much larger head's logits are than the fold heads' on the same
+    photos (all of them; logit_spread's ratio): fitted on (k-1)/k of the photos with the same
+    C, the fold heads are less confident than head, the more so the fewer the photos, so what
+    is learnt from their held-out logits (a temperature) applies to head's logits times scale."""
     view_set, c = head.view_set, head.c
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     folds = torch.from_numpy(photo_folds(np.asarray(labels), k, seed))
@@ -352,7 +361,7 @@ def out_of_fold_logits(photos, labels, num_classes, head, seed=0, k=FOLDS, devic
     row_folds = folds.repeat_interleave(len(view_set.train))
     weight, bias = head.weight.to(scaler.scale.device), head.bias.to(scaler.scale.device)
     start = weight * scaler.scale, bias + weight @ scaler.mean
-    logits = torch.zeros(len(labels_t), num_classes)
+    logits, spreads = torch.zeros(len(labels_t), num_classes), []
     for fold in range(k):
         held = folds == fold
         if not held.any():
@@ -360,9 +369,16 @@ def out_of_fold_logits(photos, labels, num_classes, head, seed=0, k=FOLDS, devic
         fitted = fit_logistic(rows, row_labels, num_classes, c,
                               row_weights * (row_folds != fold).to(row_weights), start,
                               scaler=scaler, device=device)
-        fold_head = Head(*scaler.unscaled(*fitted), view_set, c)
-        logits[held] = fold_head.logits(photos[held.to(photos.device)], device).cpu()
-    return logits
+        fold_logits = Head(*scaler.unscaled(*fitted), view_set, c).logits(photos, device).cpu()
+        logits[held] = fold_logits[held]
+        spreads.append(logit_spread(fold_logits))
+    return logits, logit_spread(head.logits(photos, device).cpu()) / float(np.mean(spreads))
+
+
+def logit_spread(logits):
+    """The root mean square of logits (photos, classes) about each photo's mean: their scale,
+    which is what a temperature divides (a shift common to a photo's logits changes nothing)."""
+    return float((logits - logits.mean(1, keepdim=True)).pow(2).mean().sqrt())
 
 
 def fit_head(photos, labels, num_classes, view_set, c, class_weight=None, init=None,
