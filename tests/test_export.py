@@ -179,7 +179,9 @@ def test_predict_with_onnx_does_not_import_torch(exported):
     assert "onnxruntime" in imported
     assert not [m for m in imported if m.split(".")[0] in ("torch", "torchvision", "model_utils")]
     lines = run.stdout.splitlines()
-    assert len(lines) == 2 and lines[0].startswith(" 1. ") and lines[0].endswith("%")
+    # the top 2, then the unknown verdict (the novelty output of the export)
+    assert len(lines) == 3 and lines[0].startswith(" 1. ") and lines[0].endswith("%")
+    assert lines[2].startswith("verdict: ")
 
 
 @needs_onnx

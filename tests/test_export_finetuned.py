@@ -130,7 +130,8 @@ def test_the_onnx_heatmap_is_predict_json_heatmap(finetuned, tmp_path, capsys):
 
 @needs_litert
 def test_tflite_export_of_a_finetuned_checkpoint(finetuned, tmp_path):
-    from imgclf.app.litert_predictor import LiteRTPredictor
+    from imgclf.app.litert_predictor import LiteRTPredictor, read_metadata
+    from imgclf.export import to_tflite
     out = str(tmp_path / "model.tflite")
     status, text = run_export([finetuned["checkpoint"], "--format", "tflite", "--out", out,
                                "--check_count", "0"])
@@ -144,6 +145,12 @@ def test_tflite_export_of_a_finetuned_checkpoint(finetuned, tmp_path):
         reference = tuned(torch.from_numpy(batch)).softmax(1).numpy()
     np.testing.assert_allclose(LiteRTPredictor(out).probabilities(batch), reference,
                                atol=checks.PARITY_ATOL, rtol=0)
+    # The heatmap travels too, checked before writing and here again
+    assert "heatmap (2 x 2) vs predict --explain's" in text
+    assert read_metadata(out)["outputs"] == ["probabilities", "heatmap"]
+    np.testing.assert_allclose(to_tflite.predict_heatmaps(out, list(batch)),
+                               outputs.reference_heatmaps(tuned, list(batch)),
+                               atol=outputs.HEATMAP_ATOL, rtol=0)
 
 
 @needs_coreml
@@ -154,3 +161,10 @@ def test_coreml_export_of_a_finetuned_checkpoint(finetuned, tmp_path):
     assert status == 0, text
     diff, same, count = parity(text, "Core ML program (float32, computed here)")
     assert diff <= checks.PARITY_ATOL and same == count == 12
+    # The heatmap travels too: an output named so, its numbers checked before writing
+    assert "heatmap (2 x 2) vs predict --explain's" in text
+    import coremltools as ct
+    spec = ct.models.MLModel(out, skip_model_load=True).get_spec()
+    assert [o.name for o in spec.description.output] == ["classLabel", "classLabel_probs",
+                                                         "heatmap"]
+    assert spec.description.predictedProbabilitiesName == "classLabel_probs"

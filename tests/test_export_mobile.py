@@ -246,7 +246,8 @@ def test_a_tflite_that_disagrees_is_refused_and_nothing_written(trained, tmp_pat
     """The check, not the converter, is under test: the conversion is replaced by an empty
     file and LiteRT's answers by PyTorch's with two classes swapped."""
     monkeypatch.setattr(to_tflite, "require_converter", lambda: None)
-    monkeypatch.setattr(to_tflite, "convert", lambda model, size, path: open(path, "wb").close())
+    monkeypatch.setattr(to_tflite, "convert",
+                        lambda model, size, path, heatmap=False: open(path, "wb").close())
 
     def swapped(path, arrays):
         return torch_probabilities(trained["checkpoint"], np.stack(arrays))[:, [1, 0, 2]]
@@ -263,10 +264,10 @@ def test_a_coreml_program_that_disagrees_is_refused_and_nothing_written(trained,
                                                                         monkeypatch, capsys):
     from imgclf.export import mil_check
     monkeypatch.setattr(to_coreml, "require_coremltools", lambda: None)
-    monkeypatch.setattr(to_coreml, "convert", lambda ct, job, path: os.mkdir(path))
+    monkeypatch.setattr(to_coreml, "convert", lambda ct, job, path, heatmap=False: os.mkdir(path))
     monkeypatch.setattr(to_coreml, "check_spec", lambda *a: None)
     monkeypatch.setattr(mil_check, "load_program", lambda path: None)
-    monkeypatch.setattr(mil_check, "run", lambda function, pixels: np.full(
+    monkeypatch.setattr(mil_check, "run", lambda function, pixels, heatmaps=None: np.full(
         (len(pixels), 3), 1 / 3, np.float32))
     out = tmp_path / "model.mlpackage"
     assert export.main([trained["checkpoint"], "--format", "coreml", "--out", str(out)]) == 1

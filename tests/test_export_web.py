@@ -99,7 +99,9 @@ def test_the_export_checks_the_page_on_every_test_photo_and_writes_the_folder(ex
     with open(os.path.join(exported["out"], "model.json")) as f:
         meta = json.load(f)
     assert meta["runtime_base"] == "./"
-    assert meta["outputs"] == {"probabilities": "probabilities", "heatmap": "heatmap"}
+    assert meta["outputs"] == {"probabilities": "probabilities", "novelty": "novelty",
+                               "heatmap": "heatmap"}
+    assert set(meta["novelty"]) == {"threshold"}  # the page's unknown verdict
     # The heatmap checked twice: ONNX Runtime's, then the page's, each against predict --explain's
     heat = [x for x in log.splitlines() if x.startswith("heatmap (2 x 2) vs predict --explain's")]
     assert len(heat) == 2 and all("same peak cell on 12/12" in x for x in heat), log

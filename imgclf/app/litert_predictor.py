@@ -46,7 +46,10 @@ class LiteRTPredictor:
                             f"(export.py --quantize); export it without --quantize for float32, "
                             f"or drop --precision")
         self._input = self.interpreter.get_input_details()[0]["index"]
-        self._output = self.interpreter.get_output_details()[0]["index"]
+        # The probabilities: the (1, classes) output (an export with the heatmap has a
+        # (1, h, w) one too)
+        self._output = next(d["index"] for d in self.interpreter.get_output_details()
+                            if len(d["shape"]) == 2)
 
     def probabilities(self, batch):
         """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""

@@ -23,9 +23,10 @@ def load_program(package):
     return program.functions["main"]
 
 
-def run(function, image):
+def run(function, image, heatmaps=None):
     """Probabilities for one image batch fed as the program's input (pixels 0-255, N x 3 x H x
-    W float): the value that reaches the classify operation, or the last output."""
+    W float): the value that reaches the classify operation, or the last output. heatmaps: a
+    list to which the program's (N, h, w) output, where it has one, is appended."""
     import torch
     values = {}
     [name] = function.inputs
@@ -39,6 +40,9 @@ def run(function, image):
         values[op.outputs[0].name] = result
     if probabilities is None:
         probabilities = values[function.outputs[0].name]
+    if heatmaps is not None:
+        heatmaps += [values[v.name].float().numpy() for v in function.outputs
+                     if v.name in values and values[v.name].ndim == 3]
     return probabilities.float().numpy()
 
 
@@ -86,11 +90,63 @@ def evaluate(op, a):
         return a["x"].flip([int(i) for i in a["axes"]])
     if kind == "linear":
         return F.linear(a["x"], a["weight"], a.get("bias"))
+    if kind in SHAPES:
+        return SHAPES[kind](a)
     if kind == "pad":
         return pad(a)
     if kind == "conv":
         return conv(a)
     raise NotEvaluated(f"operation {kind}")
+
+
+def axis_of(a):
+    return int(a["axis"])
+
+
+def gather(a):
+    import torch
+    axis = int(a.get("axis", 0))
+    return torch.index_select(a["x"], axis, a["indices"].long().flatten()).reshape(
+        *a["x"].shape[:axis], *a["indices"].shape, *a["x"].shape[axis + 1:])
+
+
+# The operations of the heatmap (export/outputs.class_map): the top class's weight row, a
+# matrix product with the feature map, its positive part over its peak.
+SHAPES = {
+    "reshape": lambda a: reshape(a["x"], [int(d) for d in a["shape"]]),
+    "expand_dims": lambda a: a["x"].reshape(expanded_shape(a["x"], a["axes"])),
+    "matmul": lambda a: matmul(a),
+    "gather": gather,
+    "reduce_argmax": lambda a: a["x"].argmax(axis_of(a),
+                                             keepdim=bool(a.get("keep_dims", False))),
+    "reduce_max": lambda a: a["x"].amax([int(i) for i in a["axes"]],
+                                        keepdim=bool(a["keep_dims"])),
+    "clip": lambda a: a["x"].clamp(float(a["alpha"]), float(a["beta"])),
+}
+
+
+def reshape(x, shape):
+    """The program was converted for one photo and is run here a few at a time: a shape's
+    leading 1 is the batch."""
+    if shape and shape[0] == 1 and x.shape[0] != 1:
+        shape = [x.shape[0], *shape[1:]]
+    return x.reshape(shape)
+
+
+def expanded_shape(x, axes):
+    shape = list(x.shape)
+    for axis in sorted(int(i) % (x.ndim + len(axes)) for i in axes):
+        shape.insert(axis, 1)
+    return shape
+
+
+def matmul(a):
+    x, y = a["x"], a["y"]
+    if bool(a.get("transpose_x", False)):
+        x = x.transpose(-1, -2)
+    if bool(a.get("transpose_y", False)):
+        y = y.transpose(-1, -2)
+    return x.float() @ y.float()
 
 
 def pad(a):

@@ -7,6 +7,10 @@ from PyTorch by coremltools.
          preview and Vision feed it a photo as it is; the resize and centre crop are the app's
          (docs/export.md: Vision's regionOfInterest)
   output "classLabel" (the top class's name) and "classLabel_probs" (name -> probability)
+  output "heatmap" (1, h, w), where the network can carry it exactly (outputs.py): the top
+         class's evidence map, 0..1, as predict.py --json's "heatmap"; its numbers checked
+         as the probabilities are, against predict --explain's within outputs.HEATMAP_ATOL.
+         The unknown verdict's novelty is not carried (not tried: its bank and top-k).
 The model's metadata has the class folder names and the preprocessing as JSON (key "imgclf").
 Core ML predicts only on Apple's systems: here the saved program is read back and computed
 with PyTorch (mil_check.py) and must match PyTorch within checks.PARITY_ATOL, same top class;
@@ -27,7 +31,7 @@ import numpy as np
 from ..errors import UserError
 from .checks import CheckFailed, PARITY_ATOL, batched, check_parity, parity_line
 from .checks import write_folder_atomic
-from . import mil_check
+from . import mil_check, outputs
 
 INSTALL_HINT = "pip install -e '.[mobile]'"
 METADATA_KEY = "imgclf"
@@ -48,7 +52,10 @@ def write(job):
                         f"name ending in .mlpackage")
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         path = os.path.join(tmp, "model.mlpackage")
-        convert(ct, job, path)
+        heatmap = outputs.heatmap_problem(job.model)
+        if heatmap:
+            print(f"no heatmap output: {heatmap}")
+        convert(ct, job, path, heatmap=heatmap is None)
         with quiet():
             function = mil_check.load_program(path)
         check_spec(ct, path, job.ckpt, function)
@@ -88,7 +95,9 @@ def image_normalisation(preprocess):
     return 1 / 255, [0.0, 0.0, 0.0], (mean, std)
 
 
-def convert(ct, job, path):
+def convert(ct, job, path, heatmap=False):
+    """The network (outputs.build: softmax, and the heatmap with heatmap) as a classifier
+    ML program, its input an image with the normalisation inside."""
     import torch
     size = job.image_size()
     scale, bias, in_graph = image_normalisation(job.ckpt["preprocess"])
@@ -96,7 +105,7 @@ def convert(ct, job, path):
     class NormaliseThenSoftmax(torch.nn.Module):
         def __init__(self, net):
             super().__init__()
-            self.net = net
+            self.net = outputs.build(net, heatmap=True) if heatmap else net
             mean, std = in_graph or ([0.0] * 3, [1.0] * 3)
             self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
@@ -105,7 +114,7 @@ def convert(ct, job, path):
         def forward(self, image):
             if self.normalise:
                 image = (image - self.mean) / self.std
-            return torch.softmax(self.net(image), dim=1)
+            return self.net(image) if heatmap else torch.softmax(self.net(image), dim=1)
 
     t0 = time.perf_counter()
     # torch.export fixes the input size, so Conv2dSame's padding is a constant (the
@@ -113,16 +122,30 @@ def convert(ct, job, path):
     program = torch.export.export(NormaliseThenSoftmax(job.model).eval(),
                                   (torch.zeros(1, 3, size, size),)).run_decompositions({})
     names = list(job.ckpt.get("class_names") or job.ckpt["classes"])
+    probabilities, *others = [spec.arg.name for spec in program.graph_signature.output_specs]
     with quiet():
         model = ct.convert(
             program, convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,
             minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
             inputs=[ct.ImageType(name="image", shape=(1, 3, size, size), scale=scale,
                                  bias=bias, color_layout=ct.colorlayout.RGB)],
-            classifier_config=ct.ClassifierConfig(names))
+            # With the heatmap, the classifier must be told which output is the probabilities
+            classifier_config=ct.ClassifierConfig(names,
+                                                  predicted_probabilities_output=probabilities))
+    if others:
+        model = named_heatmap(ct, model, others[0])
     describe(model, job.ckpt)
     model.save(path)
     print(f"converted to Core ML in {time.perf_counter() - t0:.1f}s")
+
+
+def named_heatmap(ct, model, name):
+    """The model with its heatmap output, named by the converter after its last operation,
+    renamed "heatmap"."""
+    spec = model.get_spec()
+    ct.utils.rename_feature(spec, name, "heatmap", rename_inputs=False)
+    with quiet():
+        return ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True)
 
 
 def describe(model, ckpt):
@@ -135,6 +158,10 @@ def describe(model, ckpt):
         f"{round(pre['size'] / pre['crop_pct'])} px and take the centre square")
     model.output_description["classLabel"] = "The most likely class"
     model.output_description["classLabel_probs"] = "Probability of each class"
+    if "heatmap" in model.output_description:
+        model.output_description["heatmap"] = (
+            "Where the model found the evidence for its top class, 0..1 (1: the most), over "
+            "the image (rows top down)")
     model.user_defined_metadata[METADATA_KEY] = json.dumps(metadata(ckpt))
 
 
@@ -175,10 +202,11 @@ def check_numbers(function, job):
     pre = job.ckpt["preprocess"]
     mean = np.asarray(pre["mean"], np.float32).reshape(3, 1, 1)
     std = np.asarray(pre["std"], np.float32).reshape(3, 1, 1)
+    heatmaps = []
     try:
         # 4 photos at a time: the check keeps every intermediate value of a batch (16 at a
         # time peaked at 3.9 GB on 224 px photos)
-        probs = batched(lambda x: mil_check.run(function, (x * std + mean) * 255),
+        probs = batched(lambda x: mil_check.run(function, (x * std + mean) * 255, heatmaps),
                         job.check.arrays, batch_size=4)
     except mil_check.NotEvaluated as why:
         print(f"Core ML numbers not checked: the program uses {why}, which this check does "
@@ -187,3 +215,7 @@ def check_numbers(function, job):
     print(parity_line("Core ML program (float32, computed here) vs PyTorch", probs,
                       job.reference, job.check))
     check_parity(probs, job.reference, runtime="Core ML's program", atol=PARITY_ATOL)
+    if heatmaps:
+        outputs.check_heatmaps(np.concatenate(heatmaps),
+                               outputs.reference_heatmaps(job.model, job.check.arrays),
+                               "Core ML's program")

@@ -4,9 +4,15 @@ litert-torch (no TensorFlow needed), int8 by ai-edge-quantizer, checked with Lit
   input  float32 (1, SIZE, SIZE, 3): one photo, channels last (as an Android Bitmap's pixels),
          preprocessed as predict.py does: resize, centre crop, (pixel / 255 - mean) / std
   output float32 (1, classes): probabilities (softmax applied), in the order of "classes"
+  output float32 (1, h, w): the heatmap, where the network can carry it exactly (outputs.py):
+         the top class's evidence map, 0..1, as predict.py --json's "heatmap" (checked
+         against predict --explain's within outputs.HEATMAP_ATOL). The unknown verdict's
+         novelty is not carried: its k-th nearest neighbour (torch.topk) converts to a sort
+         (STABLEHLO_SORT) that LiteRT's interpreter does not run.
 The flatbuffer's metadata entry "imgclf" (METADATA_NAME; app/litert_predictor.read_metadata
 reads it) holds a JSON object with what prediction needs besides the weights: classes,
-class_names, preprocess, layout, quantization, averages_mirror. predict.py and serve.py read it, so the file alone is enough.
+class_names, preprocess, layout, quantization, averages_mirror, outputs (the outputs' roles in
+order). predict.py and serve.py read it, so the file alone is enough.
 
 Needs the optional packages of the mobile extra: pip install -e '.[mobile]'.
 """
@@ -21,7 +27,9 @@ import numpy as np
 
 from ..app.litert_predictor import METADATA_NAME
 from ..errors import UserError
-from .checks import check_int8, check_parity, mb, parity_line, write_file_atomic
+from . import outputs
+from .checks import (check_int8, check_parity, load_calibration_images, mb, parity_line,
+                     write_file_atomic)
 
 TFLITE_FORMAT = "image-classifier-tflite"
 TFLITE_FORMAT_VERSION = 1
@@ -38,13 +46,18 @@ def write(job):
     out = job.out_path("model.int8.tflite" if job.args.quantize else "model.tflite")
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         path = os.path.join(tmp, "model.tflite")
-        convert(job.model, job.image_size(), path)
+        heatmap = carries_heatmap(job.model)
+        convert(job.model, job.image_size(), path, heatmap=heatmap)
         probs = predict_arrays(path, job.check.arrays)
         print(parity_line("LiteRT (float32) vs PyTorch", probs, job.reference, job.check))
         check_parity(probs, job.reference, runtime="LiteRT", atol=PARITY_ATOL)
+        if heatmap:
+            outputs.check_heatmaps(predict_heatmaps(path, job.check.arrays),
+                                   outputs.reference_heatmaps(job.model, job.check.arrays),
+                                   "LiteRT")
         if job.args.quantize:
             path = quantize_and_check(job, path)
-        add_metadata(path, job.ckpt, quantized=job.args.quantize)
+        add_metadata(path, job.ckpt, quantized=job.args.quantize, heatmap=heatmap)
         write_file_atomic(path, out)
     return out
 
@@ -59,23 +72,35 @@ def require_converter():
                             f"{module.replace('_', '-')}: {INSTALL_HINT}") from None
 
 
-def convert(model, size, path):
-    """The whole network, softmax included, taking channels-last input, as a .tflite file."""
+def carries_heatmap(model):
+    """Whether the export has the heatmap output (saying why not where it has none)."""
+    problem = outputs.heatmap_problem(model)
+    if problem:
+        print(f"no heatmap output: {problem}")
+    return problem is None
+
+
+def convert(model, size, path, heatmap=False):
+    """The whole network, softmax included, taking channels-last input, as a .tflite file;
+    with heatmap (model an ImageClassifier) the heatmap as a second output."""
     import litert_torch
     import torch
 
-    class ChannelsLastWithSoftmax(torch.nn.Module):
+    class ChannelsLast(torch.nn.Module):
         def __init__(self, net):
             super().__init__()
             self.net = net
 
         def forward(self, image):
-            return torch.softmax(self.net(image.permute(0, 3, 1, 2)), dim=1)
+            out = self.net(image.permute(0, 3, 1, 2))
+            return out if heatmap else torch.softmax(out, dim=1)
 
     t0 = time.perf_counter()
     example = (torch.zeros(1, size, size, 3),)
-    edge_model = litert_torch.convert(ChannelsLastWithSoftmax(contiguous_copy(model)).eval(),
-                                      example)
+    net = contiguous_copy(model)
+    if heatmap:
+        net = outputs.build(net, heatmap=True)
+    edge_model = litert_torch.convert(ChannelsLast(net).eval(), example)
     edge_model.export(path)
     print(f"converted to LiteRT in {time.perf_counter() - t0:.1f}s")
 
@@ -96,20 +121,29 @@ def contiguous_copy(model):
     return model
 
 
+# int8 choices, made on the valid splits of flowers5 and the digits (held out; docs/export.md):
+CALIBRATION_COUNT = 256  # training photos, spread over the (class-sorted) list
+# The head stays float32: a logistic head's weights span up to 75x their mean (digits: max
+# 137, mean 1.8), so int8 rows round most of them to a step of about 1, and the pooled
+# features it weighs feed it with int8 steps of 0.02. It is 1280 x classes weights: a few KB.
+FLOAT_OPS = ("INPUT", "OUTPUT", "MEAN", "FULLY_CONNECTED")
+
+
 def quantize_and_check(job, float_path):
-    """Static int8 (weights and activations) calibrated on training photos; refused where it
-    loses more than checks.INT8_MAX_DROP points of accuracy on the check photos."""
+    """Static int8 (weights and activations; head float) calibrated on training photos;
+    refused where it loses more than checks.INT8_MAX_DROP points of accuracy on the check
+    photos."""
     from ai_edge_quantizer import qtyping, quantizer, recipe
-    print(f"quantizing to int8, calibrated on {job.calibration.describe()}")
+    calibration = load_calibration_images(job.ckpt, job.check, count=CALIBRATION_COUNT)
+    print(f"quantizing to int8, calibrated on {calibration.describe()}")
     q = quantizer.Quantizer(float_path)
     q.load_quantization_recipe(recipe.static_wi8_ai8())
     # The recipe's ".*" also quantizes the graph's input and output (int8 tensors an app
     # would have to scale itself); kept float32, as the module docstring promises.
-    for end in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
-        q.update_quantization_recipe(regex=".*", operation_name=end, algorithm_key="no_quantize")
-    signature, input_name = signature_input(float_path)
-    samples = [{input_name: channels_last(a)} for a in job.calibration.arrays]
-    result = q.quantize(q.calibrate({signature: samples}, num_threads=1))
+    for op in FLOAT_OPS:
+        q.update_quantization_recipe(regex=".*", operation_name=getattr(
+            qtyping.TFLOperationName, op), algorithm_key="no_quantize")
+    result = q.quantize(calibrate_min_max(q, float_path, calibration.arrays))
     path = float_path.replace(".tflite", ".int8.tflite")
     result.export_model(path, overwrite=True)
     probs = predict_arrays(path, job.check.arrays)
@@ -118,6 +152,24 @@ def quantize_and_check(job, float_path):
           f"({os.path.getsize(float_path) / os.path.getsize(path):.1f}x smaller)")
     check_int8(probs, job.reference, job.check, runtime="LiteRT")
     return path
+
+
+def calibrate_min_max(q, float_path, arrays):
+    """Each tensor's range: the min and max over all calibration photos.
+
+    Quantizer.calibrate keeps a moving average (0.95) of each photo's min and max instead,
+    which is mostly the last ~20 photos': of the class-sorted training photos, the last
+    class's. On flowers5's valid photos that lost 1.9-2.8 points; min/max over all 0.0-0.5
+    (docs/export.md). Calibrator is the quantizer's own class; the recipe is q's (private,
+    ai-edge-quantizer 0.10)."""
+    from ai_edge_quantizer import calibrator
+    from ai_edge_quantizer.utils import qsv_utils
+    signature, input_name = signature_input(float_path)
+    calib = calibrator.Calibrator(float_path, num_threads=1,
+                                  qsv_update_func=qsv_utils.min_max_update)
+    calib.calibrate({signature: [{input_name: channels_last(a)} for a in arrays]},
+                    q._recipe_manager)  # noqa: SLF001
+    return calib.get_model_qsvs()
 
 
 def signature_input(path):
@@ -134,20 +186,31 @@ def channels_last(array):
 
 def predict_arrays(path, arrays):
     """LiteRT's probabilities for preprocessed (3, H, W) photos, one at a time (batch 1)."""
+    return run_output(path, arrays, rank=2)
+
+
+def predict_heatmaps(path, arrays):
+    """LiteRT's heatmaps (N, h, w) for preprocessed (3, H, W) photos."""
+    return run_output(path, arrays, rank=3)
+
+
+def run_output(path, arrays, rank):
+    """The model's output of that rank (probabilities 2, the heatmap 3) for each photo."""
     from ai_edge_litert.interpreter import Interpreter
     interpreter = Interpreter(model_path=path)
     interpreter.allocate_tensors()
     image = interpreter.get_input_details()[0]["index"]
-    output = interpreter.get_output_details()[0]["index"]
-    probs = []
+    output = next(d["index"] for d in interpreter.get_output_details()
+                  if len(d["shape"]) == rank)
+    values = []
     for array in arrays:
         interpreter.set_tensor(image, channels_last(array))
         interpreter.invoke()
-        probs.append(interpreter.get_tensor(output)[0].copy())
-    return np.stack(probs)
+        values.append(interpreter.get_tensor(output)[0].copy())
+    return np.stack(values)
 
 
-def metadata(ckpt, quantized):
+def metadata(ckpt, quantized, heatmap=False):
     return {
         "format": TFLITE_FORMAT,
         "format_version": TFLITE_FORMAT_VERSION,
@@ -156,20 +219,24 @@ def metadata(ckpt, quantized):
         "preprocess": dict(ckpt["preprocess"]),
         "arch": str(ckpt["model_args"].get("arch", "")),
         "layout": "NHWC",
-        "output": "probabilities (softmax applied)",
-        "quantization": ("int8 static (weights and activations; float32 input and output)"
+        "output": "probabilities (softmax applied)" + (
+            "; heatmap (1, h, w): where the model found the evidence for its top class, 0..1 "
+            "(1: the most), over the centre crop it sees" if heatmap else ""),
+        "quantization": ("int8 static (weights and activations; float32 input, output and head)"
                          if quantized else "none (float32)"),
         "averages_mirror": bool(ckpt["model_args"].get("flip_tta", False)),
+        "outputs": ["probabilities", "heatmap"] if heatmap else ["probabilities"],
     }
 
 
-def add_metadata(path, ckpt, quantized):
+def add_metadata(path, ckpt, quantized, heatmap=False):
     """Store metadata(...) as JSON in the flatbuffer's metadata list, under METADATA_NAME."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
     model = flatbuffer_utils.read_model(path)
     buffer = schema.BufferT()
-    buffer.data = np.frombuffer(json.dumps(metadata(ckpt, quantized)).encode(), np.uint8)
+    buffer.data = np.frombuffer(json.dumps(metadata(ckpt, quantized, heatmap)).encode(),
+                                np.uint8)
     model.buffers.append(buffer)
     entry = schema.MetadataT()
     entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
