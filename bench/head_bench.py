@@ -159,7 +159,7 @@ def run_head(photos, classes, device, passes=None, issues=False):
     if issues:  # as feature_trainer.FeatureTrainer.fit_logistic: the joined features, the threads rule
         started = time.monotonic()
         with feature_trainer.head_threads(x, classes):
-            if head.held_out_probs is None:  # a cross-validated head kept them: no fit
+            if head.held_out_logits is None:  # a cross-validated head kept them: no fit
                 data_issues.out_of_fold_probs(x, y, classes, head, device=device)
         result["issues_seconds"] = time.monotonic() - started
     return dict(result, peak_gib=peak_gib())

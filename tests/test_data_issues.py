@@ -148,8 +148,8 @@ def test_hash_pairs_join_the_feature_pairs_once_each():
         ("train/b.jpg", "valid/b.jpg", 0.93)]
 
 
-def test_the_search_reuses_the_heads_held_out_probabilities(monkeypatch):
-    """Where the head kept its cross-validation's held-out probabilities, the search for label
+def test_the_search_reuses_the_heads_held_out_logits(monkeypatch):
+    """Where the head kept its cross-validation's held-out logits, the search for label
     errors fits nothing; where it did not, it fits its own out-of-fold heads."""
     import argparse
 
@@ -164,15 +164,15 @@ def test_the_search_reuses_the_heads_held_out_probabilities(monkeypatch):
     monkeypatch.setattr(data_issues.data_report, "find_near_duplicates", lambda scan: [])
     stored = {"train": (x[:50], y[:50]), "valid": (x[50:], y[50:])}
     head, _ = lp.choose_and_fit(x, y, 3, [lp.PLAIN])
-    kept = np.full((60, 3), 0.01)
-    kept[np.arange(60), y] = 0.98
-    kept[7] = [0.01, 0.01, 0.98] if y[7] != 2 else [0.98, 0.01, 0.01]  # one looks mislabelled
-    head.held_out_probs = kept
+    kept = np.full((60, 3), -4.0, np.float32)
+    kept[np.arange(60), y] = 4.0
+    kept[7] = np.roll(kept[7], 1)  # one looks mislabelled
+    head.held_out_logits = kept
     refits = []
-    monkeypatch.setattr(data_issues, "out_of_fold_probs",
-                        lambda *a, **k: refits.append(1) or kept)
+    monkeypatch.setattr(lp, "out_of_fold_logits",
+                        lambda *a, **k: refits.append(1) or torch.from_numpy(kept))
     findings = data_issues.find_issues(stored, scan, head)
     assert not refits and [path for path, *_ in findings.labels] == ["t7.jpg"]
-    head.held_out_probs = None
+    head.held_out_logits = None
     data_issues.find_issues(stored, scan, head)
     assert refits == [1]

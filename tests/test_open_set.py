@@ -191,3 +191,18 @@ def test_the_bank_is_capped_with_each_class_share_kept():
     index = novelty.bank_photos(labels, 100)
     assert len(index) == 100 and (labels[index] == 0).sum() == 75
     assert len(novelty.bank_photos(labels, 1000)) == 400
+
+
+def test_the_verdict_reuses_the_cross_validations_held_out_logits(tmp_path, monkeypatch):
+    """The calibration and the novelty's references come from the logits the head's cross-
+    validation kept: no out-of-fold fits after the head (there were 5)."""
+    from imgclf.cli import train
+    from imgclf.heads import linear_probe
+    fitted = []
+    refit = linear_probe.out_of_fold_logits
+    monkeypatch.setattr(linear_probe, "out_of_fold_logits",
+                        lambda *a, **k: fitted.append(1) or refit(*a, **k))
+    data = make_image_folder(tmp_path / "data")
+    assert train.main([data, "--save_dir", str(tmp_path / "run"), *FAST]) == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert novelty.entry_problem(ckpt[novelty.CHECKPOINT_KEY]) == "" and not fitted

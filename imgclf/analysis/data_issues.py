@@ -69,8 +69,8 @@ def find_issues(stored, scan, head, seed=0, fit_features=None, device=None):
     logistic heads with the view set and C of head (a linear_probe.Head fitted on train+valid),
     near-duplicates from view 0. fit_features: train's and valid's features joined, where the
     caller holds them so (else they are joined here, a copy); device: where the fits run (the
-    features' by default). The cross-validation's held-out probabilities, where head keeps
-    them (head.held_out_probs), are used as they are."""
+    features' by default). The cross-validation's held-out logits, where head keeps them
+    (head.held_out_logits), are used as they are: no fit."""
     started = time.monotonic()
     for split, (_, labels) in stored.items():
         expected = [label for _, label in scan.samples[split]]
@@ -83,10 +83,11 @@ def find_issues(stored, scan, head, seed=0, fit_features=None, device=None):
                                                data_report.find_near_duplicates(scan))
     fit = [s for s in FIT_SPLITS if s in stored]
     y = np.concatenate([np.asarray(stored[s][1]) for s in fit])
-    probs = head.held_out_probs
-    if probs is None or probs.shape != (len(y), len(scan.classes)):
-        x = torch.cat([stored[s][0] for s in fit]) if fit_features is None else fit_features
-        probs = out_of_fold_probs(x, y, len(scan.classes), head, seed, device=device)
+    x = fit_features
+    if x is None and linear_probe.kept_logits(head, len(y), len(scan.classes)) is None:
+        # joined only where a fit needs them
+        x = torch.cat([stored[s][0] for s in fit])
+    probs = out_of_fold_probs(x, y, len(scan.classes), head, seed, device=device)
     findings.labels = label_issues(probs, y, [p for s in fit for p in paths[s]], scan.classes)
     findings.seconds = time.monotonic() - started
     return findings
@@ -168,10 +169,15 @@ def column_mean(rows, block=BLOCK):
 
 def out_of_fold_probs(photos, labels, num_classes, head, seed=0, k=linear_probe.FOLDS,
                       device=None):
-    """Held-out probabilities (photos, classes): the softmax of linear_probe.out_of_fold_logits
-    (each photo's from a head with head's view set and C fitted on the other folds, warm-started
-    from head: 3x fewer seconds than a cold start on flowers5). The fits run on device."""
-    logits = linear_probe.out_of_fold_logits(photos, labels, num_classes, head, seed, k, device)
+    """Held-out probabilities (photos, classes): the softmax of linear_probe.held_out_logits
+    (each photo's from a head with head's view set and C fitted on the other folds: those the
+    cross-validation kept, else out_of_fold_logits', warm-started from head: 3x fewer seconds
+    than a cold start on flowers5). The fits run on device."""
+    if k != linear_probe.FOLDS:  # other folds than the cross-validation's
+        logits = linear_probe.out_of_fold_logits(photos, labels, num_classes, head, seed, k,
+                                                 device)
+    else:
+        logits = linear_probe.held_out_logits(photos, labels, num_classes, head, seed, device)
     return torch.softmax(logits, 1).numpy()
 
 

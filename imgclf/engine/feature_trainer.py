@@ -87,7 +87,8 @@ class FeatureTrainer:
         if test is not None:
             stored = {**stored, "test": test}
         if self.finds_data_issues:
-            with head_threads(stored["train"][0], len(self.scan.classes)):  # k more fits
+            # fits only where the cross-validation kept no held-out logits
+            with head_threads(stored["train"][0], len(self.scan.classes)):
                 result.data_issues = data_issues.find_issues(
                     stored, self.scan, head, self.config.seed, fit_features=self.joined,
                     device=self.device)
@@ -107,16 +108,16 @@ class FeatureTrainer:
         return result
 
     def open_set(self, head, stored, result):
-        """Calibration and the unknown verdict, from out-of-fold logits of train+valid (k more
-        fits, warm-started from head): the head divided by the temperature of their lowest log
-        loss times how much larger the head's logits are than the fold heads' (the fold heads
-        see fewer photos: calibration.fit_temperature, docs/open_set.md), and the
-        novelty's bank, references and threshold (novelty.fit) in result.novelty. Returns the
-        head as it now predicts."""
+        """Calibration and the unknown verdict, from out-of-fold logits of train+valid (the
+        cross-validation's, where it kept them; else k more fits, warm-started from head): the
+        head divided by the temperature of their lowest log loss times how much larger the
+        head's logits are than the fold heads' (the fold heads see fewer photos:
+        calibration.fit_temperature, docs/open_set.md), and the novelty's bank, references and
+        threshold (novelty.fit) in result.novelty. Returns the head as it now predicts."""
         started = time.monotonic()
         labels = np.concatenate([stored[s][1] for s in ("train", "valid")])
-        with head_threads(self.joined, len(self.scan.classes)):
-            held_out, scale = linear_probe.out_of_fold_fits(
+        with head_threads(self.joined, len(self.scan.classes)):  # where there is no CV's
+            held_out, scale = linear_probe.held_out_fits(
                 self.joined, labels, len(self.scan.classes), head, self.config.seed,
                 device=self.device)
         temperature, before, after = calibration.fit_temperature(held_out.numpy(), labels, scale)

@@ -10,9 +10,13 @@ alone is mostly noise. The final head is then fitted on train+valid, twice the p
 train split in the few-shot case.
 
 The cross-validation does not fit what cannot win: C runs from the strongest L2 to the
-weakest, each fold's fit warm-started from its fit at the C before, and a view set's path ends
-once its held-out loss has risen twice. The held-out probabilities of the chosen fits are kept
-for the search for label errors (data_issues.py), which then fits nothing.
+weakest, each fold's fit warm-started from its fit at the C before (or from the view set
+before's fit at the same C), and a view set's path ends once its held-out loss has risen
+twice. Those search fits stop at a looser tolerance (SEARCH_TOLERANCE); the (view set, C)
+within REFINE_MARGIN of the best are then fitted again to the final fit's tolerance, so the
+choice is made on the scores of exact fits. The held-out logits of the chosen fits are kept
+for the search for label errors (data_issues.py) and the unknown verdict's calibration and
+references (novelty.py), which then fit nothing. The fit itself is logistic.py's.
 
 Measured on five data sets (flowers and handwritten digits, 10 photos a class to 600; see
 docs/design.md), against the AdamW head with early stopping this replaced: +3.3 points on
@@ -27,11 +31,15 @@ from the chosen fit. Those fits read the feature rows where they lie (float16 as
 never standardised into a copy: the scaling is folded into the weights) in chunks of rows, so
 their memory is the stored features plus a few chunks, on the device the run uses.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# The fit and the head (logistic.py): callers reach them through this module.
+from .logistic import (CHUNK_VALUES, FOLDS, TOLERANCE, Head, Standardizer,  # noqa: F401
+                       chunk_rows, chunked_moments, fit_logistic)
 
 # The view sets and their rows (views.py): callers reach them through this module.
 from .views import (AUG_VIEWS, MIRRORED, PLAIN, ViewSet, augmented, candidates,  # noqa: F401
@@ -41,152 +49,25 @@ from .views import (AUG_VIEWS, MIRRORED, PLAIN, ViewSet, augmented, candidates, 
 # loss plus half the squared weights). Features are standardised first, so one grid serves
 # every backbone.
 C_GRID = tuple(10.0 ** (k / 2) for k in range(-6, 3))  # 0.001 ... 10
-FOLDS = 5
 # From this many held-out photos on, C and the views are chosen on a held-out set along a
 # warm-started path rather than by cross-validation (docs/scaling.md, "The head").
 HOLDOUT_MIN_PHOTOS = 2000
 # The path stops once the held-out loss has risen this many times in a row: weaker L2 only
 # overfits more, and the weakest fits are the slowest. Cross-validation's paths stop so too.
 PATH_PATIENCE = 2
-# Values per chunk of a pass over the rows (the chunk's float32 rows or its logits, whichever is
-# wider): 64 MB, so a pass's memory does not grow with the rows.
-CHUNK_VALUES = 1 << 24
 # Fits whose features x classes pass this many values run on the process's threads; smaller
 # ones on one (training.single_thread: their matrix products are too small to share).
 MULTITHREAD_VALUES = 1 << 30
+# The search along each view set's C path stops its fold fits here: 2x fewer passes over the
+# rows; their held-out losses moved by at most 0.017 (2.2%), most at the weakest L2, by 0.003
+# near the best C, on a 2,768-photo 15-class set (docs/design.md, "The head's cost").
+SEARCH_TOLERANCE = 5e-4
+# The searched (view set, C) whose held-out loss is within this share of the best are fitted
+# again to TOLERANCE before the choice: every C that the search's looser fits could have
+# ranked wrongly.
+REFINE_MARGIN = 0.03
 # The share of the available memory a fit may plan to use.
 MEMORY_SHARE = 0.8
-
-
-@dataclass
-class Head:
-    """A fitted head on raw features: logits = features @ weight.T + bias, averaged over
-    view_set.test; plus what the choice found (its held-out loss and accuracy, and on what)."""
-    weight: torch.Tensor
-    bias: torch.Tensor
-    view_set: ViewSet
-    c: float
-    cv_loss: float = float("nan")
-    cv_acc: float = float("nan")
-    held_out: str = f"{FOLDS} folds of train+valid"
-    # (photos, classes): each photo's probabilities from the fold fit that held it out, at
-    # the chosen view set and C (None where the choice was made on a held-out set, or with
-    # class weights): what data_issues.py's search for label errors needs, fitted once.
-    held_out_probs: np.ndarray = None
-
-    def logits(self, photos, device=None):
-        """Logits (photos, classes) of photos (photos, views, dim), averaged over the
-        prediction views; computed a chunk of photos at a time, on device if given."""
-        photos = torch.as_tensor(photos)
-        device = device or self.weight.device
-        weight, bias = self.weight.to(device), self.bias.to(device)
-        out = torch.empty(len(photos), len(bias), device=device)
-        step = chunk_rows(len(bias), photos.shape[-1])
-        for start in range(0, len(photos), step):
-            part = photos[start:start + step].to(device=device, dtype=torch.float32)
-            out[start:start + step] = torch.stack([part[:, v] @ weight.T + bias
-                                                   for v in self.view_set.test]).mean(0)
-        return out
-
-
-def chunk_rows(num_classes, width):
-    """Rows per chunk of a pass, so that neither its rows nor its logits pass CHUNK_VALUES."""
-    return max(256, CHUNK_VALUES // max(num_classes, width))
-
-
-class Standardizer:
-    """Per-feature mean and scale of the rows a head trains on. The floor on the scale (a
-    thousandth of the largest) keeps near-constant features, which some augmented views have,
-    from being blown up. Rows other than float32, or more than chunk of them, are summed a
-    chunk at a time (in float64), never copied whole."""
-
-    def __init__(self, rows, chunk=None):
-        if rows.dtype == torch.float32 and (chunk is None or len(rows) <= chunk):
-            self.mean, std = rows.mean(0), rows.std(0)
-        else:
-            self.mean, std = chunked_moments(rows, chunk or len(rows))
-        self.scale = std + 1e-3 * std.max() + 1e-12
-
-    def __call__(self, rows):
-        return (rows - self.mean) / self.scale
-
-    @classmethod
-    def streamed(cls, rows, num_classes, device=None):
-        """The scaler of rows that fit_logistic reads a chunk at a time (float16 as stored, say):
-        summed in the chunks of its passes, on device (the rows' by default)."""
-        return cls(rows, chunk_rows(num_classes, rows.shape[1])).to(device or rows.device)
-
-    def to(self, device):
-        self.mean, self.scale = self.mean.to(device), self.scale.to(device)
-        return self
-
-    def unscaled(self, weight, bias):
-        """The same head on raw features: W (x - m) / s + b = (W / s) x + (b - W m / s)."""
-        weight = weight / self.scale
-        return weight, bias - weight @ self.mean
-
-
-def chunked_moments(rows, chunk):
-    """(mean, standard deviation) of each column of rows, float32, summed in float64 a chunk
-    of rows at a time around the first chunk's mean (no cancellation of large offsets)."""
-    shift = rows[:chunk].double().mean(0)
-    total = torch.zeros_like(shift)
-    squares = torch.zeros_like(shift)
-    for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk].double() - shift
-        total += part.sum(0)
-        squares += part.pow(2).sum(0)
-    n = len(rows)
-    mean = total / n
-    var = (squares - n * mean.pow(2)) / max(n - 1, 1)
-    return (mean + shift).float(), var.clamp(min=0).sqrt().float()
-
-
-def fit_logistic(x, y, num_classes, c, sample_weight=None, init=None, max_iter=500,
-                 scaler=None, device=None):
-    """Weights (classes, features) and bias minimising the sample-weighted mean cross-entropy
-    plus |W|^2 / (2 C n), n the summed weights: scikit-learn's objective divided by C n, the
-    same optimum with gradients of a size L-BFGS handles well. init warm-starts from an earlier
-    (weight, bias); rows of weight 0 take no part (held-out folds).
-
-    With scaler, x is raw (float16 as stored, say) and the fit is the one on scaler(x): the
-    scaling is folded into each pass, and the weights returned are those of the standardised
-    rows. Each pass reads x a chunk of rows at a time (as float32, on device: x's own by
-    default), so its memory does not grow with the rows."""
-    device = torch.device(device) if device is not None else x.device
-    w = torch.ones(len(y)) if sample_weight is None else sample_weight
-    n = float(w.sum())
-    w, y = (w / n).to(device), y.to(device)
-    l2 = 1.0 / (2.0 * c * n)
-    weight = torch.zeros(num_classes, x.shape[1]) if init is None else init[0].clone()
-    bias = torch.zeros(num_classes) if init is None else init[1].clone()
-    weight = weight.to(device).requires_grad_(True)
-    bias = bias.to(device).requires_grad_(True)
-    step = chunk_rows(num_classes, x.shape[1])
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=10,
-                                  tolerance_grad=1e-4, tolerance_change=1e-9,
-                                  line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = 0.0
-        for start in range(0, len(y), step):
-            stop = start + step
-            rows = x[start:stop].to(device=device, dtype=torch.float32)
-            weight_x, bias_x = (weight, bias) if scaler is None else \
-                scaler.unscaled(weight, bias)
-            ce = F.cross_entropy(torch.addmm(bias_x, rows, weight_x.T), y[start:stop],
-                                 reduction="none")
-            part = (w[start:stop] * ce).sum()
-            part.backward()  # the chunk's graph goes now: memory of one chunk at a time
-            loss = loss + part.detach()
-        penalty = l2 * weight.pow(2).sum()
-        penalty.backward()
-        return loss + penalty.detach()
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return weight.detach(), bias.detach()
 
 
 def photo_folds(labels, k, seed):
@@ -203,16 +84,15 @@ def photo_folds(labels, k, seed):
 
 @dataclass
 class FoldPath:
-    """One view set's cross-validation along C: its standardised rows, each fold's latest fit,
-    every photo's held-out probabilities at the best C so far, and how often the held-out loss
-    has risen since."""
+    """One view set's cross-validation along C: its standardised rows and their scaler, each
+    fold's latest fit, and its fits at each C so far (the refits' and the next view set's
+    starts)."""
     view_set: ViewSet
     rows: tuple  # (rows, labels, weights, folds) of training_rows, standardised, with folds
     photos: torch.Tensor  # standardised
+    scaler: Standardizer
     fits: list
-    best: float = float("inf")
-    rises: int = 0
-    probs: torch.Tensor = None
+    by_c: dict = field(default_factory=dict)  # C: [each fold's (weight, bias)], standardised
 
 
 def fold_path(photos, labels, view_set, folds, class_weight):
@@ -220,7 +100,7 @@ def fold_path(photos, labels, view_set, folds, class_weight):
     scaler = Standardizer(rows)
     row_folds = folds.repeat_interleave(len(view_set.train))
     return FoldPath(view_set, (scaler(rows), row_labels, row_weights, row_folds), scaler(photos),
-                    [None] * (int(folds.max()) + 1))
+                    scaler, [None] * (int(folds.max()) + 1))
 
 
 def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, k=FOLDS,
@@ -234,46 +114,105 @@ def cross_validate(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, 
 
 def validate_paths(photos, labels, num_classes, view_sets, seed=0, grid=C_GRID, k=FOLDS,
                    class_weight=None, on_fit=None):
-    """({(view set, C): held-out (mean log loss, accuracy)}, {view set: every photo's held-out
-    probabilities at its best C}) over k folds of photos. A photo's views stay in its fold;
-    held-out photos are predicted as the view set predicts. Each view set's rows are
+    """({(view set, C): held-out (mean log loss, accuracy)}, {view set: (every photo's held-out
+    logits at its best C, its fold heads' mean logit_spread)}) over k folds of photos. A
+    photo's views stay in its fold; held-out photos are predicted as the view set predicts.
+    Each view set's rows are
     standardised once with all their photos' statistics (no labels involved), and a fold's
-    held-out rows get weight 0 rather than a copy of the matrix. C runs from the strongest L2
-    to the weakest, each fold's fit warm-started from its fit at the C before (so each score
-    is the one fitting every C gave), and a view set's path stops once its held-out loss has
-    risen PATH_PATIENCE times in a row (weaker L2 only overfits more). on_fit() is called
-    after each fit."""
+    held-out rows get weight 0 rather than a copy of the matrix.
+
+    Each view set's path (search_path) runs C from the strongest L2 to the weakest with fits
+    stopped at SEARCH_TOLERANCE; the C whose held-out loss is within REFINE_MARGIN of the best
+    so far are then fitted again to TOLERANCE, warm-started from those fits (refine): their
+    scores and held-out logits are those of exact fits, as the final head's fit is exact.
+    on_fit() is called after each fit."""
     folds = torch.from_numpy(photo_folds(labels.cpu().numpy(), k, seed)).to(photos.device)
-    scores, probs = {}, {}
+    scores, logits, before, best = {}, {}, None, float("inf")
     for view_set in view_sets:  # one view set's standardised rows at a time
         path = fold_path(photos, labels, view_set, folds, class_weight)
-        for c in sorted(grid):
-            scores[view_set, c] = fit_folds(path, labels, num_classes, c, folds, on_fit)
-            if path.rises == PATH_PATIENCE:
-                break
-        probs[view_set] = path.probs
-    return scores, probs
+        searched = search_path(path, labels, num_classes, grid, folds, on_fit, before)
+        best = min(best, min(loss for loss, _ in searched.values()))
+        logits[view_set] = refine(path, searched, best * (1 + REFINE_MARGIN), labels,
+                                  num_classes, folds, on_fit)
+        scores.update({(view_set, c): score for c, score in searched.items()})
+        before, path.rows, path.photos = path, None, None  # its fits alone are kept
+    return scores, logits
 
 
-def fit_folds(path, labels, num_classes, c, folds, on_fit=None):
-    """Fit each fold of path at C; its held-out (mean log loss, accuracy), and path updated."""
+def search_path(path, labels, num_classes, grid, folds, on_fit=None, before=None):
+    """{C: held-out (mean log loss, accuracy)} of path's fits at SEARCH_TOLERANCE, from the
+    strongest L2 to the weakest, each fold's fit warm-started from its fit at the C before
+    (or from the view set before's at the same C: view_starts); the path stops once its
+    held-out loss has risen PATH_PATIENCE times in a row (weaker L2 only overfits more)."""
+    scores, best, rises = {}, float("inf"), 0
+    for c in sorted(grid):
+        scores[c], _ = fit_folds(path, labels, num_classes, c, folds, on_fit,
+                                 view_starts(before, path, c), SEARCH_TOLERANCE)
+        best, rises = (scores[c][0], 0) if scores[c][0] < best else (best, rises + 1)
+        if rises == PATH_PATIENCE:
+            break
+    return scores
+
+
+def refine(path, scores, bound, labels, num_classes, folds, on_fit=None):
+    """Fit again to TOLERANCE, from the search's fits, each C of scores whose held-out loss is
+    at most bound (scores updated). (held-out logits, the fold heads' mean logit_spread over
+    all photos) of the best of them (None if none): what out_of_fold_fits returns, fitted."""
+    best, kept = float("inf"), None
+    for c, (loss, _) in list(scores.items()):
+        if loss > bound:
+            continue
+        scores[c], held = fit_folds(path, labels, num_classes, c, folds, on_fit, path.by_c[c],
+                                    TOLERANCE)
+        if scores[c][0] < best:
+            spreads = [logit_spread(Head(*fit, path.view_set, c).logits(path.photos))
+                       for fit in path.fits if fit is not None]
+            best, kept = scores[c][0], (held, float(np.mean(spreads)))
+    return kept
+
+
+def view_starts(before, path, c):
+    """Starts of path's folds at C: the view set before's fold fits at C (nearly the same
+    rows, the same C: nearer the optimum than this view set's fits at the C before), moved to
+    path's standardisation; None where that set's path did not reach C."""
+    if before is None or c not in before.by_c:
+        return None
+    return [None if fit is None else restandardised(fit, before.scaler, path.scaler)
+            for fit in before.by_c[c]]
+
+
+def restandardised(fit, source, target):
+    """A fit (weight, bias) on rows standardised by source, as the same head on rows
+    standardised by target."""
+    weight, bias = source.unscaled(*fit)
+    return weight * target.scale, bias + weight @ target.mean
+
+
+def fit_folds(path, labels, num_classes, c, folds, on_fit=None, starts=None,
+              tolerance=TOLERANCE):
+    """Fit each fold of path at C to tolerance, warm-started from starts[fold] where given,
+    else from its fit at the C before, else (the first C) from the fold before's fit at C
+    (it shares 3/4 of its rows). ((mean log loss, accuracy), logits) held out; path's fits
+    updated, and kept under path.by_c[C]."""
     rows, row_labels, row_weights, row_folds = path.rows
     logits = torch.zeros(len(labels), num_classes, device=labels.device)
     for fold, init in enumerate(path.fits):
         held = folds == fold
         if not held.any():
             continue
+        if starts is not None and starts[fold] is not None:
+            init = starts[fold]
+        elif init is None and fold > 0:
+            init = path.fits[fold - 1]
         path.fits[fold] = fit_logistic(rows, row_labels, num_classes, c,
-                                       row_weights * (row_folds != fold), init)
+                                       row_weights * (row_folds != fold), init,
+                                       tolerance=tolerance)
         logits[held] = Head(*path.fits[fold], path.view_set, c).logits(path.photos[held])
         if on_fit:
             on_fit()
+    path.by_c[c] = list(path.fits)
     loss = F.cross_entropy(logits, labels, reduction="sum").item() / len(labels)
-    if loss < path.best:
-        path.best, path.rises, path.probs = loss, 0, torch.softmax(logits, 1)
-    else:
-        path.rises += 1
-    return loss, (logits.argmax(1) == labels).float().mean().item()
+    return (loss, (logits.argmax(1) == labels).float().mean().item()), logits
 
 
 @dataclass
@@ -381,6 +320,34 @@ def logit_spread(logits):
     return float((logits - logits.mean(1, keepdim=True)).pow(2).mean().sqrt())
 
 
+def held_out_logits(photos, labels, num_classes, head, seed=0, device=None):
+    """Held-out logits (photos, classes) of head's view set and C, each photo's from a fit on
+    the other folds: the ones head's cross-validation kept (the same folds, seed and fits: no
+    fit here), else out_of_fold_logits' (a choice made on a held-out set, class weights)."""
+    kept = kept_logits(head, len(labels), num_classes)
+    if kept is not None:
+        return kept
+    return out_of_fold_logits(photos, labels, num_classes, head, seed, device=device)
+
+
+def held_out_fits(photos, labels, num_classes, head, seed=0, device=None):
+    """out_of_fold_fits' (held-out logits, scale): from what head's cross-validation kept (its
+    fold heads' logits and spread: no fit here), else out_of_fold_fits'."""
+    kept = kept_logits(head, len(labels), num_classes)
+    if kept is None:
+        return out_of_fold_fits(photos, labels, num_classes, head, seed, device=device)
+    return kept, logit_spread(head.logits(photos, device).cpu()) / head.held_out_spread
+
+
+def kept_logits(head, photos, num_classes):
+    """head's cross-validation's held-out logits (a tensor) where it kept them for this many
+    photos and classes, else None."""
+    kept = head.held_out_logits
+    if kept is None or kept.shape != (photos, num_classes):
+        return None
+    return torch.from_numpy(kept)
+
+
 def fit_head(photos, labels, num_classes, view_set, c, class_weight=None, init=None,
              device=None, streamed=False):
     """The head fitted on every photo given, with the given view set and C, on raw features
@@ -412,7 +379,8 @@ def choose_and_fit(photos, labels, num_classes, view_sets, seed=0, class_weight=
     there will be (a path that stops early makes fewer)."""
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     held = holdout(np.asarray(labels), valid, seed)
-    planned = len(view_sets) * len(C_GRID) * FOLDS + 1 if held is None else \
+    # cross-validation: each searched fit, refitted at most once, then the final fit
+    planned = 2 * len(view_sets) * len(C_GRID) * FOLDS + 1 if held is None else \
         len(C_GRID) + len(view_sets)
     fitted = (lambda: on_fit(planned)) if on_fit else None
     if held is None:
@@ -420,12 +388,13 @@ def choose_and_fit(photos, labels, num_classes, view_sets, seed=0, class_weight=
         labels_t = labels_t.to(photos.device)
         if class_weight is not None:
             class_weight = class_weight.to(photos.device)
-        scores, probs = validate_paths(photos, labels_t, num_classes, view_sets, seed,
-                                       class_weight=class_weight, on_fit=fitted)
+        scores, logits = validate_paths(photos, labels_t, num_classes, view_sets, seed,
+                                        class_weight=class_weight, on_fit=fitted)
         view_set, c = min(scores, key=lambda key: scores[key][0])
         head = fit_head(photos, labels_t, num_classes, view_set, c, class_weight)
-        if class_weight is None:  # the search for label errors fits unweighted heads
-            head.held_out_probs = probs[view_set].cpu().numpy()
+        if class_weight is None:  # out_of_fold_logits fits unweighted heads
+            kept, head.held_out_spread = logits[view_set]
+            head.held_out_logits = kept.cpu().numpy()
         held_out = Head.held_out
     else:
         photos = on_device(torch.as_tensor(photos), device)
@@ -479,11 +448,12 @@ def choice_line(head, scores, seconds=None):
 
 def fit_memory(photos, views, dim, num_classes):
     """Bytes a fit of the head needs, about: its photos' float16 features twice (as read and
-    joined), a pass's chunks, the weights with L-BFGS's history of them, and the held-out
-    probabilities of every photo that data_issues.py's search for label errors keeps."""
+    joined), a pass's chunks, the weights with L-BFGS's history of them and the fold fits two
+    view sets' cross-validation keeps (FoldPath.by_c), and the held-out logits of every photo
+    that the head keeps (held_out_logits)."""
     features = 2 * photos * views * dim * 2
     chunks = 8 * CHUNK_VALUES * 4
-    weights = 30 * num_classes * (dim + 1) * 4
+    weights = (30 + 2 * len(C_GRID) * FOLDS) * num_classes * (dim + 1) * 4
     probabilities = photos * num_classes * 4
     return features + chunks + weights + probabilities
 
