@@ -188,6 +188,18 @@ def test_the_page_at_phone_and_desktop_widths(page, tmp_path):
     assert driver.find_element(By.ID, "file").get_attribute("capture") is None
 
 
+def test_the_page_draws_the_heatmap_over_the_photo(page):
+    from selenium.webdriver.common.by import By
+    driver = page["driver"]
+    with open(os.path.join(page["data"], "test", "fox", "000.jpg"), "rb") as f:
+        answer = browser.classify_in_page(driver, f.read(), "000.jpg")
+    assert len(answer["heatmap"]) == 4 and max(answer["heatmap"]) == pytest.approx(1.0)
+    canvas = driver.find_element(By.ID, "heatmap")
+    assert canvas.is_displayed() and int(canvas.get_attribute("width")) == 48  # the photo's
+    note = driver.find_element(By.ID, "heatnote").text
+    assert note.startswith("Heatmap: where the model saw ") and "(red: most)" in note
+
+
 def test_the_page_works_with_the_server_gone_once_loaded(page):
     driver = page["driver"]
     assert browser.wait_offline_ready(driver) is True
