@@ -195,6 +195,23 @@ def test_predict_names_the_same_class_with_onnx_and_checkpoint(exported, capsys)
 
 
 @needs_onnx
+def test_predict_explain_with_onnx_gives_the_checkpoint_heatmap(exported, capsys):
+    from imgclf.app import heat_page
+    image = os.path.join(exported["data"], "test", "fox", "001.jpg")
+    grids = []
+    for model in (exported["checkpoint"], exported["onnx"]):
+        assert predict.main([image, model, "--explain", "--json", "--precision", "fp32"]) == 0
+        grids.append(np.asarray(json.loads(capsys.readouterr().out)[0]["heatmap"]))
+    assert grids[0].shape == grids[1].shape and grids[0].max() == 1
+    np.testing.assert_allclose(grids[1], grids[0], atol=1e-3, rtol=0)
+    assert heat_page.explain_error(inference.load_predictor(exported["onnx"])) is None
+    # the model's map is of the photo alone: --tta with it is refused in one line
+    assert predict.main([image, exported["onnx"], "--explain", "--tta"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drop --tta" in err
+
+
+@needs_onnx
 def test_broken_onnx_files_are_one_line_errors(exported, tmp_path, capsys):
     import onnx
     junk = tmp_path / "junk.onnx"

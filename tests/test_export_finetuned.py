@@ -151,6 +151,10 @@ def test_tflite_export_of_a_finetuned_checkpoint(finetuned, tmp_path):
     np.testing.assert_allclose(to_tflite.predict_heatmaps(out, list(batch)),
                                outputs.reference_heatmaps(tuned, list(batch)),
                                atol=outputs.HEATMAP_ATOL, rtol=0)
+    # predict.py --explain with the .tflite reads the same output
+    probs, maps = LiteRTPredictor(out).explain(batch)
+    np.testing.assert_allclose(probs, reference, atol=checks.PARITY_ATOL, rtol=0)
+    np.testing.assert_allclose(maps, to_tflite.predict_heatmaps(out, list(batch)), atol=1e-6)
 
 
 @needs_coreml

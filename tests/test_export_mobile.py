@@ -118,8 +118,9 @@ def test_tflite_export_of_the_checkpoint(trained, tmp_path):
 @needs_litert
 def test_int8_tflite_of_the_checkpoint_takes_and_returns_float32(trained, tmp_path,
                                                                   monkeypatch):
-    """The quantizer's recipe once made the input and output int8. The accuracy gate is left
-    out (on 6 tiny photos one changed answer is 17 points; it has its own test below)."""
+    """The quantizer's recipe once made the input and output int8; the layers FLOAT_LAYERS
+    names stay float32 (their weights too), the other convolutions int8. The accuracy gate is
+    left out (on 6 tiny photos one changed answer is 17 points; it has its own test below)."""
     from ai_edge_litert.interpreter import Interpreter
     monkeypatch.setattr(to_tflite, "check_int8", lambda *args, **kwargs: None)
     out = str(tmp_path / "model.int8.tflite")
@@ -131,6 +132,20 @@ def test_int8_tflite_of_the_checkpoint_takes_and_returns_float32(trained, tmp_pa
     assert interpreter.get_input_details()[0]["dtype"] == np.float32
     assert interpreter.get_output_details()[0]["dtype"] == np.float32
     assert any(d["dtype"] == np.int8 for d in interpreter.get_tensor_details())
+    kept = conv_weights_by_float_layers(interpreter)
+    assert kept[True] == {np.float32} and kept[False] == {np.int8}, kept
+
+
+def conv_weights_by_float_layers(interpreter):
+    """{in to_tflite.FLOAT_LAYERS: the dtypes of those convolutions' weights}."""
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    kept = {True: set(), False: set()}
+    for op in interpreter._get_ops_details():  # noqa: SLF001 (no public op listing)
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            name = details[op["outputs"][0]]["name"]
+            float_layer = any(re.fullmatch(rx, name) for rx in to_tflite.FLOAT_LAYERS)
+            kept[float_layer].add(details[op["inputs"][1]]["dtype"])
+    return kept
 
 
 def test_contiguous_copy_keeps_the_numbers_and_the_original():

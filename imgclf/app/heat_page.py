@@ -37,9 +37,12 @@ async function drawHeat(grid, name) {
 
 def explain_error(predictor):
     """Why ?explain=1 cannot be answered for this model, or None."""
-    if not hasattr(predictor, "explain"):
-        return ("explain=1: an .onnx model does not carry the heatmap; serve the "
-                "checkpoint.pth it was exported from")
+    if not hasattr(predictor, "explain") or getattr(predictor, "has_heatmap", True) is False:
+        return ("explain=1: this exported model does not carry the heatmap (exported before "
+                "exports carried it, or its head has hidden layers); export it again, or serve "
+                "the checkpoint.pth it was exported from")
+    if hasattr(predictor, "has_heatmap"):  # an exported model with its heatmap output
+        return None
     from ..models import explain
     try:
         explain.feature_module(predictor.model.backbone)

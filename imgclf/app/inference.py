@@ -149,6 +149,9 @@ class OnnxPredictor:
         # in the metadata
         outputs = [o.name for o in self.session.get_outputs()]
         self._novelty = outputs.index("novelty") if "novelty" in outputs else None
+        # An export with the heatmap (export/outputs.py) has a "heatmap" output too
+        self.has_heatmap = "heatmap" in outputs
+        self._heatmap = outputs.index("heatmap") if self.has_heatmap else None
         self.unknown_threshold = (float(json.loads(meta["unknown_threshold"]))
                                   if self._novelty is not None else None)
         # Unknown (None) for a file exported before export.py stored it
@@ -168,6 +171,13 @@ class OnnxPredictor:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         outputs = self.session.run(None, {self._input: batch})
         return outputs[0], (outputs[self._novelty] if self._novelty is not None else None)
+
+    def explain(self, batch, tta=False):
+        """As TorchPredictor.explain, from the export's "heatmap" output: the top class's map,
+        normalised as predict --json's (checked against the checkpoint's at export time). The
+        model's map is of the photo as it predicts it: tta is refused before (check_explain)."""
+        outputs = self.session.run(None, {self._input: np.ascontiguousarray(batch, np.float32)})
+        return outputs[0], outputs[self._heatmap]
 
 
 def load_predictor(path, gpu=None, precision="auto", threads=None):

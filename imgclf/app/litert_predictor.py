@@ -48,18 +48,29 @@ class LiteRTPredictor:
         self._input = self.interpreter.get_input_details()[0]["index"]
         # The probabilities: the (1, classes) output (an export with the heatmap has a
         # (1, h, w) one too)
-        self._output = next(d["index"] for d in self.interpreter.get_output_details()
-                            if len(d["shape"]) == 2)
+        outputs = self.interpreter.get_output_details()
+        self._output = next(d["index"] for d in outputs if len(d["shape"]) == 2)
+        self._heatmap = next((d["index"] for d in outputs if len(d["shape"]) == 3), None)
+        self.has_heatmap = self._heatmap is not None
 
     def probabilities(self, batch):
         """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""
-        probs = []
+        return self._run(batch, [self._output])[0]
+
+    def explain(self, batch, tta=False):
+        """As inference.OnnxPredictor.explain: (probabilities, the "heatmap" output)."""
+        return self._run(batch, [self._output, self._heatmap])
+
+    def _run(self, batch, outputs):
+        """The given outputs for each photo, stacked over the batch."""
+        results = [[] for _ in outputs]
         for array in batch:  # the model was converted for one photo at a time, as on a phone
             self.interpreter.set_tensor(self._input, np.ascontiguousarray(
                 array.transpose(1, 2, 0)[None], dtype=np.float32))
             self.interpreter.invoke()
-            probs.append(self.interpreter.get_tensor(self._output)[0].copy())
-        return np.stack(probs)
+            for kept, index in zip(results, outputs):
+                kept.append(self.interpreter.get_tensor(index)[0].copy())
+        return [np.stack(kept) for kept in results]
 
 
 def read_metadata(path):

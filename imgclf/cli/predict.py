@@ -106,7 +106,7 @@ def run(args):
                                threads=1 if len(items) == 1 else None)
     check_tta(args.tta, predictor, args.checkpoint)
     if args.explain:
-        check_explain(predictor, args.checkpoint)
+        check_explain(predictor, args.checkpoint, args.tta)
     names = display_names(predictor.classes, predictor.class_names, args.category_names)
     threshold = unknown_threshold(args, predictor)
     results = predict_paths(predictor, items, args.tta, explain=args.explain)
@@ -189,11 +189,18 @@ def check_tta(tta, predictor, path):
                         f"head was chosen so in training); drop --tta")
 
 
-def check_explain(predictor, path):
-    """--explain needs the network (a checkpoint); says once where the map is an estimate."""
-    if not hasattr(predictor, "explain"):
-        raise UserError(f"--explain: {path} is an ONNX model, which does not carry the "
-                        f"heatmap; give the checkpoint.pth it was exported from")
+def check_explain(predictor, path, tta=False):
+    """--explain needs a checkpoint's network or an export with its heatmap output; says once
+    where the map is an estimate."""
+    if not hasattr(predictor, "model"):  # an exported model: the heatmap is one of its outputs
+        if not getattr(predictor, "has_heatmap", False):
+            raise UserError(f"--explain: {path} does not carry the heatmap (exported before "
+                            f"exports carried it, or its head has hidden layers); export it "
+                            f"again, or give the checkpoint.pth it was exported from")
+        if tta:
+            raise UserError(f"--explain --tta: {path}'s heatmap is of the photo alone; drop "
+                            f"--tta, or give the checkpoint.pth it was exported from")
+        return
     from ..models import explain
     explain.feature_module(predictor.model.backbone)  # refuses a backbone with no feature map
     if not explain.is_exact(predictor.model):
