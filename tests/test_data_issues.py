@@ -169,8 +169,8 @@ def test_the_search_reuses_the_heads_held_out_logits(monkeypatch):
     kept[7] = np.roll(kept[7], 1)  # one looks mislabelled
     head.held_out_logits = kept
     refits = []
-    monkeypatch.setattr(lp, "out_of_fold_logits",
-                        lambda *a, **k: refits.append(1) or torch.from_numpy(kept))
+    monkeypatch.setattr(lp, "out_of_fold_fits",
+                        lambda *a, **k: refits.append(1) or (torch.from_numpy(kept), 1.0))
     findings = data_issues.find_issues(stored, scan, head)
     assert not refits and [path for path, *_ in findings.labels] == ["t7.jpg"]
     head.held_out_logits = None

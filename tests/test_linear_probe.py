@@ -372,3 +372,31 @@ def test_the_kept_fits_give_out_of_fold_fits_scale_without_a_fit(monkeypatch):
     logits, scale = lp.held_out_fits(x, y, 4, head)
     assert not fits and torch.equal(logits, torch.from_numpy(head.held_out_logits))
     assert scale == pytest.approx(refit_scale, rel=0.02) and scale > 1
+
+
+def test_out_of_fold_fits_hold_the_fold_out_even_where_the_head_memorised(monkeypatch):
+    """Labels with nothing to learn and a head that fits them all: each fold's fit must not
+    start from that head (which has seen the fold, and whose gradient is then already under the
+    tolerance), or its held-out logits are the head's own and no photo looks mislabelled. And
+    the k fits are made once for the verdict and the search for label errors."""
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(100, 1, 256)), dtype=torch.float32)
+    y = np.arange(100) % 4
+    head = lp.fit_head(x, y, 4, lp.PLAIN, 100.0)
+    assert (head.logits(x).argmax(1).numpy() == y).mean() > 0.95  # memorised
+    logits, _ = lp.held_out_fits(x, y, 4, head)
+    assert (logits.argmax(1).numpy() == y).mean() < 0.45  # 4 classes: chance is 0.25
+    fits = []
+    monkeypatch.setattr(lp, "fit_logistic", lambda *a, **k: fits.append(1))
+    assert torch.equal(lp.held_out_logits(x, y, 4, head), logits) and not fits
+
+
+def test_cross_validation_folds_never_start_from_a_fit_that_saw_them():
+    """Random labels, one weak-L2 C: the held-out accuracy is chance's, not the memorising
+    fit's (a fold started from the fold before's fit scored 86% here)."""
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(100, 1, 256)), dtype=torch.float32)
+    y = np.arange(100) % 4
+    scores, kept = lp.validate_paths(x, torch.as_tensor(y), 4, [lp.PLAIN], grid=(100.0,))
+    assert scores[lp.PLAIN, 100.0][1] < 0.45
+    assert (kept[lp.PLAIN][0].argmax(1).numpy() == y).mean() < 0.45

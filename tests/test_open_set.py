@@ -199,8 +199,8 @@ def test_the_verdict_reuses_the_cross_validations_held_out_logits(tmp_path, monk
     from imgclf.cli import train
     from imgclf.heads import linear_probe
     fitted = []
-    refit = linear_probe.out_of_fold_logits
-    monkeypatch.setattr(linear_probe, "out_of_fold_logits",
+    refit = linear_probe.out_of_fold_fits
+    monkeypatch.setattr(linear_probe, "out_of_fold_fits",
                         lambda *a, **k: fitted.append(1) or refit(*a, **k))
     data = make_image_folder(tmp_path / "data")
     assert train.main([data, "--save_dir", str(tmp_path / "run"), *FAST]) == 0

@@ -171,8 +171,8 @@ def out_of_fold_probs(photos, labels, num_classes, head, seed=0, k=linear_probe.
                       device=None):
     """Held-out probabilities (photos, classes): the softmax of linear_probe.held_out_logits
     (each photo's from a head with head's view set and C fitted on the other folds: those the
-    cross-validation kept, else out_of_fold_logits', warm-started from head: 3x fewer seconds
-    than a cold start on flowers5). The fits run on device."""
+    cross-validation kept, else out_of_fold_fits', then kept on head). The fits run on
+    device."""
     if k != linear_probe.FOLDS:  # other folds than the cross-validation's
         logits = linear_probe.out_of_fold_logits(photos, labels, num_classes, head, seed, k,
                                                  device)

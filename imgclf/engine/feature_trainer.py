@@ -109,7 +109,8 @@ class FeatureTrainer:
 
     def open_set(self, head, stored, result):
         """Calibration and the unknown verdict, from out-of-fold logits of train+valid (the
-        cross-validation's, where it kept them; else k more fits, warm-started from head): the
+        cross-validation's, where it kept them; else k more fits, made once for this and the
+        search for label errors): the
         head divided by the temperature of their lowest log loss times how much larger the
         head's logits are than the fold heads' (the fold heads see fewer photos:
         calibration.fit_temperature, docs/open_set.md), and the novelty's bank, references and
