@@ -111,8 +111,41 @@ def test_tflite_export_of_the_checkpoint(trained, tmp_path):
     diff = float(re.search(r"LiteRT \(float32\) vs PyTorch: max \|probability difference\| "
                            r"(\S+),", text).group(1))
     assert diff <= to_tflite.PARITY_ATOL and "top-1 same on 6/6" in text
-    from imgclf.app.litert_predictor import read_metadata
-    assert read_metadata(out)["classes"] == ["cat", "dog", "fox"]
+    # The unknown verdict's novelty travels too (sort-free), checked against PyTorch's topk
+    novelty_diff = float(re.search(r"LiteRT novelty \(the unknown verdict's score\) vs PyTorch: "
+                                   r"max \|difference\| (\S+), same verdict on 6/6", text).group(1))
+    assert novelty_diff <= to_tflite.NOVELTY_ATOL
+    from imgclf import checkpoints
+    from imgclf.app.litert_predictor import LiteRTPredictor, read_metadata
+    meta = read_metadata(out)
+    ckpt = checkpoints.load_checkpoint(trained["checkpoint"])
+    assert meta["classes"] == ["cat", "dog", "fox"]
+    assert meta["outputs"][:2] == ["probabilities", "novelty"]
+    assert meta["unknown_threshold"] == ckpt["novelty"]["threshold"]
+    predictor = LiteRTPredictor(out)
+    torch_predictor = inference.load_predictor(trained["checkpoint"], "cpu", "fp32")
+    batch = photo_batch(trained, predictor.preprocess)
+    probs, novelty = predictor.scores(batch)
+    torch_probs, torch_novelty = torch_predictor.scores(batch)
+    assert novelty.shape == (len(batch),) and predictor.unknown_threshold == \
+        torch_predictor.unknown_threshold
+    np.testing.assert_allclose(novelty, torch_novelty, atol=to_tflite.NOVELTY_ATOL, rtol=0)
+    np.testing.assert_allclose(probs, torch_probs, atol=to_tflite.PARITY_ATOL, rtol=0)
+
+
+@needs_litert
+def test_predict_with_a_tflite_prints_the_unknown_verdict(trained, tmp_path, capsys):
+    out = str(tmp_path / "model.tflite")
+    status, text = run_export([trained["checkpoint"], "--format", "tflite", "--out", out,
+                               "--check_count", "2"])
+    assert status == 0, text
+    image = os.path.join(trained["data"], "test", "dog", "000.jpg")
+    lines = []
+    for model in (trained["checkpoint"], out):
+        assert predict.main([image, model, "--top_k", "2", "--precision", "fp32"]) == 0
+        lines.append(capsys.readouterr().out.splitlines())
+    assert len(lines[1]) == 3 and lines[1][2].startswith("verdict: "), lines[1]
+    assert lines[1][2].split()[:2] == lines[0][2].split()[:2]  # the same verdict
 
 
 @needs_litert
@@ -262,7 +295,8 @@ def test_a_tflite_that_disagrees_is_refused_and_nothing_written(trained, tmp_pat
     file and LiteRT's answers by PyTorch's with two classes swapped."""
     monkeypatch.setattr(to_tflite, "require_converter", lambda: None)
     monkeypatch.setattr(to_tflite, "convert",
-                        lambda model, size, path, heatmap=False: open(path, "wb").close())
+                        lambda model, size, path, heatmap=False, scorer=None:
+                        open(path, "wb").close())
 
     def swapped(path, arrays):
         return torch_probabilities(trained["checkpoint"], np.stack(arrays))[:, [1, 0, 2]]
