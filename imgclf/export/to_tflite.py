@@ -16,7 +16,8 @@ The outputs are told apart by rank (2, 1, 3), as app/litert_predictor.py picks t
 The flatbuffer's metadata entry "imgclf" (METADATA_NAME; app/litert_predictor.read_metadata
 reads it) holds a JSON object with what prediction needs besides the weights: classes,
 class_names, preprocess, layout, quantization, averages_mirror, outputs (the outputs' roles in
-order), unknown_threshold (with the novelty output). predict.py and serve.py read it, so the file alone is enough.
+order), unknown_threshold (with the novelty output). predict.py and serve.py read it, so the
+file alone is enough.
 
 Needs the optional packages of the mobile extra: pip install -e '.[mobile]'.
 """
