@@ -177,6 +177,9 @@ def test_coreml_export_of_a_finetuned_checkpoint(finetuned, tmp_path):
     assert "heatmap (2 x 2) vs predict --explain's" in text
     import coremltools as ct
     spec = ct.models.MLModel(out, skip_model_load=True).get_spec()
+    # ... and the unknown verdict's novelty, checked against PyTorch's
+    assert re.search(r"Core ML novelty .* vs PyTorch: max \|difference\| \S+, same verdict "
+                     r"on 12/12", text), text
     assert [o.name for o in spec.description.output] == ["classLabel", "classLabel_probs",
-                                                         "heatmap"]
+                                                         "novelty", "heatmap"]
     assert spec.description.predictedProbabilitiesName == "classLabel_probs"

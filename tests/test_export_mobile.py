@@ -254,6 +254,15 @@ def test_coreml_export_checks_spec_and_numbers(trained, tmp_path):
     assert (image.width, image.height) == (64, 64)
     meta = json.loads(spec.description.metadata.userDefined["imgclf"])
     assert meta["classes"] == ["cat", "dog", "fox"]
+    # The unknown verdict's novelty travels too (MIL's topk), checked against PyTorch's
+    assert "novelty" in [o.name for o in spec.description.output]
+    from imgclf import checkpoints
+    threshold = checkpoints.load_checkpoint(trained["checkpoint"])["novelty"]["threshold"]
+    assert meta["unknown_threshold"] == threshold
+    novelty_diff = float(re.search(r"Core ML novelty \(the unknown verdict's score\) vs "
+                                   r"PyTorch: max \|difference\| (\S+), same verdict on 6/6",
+                                   text).group(1))
+    assert novelty_diff <= to_coreml.NOVELTY_ATOL
 
 
 def test_coreml_refuses_quantize_in_one_line(trained, capsys):
@@ -313,10 +322,12 @@ def test_a_coreml_program_that_disagrees_is_refused_and_nothing_written(trained,
                                                                         monkeypatch, capsys):
     from imgclf.export import mil_check
     monkeypatch.setattr(to_coreml, "require_coremltools", lambda: None)
-    monkeypatch.setattr(to_coreml, "convert", lambda ct, job, path, heatmap=False: os.mkdir(path))
+    monkeypatch.setattr(to_coreml, "convert",
+                        lambda ct, job, path, heatmap=False, scorer=None: os.mkdir(path))
     monkeypatch.setattr(to_coreml, "check_spec", lambda *a: None)
     monkeypatch.setattr(mil_check, "load_program", lambda path: None)
-    monkeypatch.setattr(mil_check, "run", lambda function, pixels, heatmaps=None: np.full(
+    monkeypatch.setattr(mil_check, "run", lambda function, pixels, heatmaps=None,
+                        novelties=None: np.full(
         (len(pixels), 3), 1 / 3, np.float32))
     out = tmp_path / "model.mlpackage"
     assert export.main([trained["checkpoint"], "--format", "coreml", "--out", str(out)]) == 1
