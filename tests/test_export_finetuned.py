@@ -147,7 +147,15 @@ def test_tflite_export_of_a_finetuned_checkpoint(finetuned, tmp_path):
                                atol=checks.PARITY_ATOL, rtol=0)
     # The heatmap travels too, checked before writing and here again
     assert "heatmap (2 x 2) vs predict --explain's" in text
-    assert read_metadata(out)["outputs"] == ["probabilities", "heatmap"]
+    assert read_metadata(out)["outputs"] == ["probabilities", "novelty", "heatmap"]
+    # ... and the unknown verdict's novelty (sort-free in the model), as PyTorch's topk gives it
+    assert re.search(r"LiteRT novelty .* vs PyTorch: max \|difference\| \S+, same verdict on "
+                     r"12/12", text), text
+    scored = novelty.ScoredClassifier(tuned, novelty.scorer_from_checkpoint(finetuned["ckpt"]))
+    with torch.inference_mode():
+        expected = scored(torch.from_numpy(batch))[:, -1].numpy()
+    np.testing.assert_allclose(LiteRTPredictor(out).scores(batch)[1], expected,
+                               atol=to_tflite.NOVELTY_ATOL, rtol=0)
     np.testing.assert_allclose(to_tflite.predict_heatmaps(out, list(batch)),
                                outputs.reference_heatmaps(tuned, list(batch)),
                                atol=outputs.HEATMAP_ATOL, rtol=0)
@@ -169,6 +177,9 @@ def test_coreml_export_of_a_finetuned_checkpoint(finetuned, tmp_path):
     assert "heatmap (2 x 2) vs predict --explain's" in text
     import coremltools as ct
     spec = ct.models.MLModel(out, skip_model_load=True).get_spec()
+    # ... and the unknown verdict's novelty, checked against PyTorch's
+    assert re.search(r"Core ML novelty .* vs PyTorch: max \|difference\| \S+, same verdict "
+                     r"on 12/12", text), text
     assert [o.name for o in spec.description.output] == ["classLabel", "classLabel_probs",
-                                                         "heatmap"]
+                                                         "novelty", "heatmap"]
     assert spec.description.predictedProbabilitiesName == "classLabel_probs"

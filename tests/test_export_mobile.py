@@ -111,8 +111,41 @@ def test_tflite_export_of_the_checkpoint(trained, tmp_path):
     diff = float(re.search(r"LiteRT \(float32\) vs PyTorch: max \|probability difference\| "
                            r"(\S+),", text).group(1))
     assert diff <= to_tflite.PARITY_ATOL and "top-1 same on 6/6" in text
-    from imgclf.app.litert_predictor import read_metadata
-    assert read_metadata(out)["classes"] == ["cat", "dog", "fox"]
+    # The unknown verdict's novelty travels too (sort-free), checked against PyTorch's topk
+    novelty_diff = float(re.search(r"LiteRT novelty \(the unknown verdict's score\) vs PyTorch: "
+                                   r"max \|difference\| (\S+), same verdict on 6/6", text).group(1))
+    assert novelty_diff <= to_tflite.NOVELTY_ATOL
+    from imgclf import checkpoints
+    from imgclf.app.litert_predictor import LiteRTPredictor, read_metadata
+    meta = read_metadata(out)
+    ckpt = checkpoints.load_checkpoint(trained["checkpoint"])
+    assert meta["classes"] == ["cat", "dog", "fox"]
+    assert meta["outputs"][:2] == ["probabilities", "novelty"]
+    assert meta["unknown_threshold"] == ckpt["novelty"]["threshold"]
+    predictor = LiteRTPredictor(out)
+    torch_predictor = inference.load_predictor(trained["checkpoint"], "cpu", "fp32")
+    batch = photo_batch(trained, predictor.preprocess)
+    probs, novelty = predictor.scores(batch)
+    torch_probs, torch_novelty = torch_predictor.scores(batch)
+    assert novelty.shape == (len(batch),) and predictor.unknown_threshold == \
+        torch_predictor.unknown_threshold
+    np.testing.assert_allclose(novelty, torch_novelty, atol=to_tflite.NOVELTY_ATOL, rtol=0)
+    np.testing.assert_allclose(probs, torch_probs, atol=to_tflite.PARITY_ATOL, rtol=0)
+
+
+@needs_litert
+def test_predict_with_a_tflite_prints_the_unknown_verdict(trained, tmp_path, capsys):
+    out = str(tmp_path / "model.tflite")
+    status, text = run_export([trained["checkpoint"], "--format", "tflite", "--out", out,
+                               "--check_count", "2"])
+    assert status == 0, text
+    image = os.path.join(trained["data"], "test", "dog", "000.jpg")
+    lines = []
+    for model in (trained["checkpoint"], out):
+        assert predict.main([image, model, "--top_k", "2", "--precision", "fp32"]) == 0
+        lines.append(capsys.readouterr().out.splitlines())
+    assert len(lines[1]) == 3 and lines[1][2].startswith("verdict: "), lines[1]
+    assert lines[1][2].split()[:2] == lines[0][2].split()[:2]  # the same verdict
 
 
 @needs_litert
@@ -221,6 +254,15 @@ def test_coreml_export_checks_spec_and_numbers(trained, tmp_path):
     assert (image.width, image.height) == (64, 64)
     meta = json.loads(spec.description.metadata.userDefined["imgclf"])
     assert meta["classes"] == ["cat", "dog", "fox"]
+    # The unknown verdict's novelty travels too (MIL's topk), checked against PyTorch's
+    assert "novelty" in [o.name for o in spec.description.output]
+    from imgclf import checkpoints
+    threshold = checkpoints.load_checkpoint(trained["checkpoint"])["novelty"]["threshold"]
+    assert meta["unknown_threshold"] == threshold
+    novelty_diff = float(re.search(r"Core ML novelty \(the unknown verdict's score\) vs "
+                                   r"PyTorch: max \|difference\| (\S+), same verdict on 6/6",
+                                   text).group(1))
+    assert novelty_diff <= to_coreml.NOVELTY_ATOL
 
 
 def test_coreml_refuses_quantize_in_one_line(trained, capsys):
@@ -262,7 +304,8 @@ def test_a_tflite_that_disagrees_is_refused_and_nothing_written(trained, tmp_pat
     file and LiteRT's answers by PyTorch's with two classes swapped."""
     monkeypatch.setattr(to_tflite, "require_converter", lambda: None)
     monkeypatch.setattr(to_tflite, "convert",
-                        lambda model, size, path, heatmap=False: open(path, "wb").close())
+                        lambda model, size, path, heatmap=False, scorer=None:
+                        open(path, "wb").close())
 
     def swapped(path, arrays):
         return torch_probabilities(trained["checkpoint"], np.stack(arrays))[:, [1, 0, 2]]
@@ -279,10 +322,12 @@ def test_a_coreml_program_that_disagrees_is_refused_and_nothing_written(trained,
                                                                         monkeypatch, capsys):
     from imgclf.export import mil_check
     monkeypatch.setattr(to_coreml, "require_coremltools", lambda: None)
-    monkeypatch.setattr(to_coreml, "convert", lambda ct, job, path, heatmap=False: os.mkdir(path))
+    monkeypatch.setattr(to_coreml, "convert",
+                        lambda ct, job, path, heatmap=False, scorer=None: os.mkdir(path))
     monkeypatch.setattr(to_coreml, "check_spec", lambda *a: None)
     monkeypatch.setattr(mil_check, "load_program", lambda path: None)
-    monkeypatch.setattr(mil_check, "run", lambda function, pixels, heatmaps=None: np.full(
+    monkeypatch.setattr(mil_check, "run", lambda function, pixels, heatmaps=None,
+                        novelties=None: np.full(
         (len(pixels), 3), 1 / 3, np.float32))
     out = tmp_path / "model.mlpackage"
     assert export.main([trained["checkpoint"], "--format", "coreml", "--out", str(out)]) == 1

@@ -46,16 +46,30 @@ class LiteRTPredictor:
                             f"(export.py --quantize); export it without --quantize for float32, "
                             f"or drop --precision")
         self._input = self.interpreter.get_input_details()[0]["index"]
-        # The probabilities: the (1, classes) output (an export with the heatmap has a
-        # (1, h, w) one too)
+        # The probabilities: the (1, classes) output (an export with the unknown verdict has
+        # a (1,) novelty one too, with the heatmap a (1, h, w) one)
         outputs = self.interpreter.get_output_details()
         self._output = next(d["index"] for d in outputs if len(d["shape"]) == 2)
+        self._novelty = next((d["index"] for d in outputs if len(d["shape"]) == 1), None)
         self._heatmap = next((d["index"] for d in outputs if len(d["shape"]) == 3), None)
         self.has_heatmap = self._heatmap is not None
+        threshold = meta.get("unknown_threshold")
+        if self._novelty is not None and threshold is None:
+            raise UserError(f"model {path}: has a novelty output but no unknown_threshold in "
+                            f"its metadata; export it again with export.py --format tflite")
+        self.unknown_threshold = float(threshold) if self._novelty is not None else None
 
     def probabilities(self, batch):
         """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""
         return self._run(batch, [self._output])[0]
+
+    def scores(self, batch):
+        """As inference.OnnxPredictor.scores: (probabilities, novelty (N,) or None where the
+        model has no novelty output)."""
+        if self._novelty is None:
+            return self.probabilities(batch), None
+        probs, novelty = self._run(batch, [self._output, self._novelty])
+        return probs, novelty.reshape(-1)
 
     def explain(self, batch, tta=False):
         """As inference.OnnxPredictor.explain: (probabilities, the "heatmap" output)."""

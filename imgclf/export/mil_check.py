@@ -23,10 +23,11 @@ def load_program(package):
     return program.functions["main"]
 
 
-def run(function, image, heatmaps=None):
+def run(function, image, heatmaps=None, novelties=None):
     """Probabilities for one image batch fed as the program's input (pixels 0-255, N x 3 x H x
     W float): the value that reaches the classify operation, or the last output. heatmaps: a
-    list to which the program's (N, h, w) output, where it has one, is appended."""
+    list to which the program's (N, h, w) output, where it has one, is appended; novelties:
+    the same for its (N,) output (the unknown verdict's novelty)."""
     import torch
     values = {}
     [name] = function.inputs
@@ -37,12 +38,17 @@ def run(function, image, heatmaps=None):
             probabilities = values[op.inputs["probabilities"].name]
             continue
         result = evaluate(op, {k: value_of(v, values) for k, v in op.inputs.items()})
-        values[op.outputs[0].name] = result
+        results = result if isinstance(result, tuple) else (result,)  # topk: values, indices
+        for var, value in zip(op.outputs, results):
+            values[var.name] = value
     if probabilities is None:
         probabilities = values[function.outputs[0].name]
     if heatmaps is not None:
         heatmaps += [values[v.name].float().numpy() for v in function.outputs
                      if v.name in values and values[v.name].ndim == 3]
+    if novelties is not None:
+        novelties += [values[v.name].float().numpy() for v in function.outputs
+                      if v.name in values and values[v.name].ndim == 1]
     return probabilities.float().numpy()
 
 
@@ -122,7 +128,40 @@ SHAPES = {
     "reduce_max": lambda a: a["x"].amax([int(i) for i in a["axes"]],
                                         keepdim=bool(a["keep_dims"])),
     "clip": lambda a: a["x"].clamp(float(a["alpha"]), float(a["beta"])),
+    # The unknown verdict's novelty (heads/novelty.NoveltyScorer): energy, unit rows, the
+    # cosines with the bank, the other classes' masked, the k-th largest
+    "reduce_log_sum_exp": lambda a: a["x"].logsumexp([int(i) for i in a["axes"]],
+                                                     keepdim=bool(a["keep_dims"])),
+    "reduce_l2_norm": lambda a: a["x"].norm(dim=[int(i) for i in a["axes"]],
+                                            keepdim=bool(a["keep_dims"])),
+    "maximum": lambda a: a["x"].maximum(a["y"]),
+    "equal": lambda a: a["x"] == a["y"],
+    "select": lambda a: a["a"].where(a["cond"].bool(), a["b"]),
+    "topk": lambda a: a["x"].topk(int(a["k"]), dim=axis_of(a),
+                                  largest=not bool(a.get("ascending", False))),
+    "slice_by_index": lambda a: slice_by_index(a),
 }
+
+
+def slice_by_index(a):
+    """x[begin:end:stride] per axis (a mask's axis taken whole; a squeezed one dropped)."""
+    x = a["x"]
+    count = x.ndim
+    begin, end = [int(i) for i in a["begin"]], [int(i) for i in a["end"]]
+    stride = [int(i) for i in a.get("stride", [1] * count)] if "stride" in a else [1] * count
+    masks = {name: [bool(m) for m in a[name]] if name in a else [False] * count
+             for name in ("begin_mask", "end_mask", "squeeze_mask")}
+    index = []
+    for axis in range(count):
+        start = None if masks["begin_mask"][axis] else begin[axis]
+        stop = None if masks["end_mask"][axis] else end[axis]
+        if axis == 0 and x.shape[0] != 1 and start in (0, None) and stop == 1:
+            stop = None  # converted for one photo, run on a few: the batch axis whole
+        if masks["squeeze_mask"][axis]:
+            index.append(start)
+        else:
+            index.append(slice(start, stop, stride[axis]))
+    return x[tuple(index)]
 
 
 def reshape(x, shape):

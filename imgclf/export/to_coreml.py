@@ -10,7 +10,9 @@ from PyTorch by coremltools.
   output "heatmap" (1, h, w), where the network can carry it exactly (outputs.py): the top
          class's evidence map, 0..1, as predict.py --json's "heatmap"; its numbers checked
          as the probabilities are, against predict --explain's within outputs.HEATMAP_ATOL.
-         The unknown verdict's novelty is not carried (not tried: its bank and top-k).
+  output "novelty" (1,), where the checkpoint has the unknown verdict's data (heads/novelty.py;
+         its bank inside the model; MIL has topk): a photo is unknown above the metadata's
+         "unknown_threshold"; checked as the probabilities are, within NOVELTY_ATOL.
 The model's metadata has the class folder names and the preprocessing as JSON (key "imgclf").
 Core ML predicts only on Apple's systems: here the saved program is read back and computed
 with PyTorch (mil_check.py) and must match PyTorch within checks.PARITY_ATOL, same top class;
@@ -37,6 +39,7 @@ INSTALL_HINT = "pip install -e '.[mobile]'"
 METADATA_KEY = "imgclf"
 # iOS 15 / macOS 12: the first systems that run ML programs (.mlpackage).
 DEPLOYMENT_TARGET = "iOS15"
+NOVELTY_ATOL = 1e-3  # the largest |novelty difference| (a z-score), as the ONNX export's
 
 
 def write(job):
@@ -55,11 +58,13 @@ def write(job):
         heatmap = outputs.heatmap_problem(job.model)
         if heatmap:
             print(f"no heatmap output: {heatmap}")
-        convert(ct, job, path, heatmap=heatmap is None)
+        from ..heads import novelty
+        scorer = novelty.scorer_from_checkpoint(job.ckpt, job.args.checkpoint)
+        convert(ct, job, path, heatmap=heatmap is None, scorer=scorer)
         with quiet():
             function = mil_check.load_program(path)
         check_spec(ct, path, job.ckpt, function)
-        check_numbers(function, job)
+        check_numbers(function, job, scorer)
         write_folder_atomic(path, out)
     return out
 
@@ -95,9 +100,9 @@ def image_normalisation(preprocess):
     return 1 / 255, [0.0, 0.0, 0.0], (mean, std)
 
 
-def convert(ct, job, path, heatmap=False):
-    """The network (outputs.build: softmax, and the heatmap with heatmap) as a classifier
-    ML program, its input an image with the normalisation inside."""
+def convert(ct, job, path, heatmap=False, scorer=None):
+    """The network (outputs.build: softmax, the novelty with scorer, the heatmap with heatmap)
+    as a classifier ML program, its input an image with the normalisation inside."""
     import torch
     size = job.image_size()
     scale, bias, in_graph = image_normalisation(job.ckpt["preprocess"])
@@ -105,7 +110,7 @@ def convert(ct, job, path, heatmap=False):
     class NormaliseThenSoftmax(torch.nn.Module):
         def __init__(self, net):
             super().__init__()
-            self.net = outputs.build(net, heatmap=True) if heatmap else net
+            self.net = outputs.build(net, scorer, heatmap) if extras else net
             mean, std = in_graph or ([0.0] * 3, [1.0] * 3)
             self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
@@ -114,8 +119,9 @@ def convert(ct, job, path, heatmap=False):
         def forward(self, image):
             if self.normalise:
                 image = (image - self.mean) / self.std
-            return self.net(image) if heatmap else torch.softmax(self.net(image), dim=1)
+            return self.net(image) if extras else torch.softmax(self.net(image), dim=1)
 
+    extras = heatmap or scorer is not None
     t0 = time.perf_counter()
     # torch.export fixes the input size, so Conv2dSame's padding is a constant (the
     # TorchScript trace keeps it as arithmetic on shapes, which coremltools cannot convert).
@@ -133,22 +139,24 @@ def convert(ct, job, path, heatmap=False):
             classifier_config=ct.ClassifierConfig(names,
                                                   predicted_probabilities_output=probabilities))
     if others:
-        model = named_heatmap(ct, model, others[0])
-    describe(model, job.ckpt)
+        model = named_outputs(ct, model, dict(zip(
+            others, ["novelty"] * (scorer is not None) + ["heatmap"] * heatmap)))
+    describe(model, job.ckpt, novelty=scorer is not None)
     model.save(path)
     print(f"converted to Core ML in {time.perf_counter() - t0:.1f}s")
 
 
-def named_heatmap(ct, model, name):
-    """The model with its heatmap output, named by the converter after its last operation,
-    renamed "heatmap"."""
+def named_outputs(ct, model, names):
+    """The model with its novelty and heatmap outputs, named by the converter after their last
+    operations, renamed ({converter's name: ours})."""
     spec = model.get_spec()
-    ct.utils.rename_feature(spec, name, "heatmap", rename_inputs=False)
+    for name, ours in names.items():
+        ct.utils.rename_feature(spec, name, ours, rename_inputs=False)
     with quiet():
         return ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True)
 
 
-def describe(model, ckpt):
+def describe(model, ckpt, novelty=False):
     """What Xcode shows about the model, and the metadata an app may read."""
     pre = ckpt["preprocess"]
     model.short_description = (f"Image classifier ({len(ckpt['classes'])} classes) exported by "
@@ -162,16 +170,23 @@ def describe(model, ckpt):
         model.output_description["heatmap"] = (
             "Where the model found the evidence for its top class, 0..1 (1: the most), over "
             "the image (rows top down)")
-    model.user_defined_metadata[METADATA_KEY] = json.dumps(metadata(ckpt))
+    if novelty:
+        model.output_description["novelty"] = (
+            "The unknown verdict's score: the photo is none of the classes above the metadata's "
+            "unknown_threshold")
+    model.user_defined_metadata[METADATA_KEY] = json.dumps(metadata(ckpt, novelty))
 
 
-def metadata(ckpt):
-    return {"format": "image-classifier-coreml", "format_version": 1,
+def metadata(ckpt, novelty=False):
+    meta = {"format": "image-classifier-coreml", "format_version": 1,
             "classes": list(ckpt["classes"]),
             "class_names": list(ckpt.get("class_names") or ckpt["classes"]),
             "preprocess": dict(ckpt["preprocess"]),
             "arch": str(ckpt["model_args"].get("arch", "")),
             "averages_mirror": bool(ckpt["model_args"].get("flip_tta", False))}
+    if novelty:
+        meta["unknown_threshold"] = float(ckpt["novelty"]["threshold"])
+    return meta
 
 
 def check_spec(ct, path, ckpt, function):
@@ -196,18 +211,19 @@ def check_spec(ct, path, ckpt, function):
     print(f"Core ML spec: image {size} x {size} RGB, {len(names)} class labels, metadata ok")
 
 
-def check_numbers(function, job):
+def check_numbers(function, job, scorer=None):
     """The saved program computed with PyTorch on the check photos (as pixels: the program
-    takes the image before its scale and bias) against the checkpoint."""
+    takes the image before its scale and bias) against the checkpoint; its novelty against
+    PyTorch's with scorer."""
     pre = job.ckpt["preprocess"]
     mean = np.asarray(pre["mean"], np.float32).reshape(3, 1, 1)
     std = np.asarray(pre["std"], np.float32).reshape(3, 1, 1)
-    heatmaps = []
+    heatmaps, novelties = [], []
     try:
         # 4 photos at a time: the check keeps every intermediate value of a batch (16 at a
         # time peaked at 3.9 GB on 224 px photos)
-        probs = batched(lambda x: mil_check.run(function, (x * std + mean) * 255, heatmaps),
-                        job.check.arrays, batch_size=4)
+        probs = batched(lambda x: mil_check.run(function, (x * std + mean) * 255, heatmaps,
+                                                novelties), job.check.arrays, batch_size=4)
     except mil_check.NotEvaluated as why:
         print(f"Core ML numbers not checked: the program uses {why}, which this check does "
               f"not compute (its spec was checked)")
@@ -215,7 +231,30 @@ def check_numbers(function, job):
     print(parity_line("Core ML program (float32, computed here) vs PyTorch", probs,
                       job.reference, job.check))
     check_parity(probs, job.reference, runtime="Core ML's program", atol=PARITY_ATOL)
+    if scorer is not None:
+        check_novelty(np.concatenate(novelties) if novelties else None, job, scorer)
     if heatmaps:
         outputs.check_heatmaps(np.concatenate(heatmaps),
                                outputs.reference_heatmaps(job.model, job.check.arrays),
                                "Core ML's program")
+
+
+def check_novelty(values, job, scorer):
+    """The program's novelty against PyTorch's float32 one: CheckFailed beyond NOVELTY_ATOL."""
+    import torch
+
+    from ..heads import novelty
+    if values is None:
+        raise CheckFailed("Core ML's program has no novelty output")
+    scored = novelty.ScoredClassifier(job.model, scorer).eval()
+    with torch.inference_mode():
+        reference = batched(lambda x: scored(torch.from_numpy(x))[:, -1].numpy(),
+                            job.check.arrays)
+    diff = float(np.abs(values.reshape(-1) - reference).max())
+    limit = scorer.threshold
+    same = int(((values.reshape(-1) > limit) == (reference > limit)).sum())
+    print(f"Core ML novelty (the unknown verdict's score) vs PyTorch: max |difference| "
+          f"{diff:.2e}, same verdict on {same}/{len(reference)}")
+    if diff > NOVELTY_ATOL:
+        raise CheckFailed(f"Core ML's program's novelty differs from PyTorch's by up to "
+                          f"{diff:.2e} (allowed {NOVELTY_ATOL:.0e})")

@@ -6,13 +6,18 @@ litert-torch (no TensorFlow needed), int8 by ai-edge-quantizer, checked with Lit
   output float32 (1, classes): probabilities (softmax applied), in the order of "classes"
   output float32 (1, h, w): the heatmap, where the network can carry it exactly (outputs.py):
          the top class's evidence map, 0..1, as predict.py --json's "heatmap" (checked
-         against predict --explain's within outputs.HEATMAP_ATOL). The unknown verdict's
-         novelty is not carried: its k-th nearest neighbour (torch.topk) converts to a sort
-         (STABLEHLO_SORT) that LiteRT's interpreter does not run.
+         against predict --explain's within outputs.HEATMAP_ATOL).
+  output float32 (1,): the unknown verdict's novelty, where the checkpoint has its data
+         (heads/novelty.py; its bank of features is inside the model): a photo is unknown above
+         the metadata's "unknown_threshold". Its k-th nearest neighbour is computed without a
+         sort (novelty.kth_largest: torch.topk converts to STABLEHLO_SORT, which LiteRT's
+         interpreter does not run), checked against PyTorch's topk within NOVELTY_ATOL.
+The outputs are told apart by rank (2, 1, 3), as app/litert_predictor.py picks them.
 The flatbuffer's metadata entry "imgclf" (METADATA_NAME; app/litert_predictor.read_metadata
 reads it) holds a JSON object with what prediction needs besides the weights: classes,
 class_names, preprocess, layout, quantization, averages_mirror, outputs (the outputs' roles in
-order). predict.py and serve.py read it, so the file alone is enough.
+order), unknown_threshold (with the novelty output). predict.py and serve.py read it, so the
+file alone is enough.
 
 Needs the optional packages of the mobile extra: pip install -e '.[mobile]'.
 """
@@ -37,6 +42,8 @@ INSTALL_HINT = "pip install -e '.[mobile]'"
 # LiteRT's float32 kernels (XNNPACK) sum in another order than PyTorch's: measured up to 3e-6
 # on flowers5 (docs/export.md); the ONNX export's tolerance holds.
 PARITY_ATOL = 1e-4
+# The largest |novelty difference| (a z-score, mostly within -3..10), as the ONNX export's
+NOVELTY_ATOL = 1e-3
 
 
 def write(job):
@@ -47,17 +54,21 @@ def write(job):
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         path = os.path.join(tmp, "model.tflite")
         heatmap = carries_heatmap(job.model)
-        convert(job.model, job.image_size(), path, heatmap=heatmap)
+        scorer = novelty_scorer(job)
+        convert(job.model, job.image_size(), path, heatmap=heatmap, scorer=scorer)
         probs = predict_arrays(path, job.check.arrays)
         print(parity_line("LiteRT (float32) vs PyTorch", probs, job.reference, job.check))
         check_parity(probs, job.reference, runtime="LiteRT", atol=PARITY_ATOL)
+        if scorer is not None:
+            check_novelty(path, job.model, scorer, job.check.arrays)
         if heatmap:
             outputs.check_heatmaps(predict_heatmaps(path, job.check.arrays),
                                    outputs.reference_heatmaps(job.model, job.check.arrays),
                                    "LiteRT")
         if job.args.quantize:
-            path = quantize_and_check(job, path)
-        add_metadata(path, job.ckpt, quantized=job.args.quantize, heatmap=heatmap)
+            path = quantize_and_check(job, path, scorer)
+        add_metadata(path, job.ckpt, quantized=job.args.quantize, heatmap=heatmap,
+                     novelty=scorer is not None)
         write_file_atomic(path, out)
     return out
 
@@ -80,9 +91,41 @@ def carries_heatmap(model):
     return problem is None
 
 
-def convert(model, size, path, heatmap=False):
+def novelty_scorer(job):
+    """The checkpoint's novelty scorer (heads/novelty.py), or None where it has none."""
+    from ..heads import novelty
+    scorer = novelty.scorer_from_checkpoint(job.ckpt, job.args.checkpoint)
+    if scorer is None:
+        print("no novelty output: the checkpoint has no unknown-verdict data")
+    return scorer
+
+
+def check_novelty(path, model, scorer, arrays, runtime="LiteRT", atol=NOVELTY_ATOL):
+    """LiteRT's novelty (sort-free) against PyTorch's float32 one (topk): CheckFailed beyond
+    atol; prints the largest difference and how many verdicts agree. Returns the difference."""
+    import torch
+
+    from ..heads import novelty
+    from .checks import CheckFailed
+    scored = novelty.ScoredClassifier(model, scorer).eval()
+    with torch.inference_mode():
+        reference = np.concatenate([scored(torch.from_numpy(np.stack(arrays[i:i + 16])))
+                                    [:, -1].numpy() for i in range(0, len(arrays), 16)])
+    values = predict_novelty(path, arrays).reshape(-1)
+    diff = float(np.abs(values - reference).max())
+    same = int(((values > scorer.threshold) == (reference > scorer.threshold)).sum())
+    print(f"{runtime} novelty (the unknown verdict's score) vs PyTorch: max |difference| "
+          f"{diff:.2e}, same verdict on {same}/{len(values)}")
+    if diff > atol:
+        raise CheckFailed(f"{runtime}'s novelty differs from PyTorch's by up to {diff:.2e} "
+                          f"(allowed {atol:.0e})")
+    return diff
+
+
+def convert(model, size, path, heatmap=False, scorer=None):
     """The whole network, softmax included, taking channels-last input, as a .tflite file;
-    with heatmap (model an ImageClassifier) the heatmap as a second output."""
+    with scorer (model an ImageClassifier) the novelty as an output, computed sort-free, and
+    with heatmap the heatmap."""
     import litert_torch
     import torch
 
@@ -93,13 +136,17 @@ def convert(model, size, path, heatmap=False):
 
         def forward(self, image):
             out = self.net(image.permute(0, 3, 1, 2))
-            return out if heatmap else torch.softmax(out, dim=1)
+            return out if extras else torch.softmax(out, dim=1)
 
     t0 = time.perf_counter()
     example = (torch.zeros(1, size, size, 3),)
     net = contiguous_copy(model)
-    if heatmap:
-        net = outputs.build(net, heatmap=True)
+    extras = heatmap or scorer is not None
+    if extras:
+        if scorer is not None:
+            scorer = copy.deepcopy(scorer)
+            scorer.sort_free = True  # LiteRT's interpreter runs no sort (STABLEHLO_SORT)
+        net = outputs.build(net, scorer, heatmap=heatmap)
     edge_model = litert_torch.convert(ChannelsLast(net).eval(), example)
     edge_model.export(path)
     print(f"converted to LiteRT in {time.perf_counter() - t0:.1f}s")
@@ -137,7 +184,7 @@ QUANTIZATION = ("int8 static (int8 weights per channel and activations; float32 
                 "output, head, stem and first two blocks)")
 
 
-def quantize_and_check(job, float_path):
+def quantize_and_check(job, float_path, scorer=None):
     """Static int8 (weights and activations; the head, stem and first two blocks float),
     calibrated on training photos; refused where it loses more than checks.INT8_MAX_DROP
     points of accuracy on the check photos."""
@@ -155,6 +202,8 @@ def quantize_and_check(job, float_path):
     print(f"size: float32 {mb(float_path)}, int8 {mb(path)} "
           f"({os.path.getsize(float_path) / os.path.getsize(path):.1f}x smaller)")
     check_int8(probs, job.reference, job.check, runtime="LiteRT")
+    if scorer is not None:  # reported, not gated: int8 moves it as it moves the probabilities
+        check_novelty(path, job.model, scorer, job.check.arrays, "LiteRT int8", float("inf"))
     return path
 
 
@@ -209,8 +258,14 @@ def predict_heatmaps(path, arrays):
     return run_output(path, arrays, rank=3)
 
 
+def predict_novelty(path, arrays):
+    """LiteRT's novelty (N, 1) for preprocessed (3, H, W) photos."""
+    return run_output(path, arrays, rank=1)
+
+
 def run_output(path, arrays, rank):
-    """The model's output of that rank (probabilities 2, the heatmap 3) for each photo."""
+    """The model's output of that rank (probabilities 2, novelty 1, the heatmap 3) for each
+    photo."""
     from ai_edge_litert.interpreter import Interpreter
     interpreter = Interpreter(model_path=path)
     interpreter.allocate_tensors()
@@ -225,8 +280,8 @@ def run_output(path, arrays, rank):
     return np.stack(values)
 
 
-def metadata(ckpt, quantized, heatmap=False):
-    return {
+def metadata(ckpt, quantized, heatmap=False, novelty=False):
+    meta = {
         "format": TFLITE_FORMAT,
         "format_version": TFLITE_FORMAT_VERSION,
         "classes": list(ckpt["classes"]),
@@ -239,18 +294,23 @@ def metadata(ckpt, quantized, heatmap=False):
             "(1: the most), over the centre crop it sees" if heatmap else ""),
         "quantization": QUANTIZATION if quantized else "none (float32)",
         "averages_mirror": bool(ckpt["model_args"].get("flip_tta", False)),
-        "outputs": ["probabilities", "heatmap"] if heatmap else ["probabilities"],
+        "outputs": ["probabilities"] + ["novelty"] * novelty + ["heatmap"] * heatmap,
     }
+    if novelty:
+        meta["unknown_threshold"] = float(ckpt["novelty"]["threshold"])
+        meta["output"] += ("; novelty (1,): the unknown verdict's score, a photo is unknown "
+                           "(none of the classes) above unknown_threshold")
+    return meta
 
 
-def add_metadata(path, ckpt, quantized, heatmap=False):
+def add_metadata(path, ckpt, quantized, heatmap=False, novelty=False):
     """Store metadata(...) as JSON in the flatbuffer's metadata list, under METADATA_NAME."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
     model = flatbuffer_utils.read_model(path)
     buffer = schema.BufferT()
-    buffer.data = np.frombuffer(json.dumps(metadata(ckpt, quantized, heatmap)).encode(),
-                                np.uint8)
+    meta = metadata(ckpt, quantized, heatmap, novelty)
+    buffer.data = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     model.buffers.append(buffer)
     entry = schema.MetadataT()
     entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1

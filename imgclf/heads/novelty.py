@@ -185,6 +185,24 @@ def same_class_only(sims, query_classes, bank_classes):
     return torch.where(same, sims, torch.full_like(sims, -2.0))
 
 
+# What kth_largest puts in place of a value it has counted: below every cosine and the -2 of
+# same_class_only, finite (an inf constant is one more thing a converter may mishandle).
+COUNTED = -1e30
+
+
+def kth_largest(values, k):
+    """(N,): the k-th largest value of each row of values (N, M), as values.topk(k, 1).values
+    [:, -1] (ties counted once each) but without a sort: k - 1 rounds of setting each row's
+    largest entry (its first, among equals) to COUNTED, then the row maximum. For exports whose
+    runtime has no sort op (LiteRT: topk converts to STABLEHLO_SORT, which its interpreter does
+    not run); M values k times, cheap for the K = 10 the scorer uses."""
+    columns = torch.arange(values.shape[1], device=values.device)[None, :]
+    for _ in range(k - 1):
+        top = values.argmax(1, keepdim=True)
+        values = torch.where(columns == top, torch.full_like(values, COUNTED), values)
+    return values.amax(1)
+
+
 def unit_rows(rows):
     return rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
@@ -214,6 +232,9 @@ class NoveltyScorer(nn.Module):
         self.register_buffer("bank_labels", None if labels is None else labels.long())
         self.k = int(entry["k"])
         self.threshold = float(entry["threshold"])
+        # Set by an export whose runtime cannot sort (to_tflite): the k-th neighbour by
+        # kth_largest instead of topk, the same value
+        self.sort_free = False
 
     def forward(self, features, logits):
         with torch.autocast(features.device.type, enabled=False):
@@ -223,7 +244,8 @@ class NoveltyScorer(nn.Module):
             sims = (standard @ self.projection) @ self.bank.T
             if self.bank_labels is not None:
                 sims = same_class_only(sims, logits.argmax(1), self.bank_labels)
-            kth = sims.topk(self.k, dim=1).values[:, -1]
+            kth = (kth_largest(sims, self.k) if self.sort_free
+                   else sims.topk(self.k, dim=1).values[:, -1])
             return combine(energy, -kth, self.z)
 
 
