@@ -56,8 +56,9 @@ def test_folder_json_schema(trained, test_dir, capsys):
     assert isinstance(doc, list) and len(doc) == 12  # 3 classes x 4 test images, recursively
     assert [d["image"] for d in doc] == sorted(d["image"] for d in doc)
     for entry in doc:
-        assert set(entry) == {"image", "predictions"}
+        assert set(entry) == {"image", "predictions", "unknown", "novelty"}
         assert os.path.isfile(entry["image"])
+        assert isinstance(entry["unknown"], bool) and isinstance(entry["novelty"], float)
         preds = entry["predictions"]
         assert len(preds) == 2
         for p in preds:
@@ -73,18 +74,18 @@ def test_human_output_for_many_images(trained, test_dir, capsys):
                                  "--top_k", 2)
     assert status == 0
     lines = out.rstrip("\n").split("\n")
-    assert len(lines) == 4 * 3
-    for i in range(0, len(lines), 3):
+    assert len(lines) == 4 * 4  # the path, the top 2, the unknown verdict
+    for i in range(0, len(lines), 4):
         assert lines[i].endswith(".jpg") and os.path.isfile(lines[i])
         assert lines[i + 1].startswith("   1. ") and lines[i + 2].startswith("   2. ")
-        assert lines[i + 1].endswith("%")
+        assert lines[i + 1].endswith("%") and lines[i + 3].startswith("  verdict: ")
 
 
 def test_top_k_larger_than_classes_is_clipped_with_a_note(trained, test_dir, capsys):
     image = os.path.join(test_dir, "dog", "000.jpg")
     status, out, err = run_predict(capsys, image, trained["checkpoint"], "--top_k", 10)
     assert status == 0
-    assert len(out.splitlines()) == 3
+    assert len(out.splitlines()) == 3 + 1  # and the verdict
     assert "note: --top_k 10 is more than the 3 classes; showing 3" in err
 
 
@@ -120,13 +121,15 @@ def test_csv_rows(trained, test_dir, tmp_path, capsys):
     with open(out_csv, newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["image", "name_1", "probability_1", "name_2", "probability_2", "name_3",
-                       "probability_3", "error"]
+                       "probability_3", "unknown", "novelty", "error"]
     assert len(rows) == 1 + 12
     for row, entry in zip(rows[1:], doc):
         assert row[0] == entry["image"]
         assert row[1::2][:3] == [p["name"] for p in entry["predictions"]]
         assert [float(x) for x in row[2:7:2]] == pytest.approx(
             [p["probability"] for p in entry["predictions"]], abs=1e-4)
+        assert row[7] == str(int(entry["unknown"]))  # 1 or 0
+        assert float(row[8]) == pytest.approx(entry["novelty"], abs=1e-4)
         assert row[-1] == ""
 
 

@@ -90,8 +90,11 @@ def test_answer_matches_the_predictor(server, client):
     assert status == 200
     assert answer["predictions"][0]["class"] == predictor.classes[int(np.argmax(probs))]
     # The object of predict.py --json, rounding included.
+    _, novelty = predictor.scores(
+        decode.eval_array(decode.load_rgb(path), predictor.preprocess)[None])
     assert answer == inference.prediction_object("fox.jpg", probs, 5, predictor.classes,
-                                                 predictor.class_names)
+                                                 predictor.class_names, novelty=novelty[0],
+                                                 threshold=predictor.unknown_threshold)
 
 
 def test_an_iphone_heic_photo_is_answered_as_its_jpeg_would_be(server, client):

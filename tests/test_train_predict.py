@@ -11,8 +11,9 @@ def test_train_then_predict(trained, capsys):
     capsys.readouterr()
     assert predict.main([image, trained["checkpoint"], "--top_k", "2"]) == 0
     lines = capsys.readouterr().out.rstrip().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert lines[0].startswith(" 1. ") and lines[1].startswith(" 2. ")
+    assert lines[2].startswith("verdict: ")
     assert lines[0].endswith("%")
 
 

@@ -77,7 +77,7 @@ class TorchPredictor:
         self._forward = hardware.fast_forward(model, device, float32)
         # Whether the model averages each photo with its mirror image (predict.py --tta would
         # change nothing)
-        self.averages_mirror = bool(getattr(model, "flip_tta", False))
+        self.averages_mirror = bool(getattr(self.model, "flip_tta", False))  # not the wrapper's
         self._torch = torch
         self.device, self._float32 = device, float32
         self._explainer = None  # made on the first explain(): no cost to plain prediction

@@ -310,7 +310,14 @@ def out_of_fold_fits(photos, labels, num_classes, head, seed=0, k=FOLDS, device=
         fold_logits = Head(*scaler.unscaled(*fitted), view_set, c).logits(photos, device).cpu()
         logits[held] = fold_logits[held]
         spreads.append(logit_spread(fold_logits))
-    return logits, logit_spread(head.logits(photos, device).cpu()) / float(np.mean(spreads))
+    return logits, spread_ratio(logit_spread(head.logits(photos, device).cpu()),
+                                float(np.mean(spreads)))
+
+
+def spread_ratio(head_spread, fold_spread):
+    """How much larger head's logits are than the fold heads': 1 where either does not vary
+    (a backbone whose features are all alike, say): there is no scale to carry over."""
+    return head_spread / fold_spread if head_spread > 0 and fold_spread > 0 else 1.0
 
 
 def logit_spread(logits):
@@ -340,7 +347,7 @@ def held_out_fits(photos, labels, num_classes, head, seed=0, device=None):
         kept, scale = out_of_fold_fits(photos, labels, num_classes, head, seed, device=device)
         head.held_out_logits, head.held_out_spread = kept.numpy(), head_spread / scale
         return kept, scale
-    return kept, head_spread / head.held_out_spread
+    return kept, spread_ratio(head_spread, head.held_out_spread)
 
 
 def kept_logits(head, photos, num_classes):
