@@ -214,8 +214,9 @@ def quantize_and_check(job, float_path, scorer=None):
 
 
 def keep_float(q, qtyping):
-    """FLOAT_OPS, FLOAT_LAYERS and the novelty's ops left float32 in q's recipe. (The recipe's ".*" also
-    quantizes the graph's input and output: int8 tensors an app would have to scale itself.)"""
+    """FLOAT_OPS, FLOAT_LAYERS and the novelty's ops left float32 in q's recipe. (The
+    recipe's ".*" also quantizes the graph's input and output: int8 tensors an app would have
+    to scale itself.)"""
     for op in FLOAT_OPS + NOVELTY_OPS:
         q.update_quantization_recipe(regex=".*", operation_name=getattr(
             qtyping.TFLOperationName, op), algorithm_key="no_quantize")
