@@ -131,6 +131,14 @@ def test_tflite_export_of_the_checkpoint(trained, tmp_path):
         torch_predictor.unknown_threshold
     np.testing.assert_allclose(novelty, torch_novelty, atol=to_tflite.NOVELTY_ATOL, rtol=0)
     np.testing.assert_allclose(probs, torch_probs, atol=to_tflite.PARITY_ATOL, rtol=0)
+    # A novelty output whose threshold is missing from the metadata is refused in one line
+    import shutil
+    stripped = str(tmp_path / "stripped.tflite")
+    shutil.copy(out, stripped)
+    to_tflite.add_metadata(stripped, ckpt, quantized=False)  # replaces the entry
+    with pytest.raises(inference.UserError, match=r"has a novelty output but no "
+                                                  r"unknown_threshold in its metadata"):
+        LiteRTPredictor(stripped)
 
 
 @needs_litert
