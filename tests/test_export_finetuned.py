@@ -143,7 +143,8 @@ def test_tflite_export_of_a_finetuned_checkpoint(finetuned, tmp_path):
     tuned, _ = networks(finetuned["ckpt"])
     with torch.inference_mode():
         reference = tuned(torch.from_numpy(batch)).softmax(1).numpy()
-    np.testing.assert_allclose(LiteRTPredictor(out).probabilities(batch), reference,
+    predictor = LiteRTPredictor(out)
+    np.testing.assert_allclose(predictor.probabilities(batch), reference,
                                atol=checks.PARITY_ATOL, rtol=0)
     # The heatmap travels too, checked before writing and here again
     assert "heatmap (2 x 2) vs predict --explain's" in text
@@ -154,15 +155,15 @@ def test_tflite_export_of_a_finetuned_checkpoint(finetuned, tmp_path):
     scored = novelty.ScoredClassifier(tuned, novelty.scorer_from_checkpoint(finetuned["ckpt"]))
     with torch.inference_mode():
         expected = scored(torch.from_numpy(batch))[:, -1].numpy()
-    np.testing.assert_allclose(LiteRTPredictor(out).scores(batch)[1], expected,
+    np.testing.assert_allclose(predictor.scores(batch)[1], expected,
                                atol=to_tflite.NOVELTY_ATOL, rtol=0)
-    np.testing.assert_allclose(to_tflite.predict_heatmaps(out, list(batch)),
-                               outputs.reference_heatmaps(tuned, list(batch)),
+    heatmaps = to_tflite.predict_heatmaps(out, list(batch))
+    np.testing.assert_allclose(heatmaps, outputs.reference_heatmaps(tuned, list(batch)),
                                atol=outputs.HEATMAP_ATOL, rtol=0)
     # predict.py --explain with the .tflite reads the same output
-    probs, maps = LiteRTPredictor(out).explain(batch)
+    probs, maps = predictor.explain(batch)
     np.testing.assert_allclose(probs, reference, atol=checks.PARITY_ATOL, rtol=0)
-    np.testing.assert_allclose(maps, to_tflite.predict_heatmaps(out, list(batch)), atol=1e-6)
+    np.testing.assert_allclose(maps, heatmaps, atol=1e-6)
 
 
 @needs_coreml

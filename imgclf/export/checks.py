@@ -132,6 +132,20 @@ def check_parity(probs, reference, runtime="ONNX Runtime", atol=PARITY_ATOL, tha
                           f"image(s)")
 
 
+def check_novelty_values(values, reference, threshold, label, who, atol):
+    """An export's novelty values against PyTorch's float32 reference (the unknown verdict's
+    score): prints label with the largest difference and how many verdicts agree at
+    threshold; CheckFailed beyond atol, naming who. Returns the largest difference."""
+    values, reference = np.asarray(values).reshape(-1), np.asarray(reference).reshape(-1)
+    diff = float(np.abs(values - reference).max())
+    same = int(((values > threshold) == (reference > threshold)).sum())
+    print(f"{label}: max |difference| {diff:.2e}, same verdict on {same}/{len(values)}")
+    if diff > atol:
+        raise CheckFailed(f"{who} novelty differs from PyTorch's by up to {diff:.2e} "
+                          f"(allowed {atol:.0e})")
+    return diff
+
+
 def check_int8(probs, reference, check, runtime):
     """An int8 model moves probabilities by design: it must keep the accuracy of PyTorch's
     float32 network on the labelled check photos within INT8_MAX_DROP points, or, where the

@@ -31,7 +31,8 @@ import warnings
 import numpy as np
 
 from ..errors import UserError
-from .checks import CheckFailed, PARITY_ATOL, batched, check_parity, parity_line
+from .checks import (CheckFailed, PARITY_ATOL, batched, check_novelty_values, check_parity,
+                     parity_line)
 from .checks import write_folder_atomic
 from . import mil_check, outputs
 
@@ -250,11 +251,6 @@ def check_novelty(values, job, scorer):
     with torch.inference_mode():
         reference = batched(lambda x: scored(torch.from_numpy(x))[:, -1].numpy(),
                             job.check.arrays)
-    diff = float(np.abs(values.reshape(-1) - reference).max())
-    limit = scorer.threshold
-    same = int(((values.reshape(-1) > limit) == (reference > limit)).sum())
-    print(f"Core ML novelty (the unknown verdict's score) vs PyTorch: max |difference| "
-          f"{diff:.2e}, same verdict on {same}/{len(reference)}")
-    if diff > NOVELTY_ATOL:
-        raise CheckFailed(f"Core ML's program's novelty differs from PyTorch's by up to "
-                          f"{diff:.2e} (allowed {NOVELTY_ATOL:.0e})")
+    check_novelty_values(values, reference, scorer.threshold,
+                         "Core ML novelty (the unknown verdict's score) vs PyTorch",
+                         "Core ML's program's", NOVELTY_ATOL)

@@ -89,21 +89,14 @@ def carried_extras(job):
 def check_novelty_parity(model, ort, path, arrays):
     """ONNX Runtime's novelty against PyTorch's float32 one: within NOVELTY_ATOL (CheckFailed
     beyond), and how many verdicts agree."""
-    import numpy as np
     import torch
 
-    from .checks import CheckFailed
+    from .checks import check_novelty_values
     with torch.inference_mode():
         reference = batched(lambda x: model(torch.from_numpy(x))[:, -1].numpy(), arrays)
     values = batched(onnx_runner(ort, path, output=1), arrays)
-    diff = float(np.abs(values - reference).max())
-    threshold = model.scorer.threshold
-    same = int(((values > threshold) == (reference > threshold)).sum())
-    print(f"novelty (the unknown verdict's score): max |difference| {diff:.2e}, same verdict "
-          f"on {same}/{len(values)}")
-    if diff > NOVELTY_ATOL:
-        raise CheckFailed(f"ONNX Runtime's novelty differs from PyTorch's by up to {diff:.2e} "
-                          f"(allowed {NOVELTY_ATOL:.0e})")
+    check_novelty_values(values, reference, model.scorer.threshold,
+                         "novelty (the unknown verdict's score)", "ONNX Runtime's", NOVELTY_ATOL)
 
 
 def quantize_and_report(ort, job, float_path):

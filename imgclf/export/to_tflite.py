@@ -33,8 +33,8 @@ import numpy as np
 from ..app.litert_predictor import METADATA_NAME
 from ..errors import UserError
 from . import outputs
-from .checks import (check_int8, check_parity, load_calibration_images, mb, parity_line,
-                     write_file_atomic)
+from .checks import (batched, check_int8, check_novelty_values, check_parity,
+                     load_calibration_images, mb, parity_line, write_file_atomic)
 
 TFLITE_FORMAT = "image-classifier-tflite"
 TFLITE_FORMAT_VERSION = 1
@@ -106,20 +106,12 @@ def check_novelty(path, model, scorer, arrays, runtime="LiteRT", atol=NOVELTY_AT
     import torch
 
     from ..heads import novelty
-    from .checks import CheckFailed
     scored = novelty.ScoredClassifier(model, scorer).eval()
     with torch.inference_mode():
-        reference = np.concatenate([scored(torch.from_numpy(np.stack(arrays[i:i + 16])))
-                                    [:, -1].numpy() for i in range(0, len(arrays), 16)])
-    values = predict_novelty(path, arrays).reshape(-1)
-    diff = float(np.abs(values - reference).max())
-    same = int(((values > scorer.threshold) == (reference > scorer.threshold)).sum())
-    print(f"{runtime} novelty (the unknown verdict's score) vs PyTorch: max |difference| "
-          f"{diff:.2e}, same verdict on {same}/{len(values)}")
-    if diff > atol:
-        raise CheckFailed(f"{runtime}'s novelty differs from PyTorch's by up to {diff:.2e} "
-                          f"(allowed {atol:.0e})")
-    return diff
+        reference = batched(lambda x: scored(torch.from_numpy(x))[:, -1].numpy(), arrays)
+    return check_novelty_values(
+        predict_novelty(path, arrays), reference, scorer.threshold,
+        f"{runtime} novelty (the unknown verdict's score) vs PyTorch", f"{runtime}'s", atol)
 
 
 def convert(model, size, path, heatmap=False, scorer=None):
