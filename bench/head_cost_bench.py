@@ -26,10 +26,16 @@ import sys
 import tempfile
 import time
 
+from iterate_bench import timed  # bench/ is this script's folder, first on sys.path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (module, the function timed: the first of the names it has, its class or None). The out-of-
+# fold fits: out_of_fold_fits, which every caller reaches now, or out_of_fold_logits in
+# commits before it.
 STAGES = {"backbone": ("imgclf.engine.features", "extract_features", None),
           "choice": ("imgclf.heads.linear_probe", "choose_and_fit", None),
-          "out-of-fold": ("imgclf.heads.linear_probe", "out_of_fold_logits", None),
+          "out-of-fold": ("imgclf.heads.linear_probe", "out_of_fold_fits out_of_fold_logits",
+                          None),
           "open set": ("imgclf.engine.feature_trainer", "open_set", "FeatureTrainer"),
           "data issues": ("imgclf.analysis.data_issues", "find_issues", None)}
 HEAD = ("choice", "open set", "data issues")
@@ -103,10 +109,11 @@ def child(code, argv):
     through the backbone counted."""
     import importlib
     sys.path.insert(0, code)
-    spent, counted = dict.fromkeys(STAGES, 0.0), {"backbone": 0}
-    for stage, (module_name, name, owner) in STAGES.items():
+    spent, counted = dict.fromkeys(STAGES, 0.0), {"photos": 0}
+    for stage, (module_name, names, owner) in STAGES.items():
         module = importlib.import_module(module_name)
         holder = getattr(module, owner) if owner else module
+        name = next(name for name in names.split() if hasattr(holder, name))
         setattr(holder, name, timed(getattr(holder, name), spent, stage, counted))
     from imgclf.checkpoints import load_checkpoint
     from imgclf.cli import train
@@ -115,7 +122,7 @@ def child(code, argv):
                                            "checkpoint.pth"))["metrics"]
     photos = sum(len(scan_split) for scan_split in scanned_photos(argv[0]))
     print("STAGES " + json.dumps(dict(stages=spent, test_acc=metrics.get("test_acc"),
-                                      through_backbone=counted["backbone"], photos=photos)))
+                                      through_backbone=counted["photos"], photos=photos)))
     return status
 
 
@@ -123,18 +130,6 @@ def scanned_photos(data):
     """Each split's image files under data (what a full backbone pass reads)."""
     return [[name for _, _, names in os.walk(os.path.join(data, split)) for name in names]
             for split in ("train", "valid", "test")]
-
-
-def timed(fn, spent, stage, counted):
-    def wrapper(*args, **kwargs):
-        if stage == "backbone":  # extract_features(backbone, samples, ...)
-            counted["backbone"] += len(args[1])
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            spent[stage] += time.perf_counter() - start
-    return wrapper
 
 
 def print_table(ref, first, before, after):
