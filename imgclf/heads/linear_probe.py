@@ -52,6 +52,11 @@ C_GRID = tuple(10.0 ** (k / 2) for k in range(-6, 3))  # 0.001 ... 10
 # From this many held-out photos on, C and the views are chosen on a held-out set along a
 # warm-started path rather than by cross-validation (docs/scaling.md, "The head").
 HOLDOUT_MIN_PHOTOS = 2000
+# The held-out path (holdout_path) starts here, the grid's middle: the held-out loss of a C
+# path falls then rises, and from a middle start the path fits 5 C or so, each a few passes,
+# where from the strongest L2 it fitted up to 9, the first (cold, at 0.001) the costliest
+# (60,000 x 100: 13.7 s of the head's 47; docs/scaling.md).
+PATH_START_C = 0.1
 # The path stops once the held-out loss has risen this many times in a row: weaker L2 only
 # overfits more, and the weakest fits are the slowest. Cross-validation's paths stop so too.
 PATH_PATIENCE = 2
@@ -66,6 +71,13 @@ SEARCH_TOLERANCE = 5e-4
 # again to TOLERANCE before the choice: every C that the search's looser fits could have
 # ranked wrongly.
 REFINE_MARGIN = 0.03
+# From this many photos the held-out logits that the search for label errors and the unknown
+# verdict share (held_out_fits) come from LARGE_SEARCH_FOLDS folds, fitted by scipy's L-BFGS-B:
+# each fold fit still sees 10,000 photos or more, and 5 cold fits cost the search 30% of a
+# 60,000-photo run (docs/scaling.md, "Issue 27's goals at 60,000 x 100").
+LARGE_SEARCH_PHOTOS = 20000
+LARGE_SEARCH_FOLDS = 2
+LARGE_SEARCH_TOLERANCE = TOLERANCE
 # The share of the available memory a fit may plan to use.
 MEMORY_SHARE = 0.8
 
@@ -254,26 +266,40 @@ def held_out_score(head, photos, labels, index, device=None):
 def holdout_path(photos, labels, num_classes, view_set, held, grid=C_GRID, class_weight=None,
                  device=None, on_fit=None, starts=None):
     """({C: held-out (loss, accuracy)}, {C: the fit's (weight, bias), standardised}) along
-    the path from the strongest L2 to the weakest, each fit warm-started from the one before,
-    or from starts[C] (another view set's fit: the same C on nearly the same rows is closer);
-    it stops once the held-out loss has risen PATH_PATIENCE times in a row."""
+    the path from the grid's C nearest PATH_START_C (fitted from zero) towards weaker L2, each
+    fit warm-started from the one before, or from starts[C] (another view set's fit: the same C
+    on nearly the same rows is closer); a walk stops once the held-out loss has risen
+    PATH_PATIENCE times in a row. Where the first step already rose, the path then walks from
+    the start towards stronger L2 too. By scipy's L-BFGS-B (fit_logistic's solver="scipy")."""
     rows, row_labels, row_weights = training_rows(photos[:held.fit], labels[:held.fit],
                                                   view_set, class_weight)
     if held.mask is not None:
         row_weights = row_weights * held.mask.repeat_interleave(len(view_set.train))
     scaler = Standardizer.streamed(rows, num_classes, device)
-    scores, fits, best, rises, init = {}, {}, float("inf"), 0, None
-    for c in sorted(grid):
-        init = fit_logistic(rows, row_labels, num_classes, c, row_weights,
-                            (starts or {}).get(c, init), scaler=scaler, device=device)
-        fits[c] = init
-        scores[c] = held_out_score(Head(*scaler.unscaled(*init), view_set, c), photos, labels,
-                                   held.photos, device)
-        if on_fit:
-            on_fit()
-        best, rises = (scores[c][0], 0) if scores[c][0] < best else (best, rises + 1)
-        if rises == PATH_PATIENCE:
-            break
+    scores, fits, grid = {}, {}, sorted(grid)
+    first = min(range(len(grid)), key=lambda i: abs(np.log(grid[i] / PATH_START_C)))
+
+    def walk(cs, warm, best):
+        rises, init = 0, None
+        for c in cs:
+            init = fit_logistic(rows, row_labels, num_classes, c, row_weights,
+                                (starts or {}).get(c, init if warm else None), scaler=scaler,
+                                device=device, solver="scipy")
+            fits[c] = init
+            scores[c] = held_out_score(Head(*scaler.unscaled(*init), view_set, c), photos,
+                                       labels, held.photos, device)
+            if on_fit:
+                on_fit()
+            best, rises = (scores[c][0], 0) if scores[c][0] < best else (best, rises + 1)
+            if rises == PATH_PATIENCE:
+                return
+
+    walk(grid[first:], True, float("inf"))
+    weaker = grid[first + 1] if first + 1 < len(grid) else None
+    if first > 0 and (weaker is None or scores[weaker][0] >= scores[grid[first]][0]):
+        # from zero: towards stronger L2 a fit from the weaker one's weights took 2x the passes
+        # of a cold one (60,000 x 100: 5.8 s against 3.1 s)
+        walk(grid[first - 1::-1], False, scores[grid[first]][0])
     return scores, fits
 
 
@@ -282,7 +308,8 @@ def out_of_fold_logits(photos, labels, num_classes, head, seed=0, k=FOLDS, devic
     return out_of_fold_fits(photos, labels, num_classes, head, seed, k, device)[0]
 
 
-def out_of_fold_fits(photos, labels, num_classes, head, seed=0, k=FOLDS, device=None):
+def out_of_fold_fits(photos, labels, num_classes, head, seed=0, k=FOLDS, device=None,
+                     solver="torch", tolerance=TOLERANCE, head_spread=None):
     """(held-out logits (photos, classes), scale). Each photo's logits come from a head with
     head's view set and C fitted on the other folds of the cross-validation (a fold's rows get
     weight 0 rather than a copy of the matrix), started from zero: started from head, which has
@@ -306,12 +333,13 @@ def out_of_fold_fits(photos, labels, num_classes, head, seed=0, k=FOLDS, device=
             continue
         fitted = fit_logistic(rows, row_labels, num_classes, c,
                               row_weights * (row_folds != fold).to(row_weights),
-                              scaler=scaler, device=device)
+                              scaler=scaler, device=device, solver=solver, tolerance=tolerance)
         fold_logits = Head(*scaler.unscaled(*fitted), view_set, c).logits(photos, device).cpu()
         logits[held] = fold_logits[held]
         spreads.append(logit_spread(fold_logits))
-    return logits, spread_ratio(logit_spread(head.logits(photos, device).cpu()),
-                                float(np.mean(spreads)))
+    if head_spread is None:
+        head_spread = logit_spread(head.logits(photos, device).cpu())
+    return logits, spread_ratio(head_spread, float(np.mean(spreads)))
 
 
 def spread_ratio(head_spread, fold_spread):
@@ -344,10 +372,18 @@ def held_out_fits(photos, labels, num_classes, head, seed=0, device=None):
     kept = kept_logits(head, len(labels), num_classes)
     head_spread = logit_spread(head.logits(photos, device).cpu())
     if kept is None:
-        kept, scale = out_of_fold_fits(photos, labels, num_classes, head, seed, device=device)
+        kept, scale = out_of_fold_fits(photos, labels, num_classes, head, seed, device=device,
+                                       head_spread=head_spread, **search_fits(len(labels)))
         head.held_out_logits, head.held_out_spread = kept.numpy(), head_spread / scale
         return kept, scale
     return kept, spread_ratio(head_spread, head.held_out_spread)
+
+
+def search_fits(photos):
+    """out_of_fold_fits' folds, solver and tolerance for held_out_fits on this many photos."""
+    if photos >= LARGE_SEARCH_PHOTOS:
+        return {"k": LARGE_SEARCH_FOLDS, "solver": "scipy", "tolerance": LARGE_SEARCH_TOLERANCE}
+    return {"k": FOLDS, "solver": "torch", "tolerance": TOLERANCE}
 
 
 def kept_logits(head, photos, num_classes):
@@ -370,7 +406,7 @@ def fit_head(photos, labels, num_classes, view_set, c, class_weight=None, init=N
     if streamed:
         scaler = Standardizer.streamed(rows, num_classes, device)
         weight, bias = fit_logistic(rows, row_labels, num_classes, c, row_weights, init,
-                                    scaler=scaler, device=device)
+                                    scaler=scaler, device=device, solver="scipy")
     else:
         scaler = Standardizer(rows)
         weight, bias = fit_logistic(scaler(rows), row_labels, num_classes, c, row_weights,
