@@ -400,3 +400,81 @@ def test_cross_validation_folds_never_start_from_a_fit_that_saw_them():
     scores, kept = lp.validate_paths(x, torch.as_tensor(y), 4, [lp.PLAIN], grid=(100.0,))
     assert scores[lp.PLAIN, 100.0][1] < 0.45
     assert (kept[lp.PLAIN][0].argmax(1).numpy() == y).mean() < 0.45
+
+
+@pytest.mark.parametrize("c", [0.01, 1.0])
+def test_the_scipy_solver_reaches_scikit_learns_optimum(c):
+    """fit_logistic(solver="scipy"), the held-out path's and the large search's fit: the same
+    optimum as scikit-learn's, and the weights returned are those of the last accepted point
+    (not a line search's last trial), streamed from float16 rows with the scaling folded in."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x, y = blobs()
+    scaler = lp.Standardizer.streamed(x[:, 0].half(), 4)
+    weight, bias = lp.fit_logistic(x[:, 0].half(), torch.as_tensor(y), 4, c, scaler=scaler,
+                                   solver="scipy", tolerance=1e-7)
+    rows = scaler(x[:, 0].half().float()).numpy()
+    ref = sklearn.LogisticRegression(C=c, max_iter=5000, tol=1e-10).fit(rows, y)
+    scale = np.abs(ref.coef_).max()
+    assert np.abs(weight.numpy() - ref.coef_).max() < 1e-3 * scale
+    assert np.abs(bias.numpy() - ref.intercept_).max() < 1e-3 * scale
+
+
+def test_chunked_moments_hold_large_offsets():
+    """The streamed scaler's moments, a chunk at a time in float32 around the first chunk's
+    mean, against float64 over all rows: features offset by 1,000 with a spread of 1."""
+    rng = np.random.default_rng(0)
+    rows = torch.tensor(1000 + rng.normal(size=(5000, 8)) * rng.uniform(0.5, 2, 8),
+                        dtype=torch.float16)
+    mean, std = lp.chunked_moments(rows, 700)
+    exact = rows.double()
+    assert torch.allclose(mean.double(), exact.mean(0), rtol=0, atol=1e-4)
+    assert torch.allclose(std.double(), exact.std(0), rtol=1e-4)
+
+
+def scripted_path(monkeypatch, loss_of_c):
+    """holdout_path with fits that record (C, started warm) and a held-out loss loss_of_c(C)."""
+    fitted = []
+
+    def fit(*args, **kwargs):
+        fitted.append((args[3], args[5] is not None))
+        assert kwargs["solver"] == "scipy"
+        return torch.zeros(4, 16), torch.full((4,), float(args[3]))
+
+    monkeypatch.setattr(lp, "fit_logistic", fit)
+    monkeypatch.setattr(lp, "held_out_score",
+                        lambda head, *a, **k: (loss_of_c(float(head.bias[0])), 0.5))
+    x, y = blobs(photos=80)
+    held = lp.Holdout(np.arange(60, 80), 60)
+    scores, _ = lp.holdout_path(x, torch.as_tensor(y), 4, lp.PLAIN, held)
+    return fitted, scores
+
+
+def test_the_held_out_path_starts_mid_grid_and_walks_down_only_where_up_rose(monkeypatch):
+    """From C=0.1 cold, warm towards weaker L2 while the loss falls (2 rises end it); towards
+    stronger L2 (each fit cold) only where the first step up rose, and there it finds a best C
+    below the start as the full path from 0.001 would."""
+    c = lp.C_GRID
+    assert c[4] == lp.PATH_START_C
+    fitted, scores = scripted_path(monkeypatch, lambda x: abs(np.log10(x) - np.log10(c[5])))
+    assert fitted == [(c[4], False), (c[5], True), (c[6], True), (c[7], True)]
+    fitted, scores = scripted_path(monkeypatch, lambda x: abs(np.log10(x) - np.log10(c[1])))
+    assert [f[0] for f in fitted] == [c[4], c[5], c[6], c[3], c[2], c[1], c[0]]
+    assert not any(warm for _, warm in fitted[3:])
+    assert min(scores, key=lambda k: scores[k][0]) == c[1]
+
+
+def test_large_searches_hold_out_half_by_scipy_and_stay_held_out(monkeypatch):
+    """From LARGE_SEARCH_PHOTOS photos the held-out logits come from 2 cold folds fitted by
+    scipy's L-BFGS-B, still held out: random labels that the head memorised score chance."""
+    monkeypatch.setattr(lp, "LARGE_SEARCH_PHOTOS", 100)
+    assert lp.search_fits(99)["k"] == lp.FOLDS and lp.search_fits(99)["solver"] == "torch"
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(100, 1, 256)), dtype=torch.float32)
+    y = np.arange(100) % 4
+    head = lp.fit_head(x, y, 4, lp.PLAIN, 100.0)
+    seen, fit = [], lp.fit_logistic
+    monkeypatch.setattr(lp, "fit_logistic", lambda *a, **k: seen.append(k) or fit(*a, **k))
+    logits, scale = lp.held_out_fits(x, y, 4, head)
+    assert len(seen) == 2 and all(k["solver"] == "scipy" and "init" not in k for k in seen)
+    assert (logits.argmax(1).numpy() == y).mean() < 0.45  # 4 classes: chance is 0.25
+    assert scale > 1  # fold heads fitted on half the photos are less confident
