@@ -22,14 +22,11 @@ Measured on five data sets (flowers and handwritten digits, 10 photos a class to
 docs/design.md), against the AdamW head with early stopping this replaced: +3.3 points on
 the mean, +5.2 on the few-shot sets.
 
-Past a few thousand photos the cross-validation costs 45 fits or more per view set, and a
-valid split of that size is enough to choose on: C is then chosen on the valid split (or, for
-a fit on the train split alone, on a stratified fifth of it) along a regularisation path, from
-the strongest L2 to the weakest, each fit warm-started from the one before and the path ended
-once the held-out loss has risen twice; the head is then fitted on train+valid, warm-started
-from the chosen fit. Those fits read the feature rows where they lie (float16 as stored,
-never standardised into a copy: the scaling is folded into the weights) in chunks of rows, so
-their memory is the stored features plus a few chunks, on the device the run uses.
+Past a few thousand photos C is chosen on the valid split (or a stratified fifth of train)
+along a warm-started path from C=0.1 (holdout_path), by scipy's L-BFGS-B; the head is then
+fitted on train+valid, warm-started from the chosen fit. Those fits read the rows where they
+lie (float16 as stored; the scaling folded into the weights) a chunk at a time, on the run's
+device, so their memory is the stored features plus a few chunks.
 """
 from dataclasses import dataclass, field
 
@@ -52,10 +49,7 @@ C_GRID = tuple(10.0 ** (k / 2) for k in range(-6, 3))  # 0.001 ... 10
 # From this many held-out photos on, C and the views are chosen on a held-out set along a
 # warm-started path rather than by cross-validation (docs/scaling.md, "The head").
 HOLDOUT_MIN_PHOTOS = 2000
-# The held-out path (holdout_path) starts here, the grid's middle: the held-out loss of a C
-# path falls then rises, and from a middle start the path fits 5 C or so, each a few passes,
-# where from the strongest L2 it fitted up to 9, the first (cold, at 0.001) the costliest
-# (60,000 x 100: 13.7 s of the head's 47; docs/scaling.md).
+# The held-out path's first C (mid-grid): from 0.001 it fitted up to 9, the first the costliest.
 PATH_START_C = 0.1
 # The path stops once the held-out loss has risen this many times in a row: weaker L2 only
 # overfits more, and the weakest fits are the slowest. Cross-validation's paths stop so too.
@@ -71,13 +65,9 @@ SEARCH_TOLERANCE = 5e-4
 # again to TOLERANCE before the choice: every C that the search's looser fits could have
 # ranked wrongly.
 REFINE_MARGIN = 0.03
-# From this many photos the held-out logits that the search for label errors and the unknown
-# verdict share (held_out_fits) come from LARGE_SEARCH_FOLDS folds, fitted by scipy's L-BFGS-B:
-# each fold fit still sees 10,000 photos or more, and 5 cold fits cost the search 30% of a
-# 60,000-photo run (docs/scaling.md, "Issue 27's goals at 60,000 x 100").
+# From this many photos held_out_fits' logits (the label-error search's) come from 2 folds by
+# L-BFGS-B: 5 cold fits made the search 30% of a 60,000-photo run (docs/scaling.md).
 LARGE_SEARCH_PHOTOS = 20000
-LARGE_SEARCH_FOLDS = 2
-LARGE_SEARCH_TOLERANCE = TOLERANCE
 # The share of the available memory a fit may plan to use.
 MEMORY_SHARE = 0.8
 
@@ -266,11 +256,11 @@ def held_out_score(head, photos, labels, index, device=None):
 def holdout_path(photos, labels, num_classes, view_set, held, grid=C_GRID, class_weight=None,
                  device=None, on_fit=None, starts=None):
     """({C: held-out (loss, accuracy)}, {C: the fit's (weight, bias), standardised}) along
-    the path from the grid's C nearest PATH_START_C (fitted from zero) towards weaker L2, each
-    fit warm-started from the one before, or from starts[C] (another view set's fit: the same C
-    on nearly the same rows is closer); a walk stops once the held-out loss has risen
-    PATH_PATIENCE times in a row. Where the first step already rose, the path then walks from
-    the start towards stronger L2 too. By scipy's L-BFGS-B (fit_logistic's solver="scipy")."""
+    the path from the grid's C nearest PATH_START_C (cold) towards weaker L2, each fit warm-
+    started from the one before or from starts[C] (another view set's fit at C), by scipy's
+    L-BFGS-B; a walk stops once the held-out loss has risen PATH_PATIENCE times in a row. Where
+    the first step rose, a walk towards stronger L2 follows, its fits cold (from the weaker
+    fit's weights they took 2x the passes: 5.8 s against 3.1 s at 60,000 x 100)."""
     rows, row_labels, row_weights = training_rows(photos[:held.fit], labels[:held.fit],
                                                   view_set, class_weight)
     if held.mask is not None:
@@ -295,10 +285,7 @@ def holdout_path(photos, labels, num_classes, view_set, held, grid=C_GRID, class
                 return
 
     walk(grid[first:], True, float("inf"))
-    weaker = grid[first + 1] if first + 1 < len(grid) else None
-    if first > 0 and (weaker is None or scores[weaker][0] >= scores[grid[first]][0]):
-        # from zero: towards stronger L2 a fit from the weaker one's weights took 2x the passes
-        # of a cold one (60,000 x 100: 5.8 s against 3.1 s)
+    if first > 0 and scores[grid[min(first + 1, len(grid) - 1)]][0] >= scores[grid[first]][0]:
         walk(grid[first - 1::-1], False, scores[grid[first]][0])
     return scores, fits
 
@@ -312,14 +299,12 @@ def out_of_fold_fits(photos, labels, num_classes, head, seed=0, k=FOLDS, device=
                      solver="torch", tolerance=TOLERANCE, head_spread=None):
     """(held-out logits (photos, classes), scale). Each photo's logits come from a head with
     head's view set and C fitted on the other folds of the cross-validation (a fold's rows get
-    weight 0 rather than a copy of the matrix), started from zero: started from head, which has
-    seen the fold's photos, the fits stopped next to it with its gradient already under the
-    tolerance, and their "held-out" logits were head's own (60,000 x 100: 100% out-of-fold
-    accuracy against 89.6% on test; bench/head_scale_bench.py). The rows stay as stored
-    (float16, say): the fits fold the scaling in a chunk at a time. scale: how much larger head's logits are than the fold heads' on the same
-    photos (all of them; logit_spread's ratio): fitted on (k-1)/k of the photos with the same
-    C, the fold heads are less confident than head, the more so the fewer the photos, so what
-    is learnt from their held-out logits (a temperature) applies to head's logits times scale."""
+    weight 0), started from zero: from head, which has seen the fold, they stopped at once and
+    their "held-out" logits were head's own (100% out-of-fold accuracy, 89.6% on test). Rows
+    stay as stored, the scaling folded in. scale: how much larger head's logits (head_spread,
+    if given) are than the fold heads' on all photos: fitted on (k-1)/k of the photos, the fold
+    heads are less confident, so a temperature learnt on their logits applies to head's
+    logits times scale."""
     view_set, c = head.view_set, head.c
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     folds = torch.from_numpy(photo_folds(np.asarray(labels), k, seed))
@@ -380,10 +365,9 @@ def held_out_fits(photos, labels, num_classes, head, seed=0, device=None):
 
 
 def search_fits(photos):
-    """out_of_fold_fits' folds, solver and tolerance for held_out_fits on this many photos."""
-    if photos >= LARGE_SEARCH_PHOTOS:
-        return {"k": LARGE_SEARCH_FOLDS, "solver": "scipy", "tolerance": LARGE_SEARCH_TOLERANCE}
-    return {"k": FOLDS, "solver": "torch", "tolerance": TOLERANCE}
+    """out_of_fold_fits' folds and solver for held_out_fits on this many photos."""
+    large = photos >= LARGE_SEARCH_PHOTOS
+    return {"k": 2 if large else FOLDS, "solver": "scipy" if large else "torch"}
 
 
 def kept_logits(head, photos, num_classes):
