@@ -465,7 +465,8 @@ def test_the_held_out_path_starts_mid_grid_and_walks_down_only_where_up_rose(mon
 
 def test_large_searches_hold_out_half_by_scipy_and_stay_held_out(monkeypatch):
     """From LARGE_SEARCH_PHOTOS photos the held-out logits come from 2 cold folds fitted by
-    scipy's L-BFGS-B, still held out: random labels that the head memorised score chance."""
+    scipy's L-BFGS-B to SEARCH_TOLERANCE, still held out: random labels that the head
+    memorised score chance."""
     monkeypatch.setattr(lp, "LARGE_SEARCH_PHOTOS", 100)
     assert lp.search_fits(99)["k"] == lp.FOLDS and lp.search_fits(99)["solver"] == "torch"
     rng = np.random.default_rng(0)
@@ -475,6 +476,7 @@ def test_large_searches_hold_out_half_by_scipy_and_stay_held_out(monkeypatch):
     seen, fit = [], lp.fit_logistic
     monkeypatch.setattr(lp, "fit_logistic", lambda *a, **k: seen.append(k) or fit(*a, **k))
     logits, scale = lp.held_out_fits(x, y, 4, head)
-    assert len(seen) == 2 and all(k["solver"] == "scipy" and "init" not in k for k in seen)
+    assert len(seen) == 2 and all(k["solver"] == "scipy" and "init" not in k
+                                  and k["tolerance"] == lp.SEARCH_TOLERANCE for k in seen)
     assert (logits.argmax(1).numpy() == y).mean() < 0.45  # 4 classes: chance is 0.25
     assert scale > 1  # fold heads fitted on half the photos are less confident

@@ -65,8 +65,7 @@ SEARCH_TOLERANCE = 5e-4
 # again to TOLERANCE before the choice: every C that the search's looser fits could have
 # ranked wrongly.
 REFINE_MARGIN = 0.03
-# From this many photos held_out_fits' logits (the label-error search's) come from 2 folds by
-# L-BFGS-B: 5 cold fits made the search 30% of a 60,000-photo run (docs/scaling.md).
+# From this many photos held_out_fits' 2 folds by L-BFGS-B to SEARCH_TOLERANCE (docs/scaling.md).
 LARGE_SEARCH_PHOTOS = 20000
 # The share of the available memory a fit may plan to use.
 MEMORY_SHARE = 0.8
@@ -365,9 +364,10 @@ def held_out_fits(photos, labels, num_classes, head, seed=0, device=None):
 
 
 def search_fits(photos):
-    """out_of_fold_fits' folds and solver for held_out_fits on this many photos."""
-    large = photos >= LARGE_SEARCH_PHOTOS
-    return {"k": 2 if large else FOLDS, "solver": "scipy" if large else "torch"}
+    """out_of_fold_fits' folds, solver and tolerance for held_out_fits on this many photos."""
+    if photos < LARGE_SEARCH_PHOTOS:
+        return {"k": FOLDS, "solver": "torch", "tolerance": TOLERANCE}
+    return {"k": 2, "solver": "scipy", "tolerance": SEARCH_TOLERANCE}
 
 
 def kept_logits(head, photos, num_classes):
