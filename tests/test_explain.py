@@ -17,7 +17,7 @@ from imgclf.app import heat_page, inference
 from imgclf.cli import predict
 from imgclf.data import decode
 from imgclf.errors import UserError
-from imgclf.models import explain
+from imgclf.models import explain, hardware
 from imgclf.models.classifier import build_model
 
 
@@ -81,6 +81,24 @@ def test_mirrored_view_is_flipped_back_and_averaged():
     _, _, _, averaged = explain.Explainer(seeded_model(flip_tta=True), torch.device("cpu"))(x)
     np.testing.assert_allclose(maps, averaged, atol=1e-6)
     assert not np.allclose(own, mirrored[..., ::-1], atol=1e-3)  # the flip is not a no-op
+
+
+def test_predictor_explains_in_float32_where_it_predicts_in_bfloat16(monkeypatch):
+    """A predictor whose plain path runs in bfloat16 (forced here, as on a CPU with native
+    bf16) still draws the float32 map: bf16 loses it, its cells being small differences of
+    large sums (models/explain.py)."""
+    monkeypatch.setattr(hardware, "autocast_dtype", lambda device: torch.bfloat16)
+    model, x = seeded_model(), images()
+    pre = dict(size=96, crop_pct=1.0, mean=[0.5] * 3, std=[0.5] * 3, upscale="bilinear")
+    predictor = inference.TorchPredictor.from_model(model, list("abcd"), None, pre,
+                                                    torch.device("cpu"))
+    reference, cam = direct_cam(model, x)
+    probs, maps = predictor.explain(x.numpy())
+    np.testing.assert_allclose(maps, cam, atol=1e-5)
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(reference), 1).numpy(),
+                               atol=1e-5)
+    # the forced precision is real: the plain path's probabilities are bfloat16's
+    assert np.abs(predictor.probabilities(x.numpy()) - probs).max() > 1e-4
 
 
 def test_hidden_layers_get_a_gradient_map_said_to_be_an_estimate():

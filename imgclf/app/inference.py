@@ -79,18 +79,18 @@ class TorchPredictor:
         # change nothing)
         self.averages_mirror = bool(getattr(self.model, "flip_tta", False))  # not the wrapper's
         self._torch = torch
-        self.device, self._float32 = device, float32
+        self.device = device
         self._explainer = None  # made on the first explain(): no cost to plain prediction
 
     def explain(self, batch, tta=False):
         """float32 array (N, 3, H, W), preprocessed -> (probabilities (N, classes), the top
         class's evidence map (N, h, w)): see models/explain.py. tta: average with the mirror
-        image, as batch_probabilities does."""
-        from ..models import hardware
+        image, as batch_probabilities does. Computed in float32 whatever the predictor's
+        precision (the map needs it: models/explain.py), so the probabilities are those of
+        --precision fp32."""
         from ..models.explain import Explainer
-        if self._explainer is None:  # in the precision of probabilities()
-            dtype = None if self._float32 else hardware.autocast_dtype(self.device)
-            self._explainer = Explainer(self.model, self.device, dtype)
+        if self._explainer is None:
+            self._explainer = Explainer(self.model, self.device)
         _, probs, _, maps = self._explainer(
             self._torch.from_numpy(np.ascontiguousarray(batch)), mirror=tta)
         return probs, maps

@@ -12,6 +12,13 @@ prediction, once per view, so the cost is the head's backward pass and one produ
 
 With mirrored test-time averaging (the model's flip_tta, or predict.py --tta) the mirror view's
 map is flipped back and averaged with the photo's, as its logits are.
+
+The map is computed in float32, whatever precision plain prediction uses: on the object its
+cells are small differences of large sums (the evidence for the class minus the evidence
+against it, about a fifth of their total on the quadrant canvases of bench/heatmap_bench.py),
+which a bfloat16 backbone's 8-bit mantissa does not keep: its normalised maps were 0.04 to 0.08
+(median) from the float32 ones, 40 to 80 times the exports' HEATMAP_ATOL, with another peak
+cell on 10-12% of those canvases (docs/explain.md).
 """
 from contextlib import contextmanager
 
@@ -68,10 +75,9 @@ def frozen(model):
 class Explainer:
     """An ImageClassifier -> batch -> (probabilities, top-1 class, heatmap per photo)."""
 
-    def __init__(self, model, device=None, dtype=None):
+    def __init__(self, model, device=None):
         self.model = model
         self.device = device or next(model.parameters()).device
-        self.dtype = dtype  # autocast's, as in prediction (None: float32)
         self.module = feature_module(model.backbone)
         self.exact = is_exact(model)
 
@@ -108,7 +114,7 @@ class Explainer:
         handle = self.module.register_forward_hook(as_leaf)
         try:
             with frozen(self.model), torch.enable_grad(), torch.autocast(
-                    self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                    self.device.type, enabled=False):  # float32: see the module's docstring
                 logits = [self.model(view).float() for view in views]
         finally:
             handle.remove()
