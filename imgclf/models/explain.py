@@ -81,16 +81,17 @@ class Explainer:
         self.module = feature_module(model.backbone)
         self.exact = is_exact(model)
 
-    def __call__(self, x, mirror=False):
+    def __call__(self, x, mirror=False, target=None):
         """x: float32 tensor (N, 3, H, W), preprocessed; mirror: average with the mirror image
-        (predict.py --tta). Returns (logits (N, K), probabilities (N, K), top-1 index (N,),
-        maps (N, h, w)): numpy arrays, logits and probabilities averaged over the
+        (predict.py --tta); target: the class to draw for each photo (N,), None for the top-1
+        of this pass's logits. Returns (logits (N, K), probabilities (N, K), the class drawn
+        (N,), maps (N, h, w)): numpy arrays, logits and probabilities averaged over the
         views as prediction averages them, maps in the photo's orientation."""
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
         views = [x, x.flip(-1)] if mirror else [x]
         logits, leaves = self._forward(views)
         probs = torch.stack([v.softmax(1) for v in logits]).mean(0)
-        top = probs.argmax(1)
+        top = probs.argmax(1) if target is None else torch.as_tensor(target, device=probs.device)
         chosen = sum(v.gather(1, top[:, None]).sum() for v in logits)
         grads = torch.autograd.grad(chosen, leaves)
         per_view = len(leaves) // len(views)  # 2 where the model averages the mirror itself
