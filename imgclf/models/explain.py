@@ -7,18 +7,18 @@ the backbone's last feature map (the logit's gradient there is W_c / (h w) at ev
 which is that same map for a linear head and stays defined for the others: a head with hidden
 layers, or VGG's and AlexNet's fully connected layers after the feature map, get its first-order
 estimate (gradient x activation, as in Simonyan et al. and Shrikumar et al.), not an exact
-decomposition. Only the head (and those layers) are differentiated: the backbone runs as in
-prediction, once per view, so the cost is the head's backward pass and one product per position.
+decomposition. Only the head (and those layers) are differentiated: the backbone runs once per
+view (in float32, below), so the cost is the head's backward pass and one product per position.
 
 With mirrored test-time averaging (the model's flip_tta, or predict.py --tta) the mirror view's
 map is flipped back and averaged with the photo's, as its logits are.
 
 The map is computed in float32, whatever precision plain prediction uses: on the object its
 cells are small differences of large sums (the evidence for the class minus the evidence
-against it, about a fifth of their total on the quadrant canvases of bench/heatmap_bench.py),
-which a bfloat16 backbone's 8-bit mantissa does not keep: its normalised maps were 0.04 to 0.08
-(median) from the float32 ones, 40 to 80 times the exports' HEATMAP_ATOL, with another peak
-cell on 10-12% of those canvases (docs/explain.md).
+against it, a fifth to a quarter of their total on the quadrant canvases of
+bench/heatmap_bench.py), which a bfloat16 backbone's 8-bit mantissa does not keep: its
+normalised maps were 0.04 to 0.08 (median) from the float32 ones, 40 to 80 times the exports'
+HEATMAP_ATOL, with another peak cell on 10-12% of those canvases (docs/explain.md).
 """
 from contextlib import contextmanager
 
