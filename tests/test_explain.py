@@ -17,7 +17,7 @@ from imgclf.app import heat_page, inference
 from imgclf.cli import predict
 from imgclf.data import decode
 from imgclf.errors import UserError
-from imgclf.models import explain
+from imgclf.models import explain, hardware
 from imgclf.models.classifier import build_model
 
 
@@ -81,6 +81,45 @@ def test_mirrored_view_is_flipped_back_and_averaged():
     _, _, _, averaged = explain.Explainer(seeded_model(flip_tta=True), torch.device("cpu"))(x)
     np.testing.assert_allclose(maps, averaged, atol=1e-6)
     assert not np.allclose(own, mirrored[..., ::-1], atol=1e-3)  # the flip is not a no-op
+
+
+def test_a_given_class_gets_its_own_map():
+    """target: the map of the class the plain prediction named (not this pass's top-1)."""
+    model, x = seeded_model(), images()
+    explainer = explain.Explainer(model, torch.device("cpu"))
+    _, _, top, maps = explainer(x)
+    other = (top + 1) % 4
+    _, _, drawn, other_maps = explainer(x, target=other)
+    assert (drawn == other).all() and not np.allclose(maps, other_maps, atol=1e-3)
+    weight = model.head[-1].weight.detach()[torch.from_numpy(other)]
+    handle = explain.feature_module(model.backbone).register_forward_hook(
+        lambda m, i, out: features.append(out))
+    features = []
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    cam = torch.einsum("nk,nkhw->nhw", weight, features[0]) / features[0][0, 0].numel()
+    np.testing.assert_allclose(other_maps, cam.numpy(), atol=1e-6)
+
+
+def test_predictor_explains_in_float32_where_it_predicts_in_bfloat16(monkeypatch):
+    """A predictor whose plain path runs in bfloat16 (forced here, as on a CPU with native
+    bf16) still draws the float32 map: bf16 loses it, its cells being small differences of
+    large sums (models/explain.py)."""
+    monkeypatch.setattr(hardware, "autocast_dtype", lambda device: torch.bfloat16)
+    model, x = seeded_model(), images()
+    pre = dict(size=96, crop_pct=1.0, mean=[0.5] * 3, std=[0.5] * 3, upscale="bilinear")
+    predictor = inference.TorchPredictor.from_model(model, list("abcd"), None, pre,
+                                                    torch.device("cpu"))
+    reference, cam = direct_cam(model, x)
+    probs, maps = predictor.explain(x.numpy())
+    np.testing.assert_allclose(maps, cam, atol=1e-5)
+    # the answer is the plain path's, as without --explain, and the map is of its top class
+    plain = predictor.probabilities(x.numpy())
+    np.testing.assert_array_equal(probs, plain)
+    assert (plain.argmax(1) == reference.argmax(1)).all()
+    # the forced precision is real: the plain path's probabilities are not float32's
+    assert np.abs(plain - torch.softmax(torch.from_numpy(reference), 1).numpy()).max() > 1e-4
 
 
 def test_hidden_layers_get_a_gradient_map_said_to_be_an_estimate():

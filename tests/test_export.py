@@ -120,6 +120,26 @@ def test_metadata_carries_classes_and_preprocessing(exported):
 
 
 @needs_onnx
+def test_no_verdict_leaves_the_novelty_and_its_bank_out(exported, tmp_path, capsys):
+    import onnx
+    out = str(tmp_path / "plain.onnx")
+    assert export.main([exported["checkpoint"], "--out", out, "--check_count", "2",
+                        "--no_verdict"]) == 0
+    assert "no novelty output: --no_verdict leaves the unknown verdict out" in \
+        capsys.readouterr().out
+    with_verdict, plain = onnx.load(exported["onnx"]), onnx.load(out)
+    assert [o.name for o in with_verdict.graph.output][:2] == ["probabilities", "novelty"]
+    assert "novelty" not in [o.name for o in plain.graph.output]
+    assert "unknown_threshold" not in {p.key for p in plain.metadata_props}
+    from imgclf import checkpoints
+    bank = checkpoints.load_checkpoint(exported["checkpoint"])["novelty"]["bank"]
+    assert os.path.getsize(exported["onnx"]) - os.path.getsize(out) >= bank.numel() * 4
+    image = os.path.join(exported["data"], "test", "fox", "001.jpg")
+    assert predict.main([image, out, "--top_k", "2"]) == 0
+    assert not any(line.startswith("verdict: ") for line in capsys.readouterr().out.splitlines())
+
+
+@needs_onnx
 def test_quantized_model_is_smaller_and_agrees(exported, tmp_path, capsys):
     out = str(tmp_path / "model.int8.onnx")
     assert export.main([exported["checkpoint"], "--out", out, "--quantize"]) == 0

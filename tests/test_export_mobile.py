@@ -175,6 +175,21 @@ def test_int8_tflite_of_the_checkpoint_takes_and_returns_float32(trained, tmp_pa
     assert any(d["dtype"] == np.int8 for d in interpreter.get_tensor_details())
     kept = conv_weights_by_float_layers(interpreter)
     assert kept[True] == {np.float32} and kept[False] == {np.int8}, kept
+    # The unknown verdict travels, its stored features int8 (4x smaller), the rest of it float
+    from imgclf import checkpoints
+    bank = checkpoints.load_checkpoint(trained["checkpoint"])["novelty"]["bank"]
+    assert constant_dtypes(out, list(bank.shape)) == {"INT8"}
+    assert "same verdict on 6/6" in text, text
+
+
+def constant_dtypes(path, shape):
+    """The type names of the model's constant tensors (those with data) of that shape."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+    model = flatbuffer_utils.read_model(path)
+    names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    return {names[t.type] for t in model.subgraphs[0].tensors
+            if list(t.shape) == shape and model.buffers[t.buffer].data is not None}
 
 
 def conv_weights_by_float_layers(interpreter):

@@ -79,21 +79,27 @@ class TorchPredictor:
         # change nothing)
         self.averages_mirror = bool(getattr(self.model, "flip_tta", False))  # not the wrapper's
         self._torch = torch
-        self.device, self._float32 = device, float32
+        self.device = device
+        # Whether plain prediction runs in bf16/fp16: explain() then adds a plain pass
+        self._reduced = not float32 and hardware.autocast_dtype(device) is not None
         self._explainer = None  # made on the first explain(): no cost to plain prediction
 
     def explain(self, batch, tta=False):
         """float32 array (N, 3, H, W), preprocessed -> (probabilities (N, classes), the top
         class's evidence map (N, h, w)): see models/explain.py. tta: average with the mirror
-        image, as batch_probabilities does."""
-        from ..models import hardware
+        image, as batch_probabilities does. The map is computed in float32 (models/explain.py
+        says why); where plain prediction runs in reduced precision, the probabilities are
+        still its own (one more plain pass) and the map is of its top class."""
         from ..models.explain import Explainer
-        if self._explainer is None:  # in the precision of probabilities()
-            dtype = None if self._float32 else hardware.autocast_dtype(self.device)
-            self._explainer = Explainer(self.model, self.device, dtype)
-        _, probs, _, maps = self._explainer(
-            self._torch.from_numpy(np.ascontiguousarray(batch)), mirror=tta)
-        return probs, maps
+        if self._explainer is None:
+            self._explainer = Explainer(self.model, self.device)
+        probs = target = None
+        if self._reduced:  # the same answer as without --explain, in the same precision
+            probs = batch_probabilities(self, batch, tta)
+            target = probs.argmax(1)
+        _, own, _, maps = self._explainer(
+            self._torch.from_numpy(np.ascontiguousarray(batch)), mirror=tta, target=target)
+        return (own if probs is None else probs), maps
 
     def probabilities(self, batch):
         """float32 array (N, 3, H, W), preprocessed -> float32 array (N, classes)."""

@@ -1,7 +1,7 @@
 """Export a checkpoint from train.py for other runtimes, checked against it before writing.
 
     python export.py CHECKPOINT [--format onnx|tflite|coreml|web] [--out PATH] [--quantize]
-                     [--check_images DIR] [--check_count N] [--web_runtime PATH]
+                     [--no_verdict] [--check_images DIR] [--check_count N] [--web_runtime PATH]
 
 Each format is one module of imgclf/export/ with a write(job) function, listed in FORMATS:
   onnx    model.onnx, the whole network with its softmax, ONNX Runtime (imgclf/export/to_onnx.py)
@@ -76,6 +76,12 @@ def build_parser():
     p.add_argument("--quantize", action="store_true",
                    help="write an 8-bit model (onnx, tflite, web): about 4x smaller, slightly less "
                         "exact; static int8 calibrated on training images (default: float32)")
+    p.add_argument("--no_verdict", action="store_true",
+                   help="leave the unknown verdict out: no novelty output, and none of the "
+                        "training photos' features it compares with (in int8 LiteRT 256 "
+                        "bytes a photo and 0.3 MB; float32 4x that), for the smallest file; "
+                        "every photo is then named as one of the classes (default: the "
+                        "verdict goes where the checkpoint has it)")
     p.add_argument("--check_images", metavar="DIR",
                    help="photos to check the export on: a folder of class folders, a data "
                         "folder with test/ or valid/, or a folder of photos (default: the test "

@@ -70,6 +70,19 @@ class Job:
                            self.check.arrays)
 
     @cached_property
+    def scorer(self):
+        """The checkpoint's novelty scorer (heads/novelty.py), or None (saying why) where it has
+        none or --no_verdict leaves it out."""
+        from ..heads import novelty
+        if getattr(self.args, "no_verdict", False):
+            print("no novelty output: --no_verdict leaves the unknown verdict out")
+            return None
+        scorer = novelty.scorer_from_checkpoint(self.ckpt, self.args.checkpoint)
+        if scorer is None:
+            print("no novelty output: the checkpoint has no unknown-verdict data")
+        return scorer
+
+    @cached_property
     def calibration(self):
         return load_calibration_images(self.ckpt, self.check)
 

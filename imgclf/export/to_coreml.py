@@ -59,8 +59,7 @@ def write(job):
         heatmap = outputs.heatmap_problem(job.model)
         if heatmap:
             print(f"no heatmap output: {heatmap}")
-        from ..heads import novelty
-        scorer = novelty.scorer_from_checkpoint(job.ckpt, job.args.checkpoint)
+        scorer = job.scorer
         convert(ct, job, path, heatmap=heatmap is None, scorer=scorer)
         with quiet():
             function = mil_check.load_program(path)

@@ -77,9 +77,8 @@ def export_and_check(job, path, ort):
 def carried_extras(job):
     """(the novelty scorer or None, whether the heatmap is carried), saying why not where the
     heatmap is not."""
-    from ..heads import novelty
     from . import outputs
-    scorer = novelty.scorer_from_checkpoint(job.ckpt, job.args.checkpoint)
+    scorer = job.scorer
     problem = outputs.heatmap_problem(job.model)
     if problem:
         print(f"no heatmap output: {problem}")

@@ -7,11 +7,18 @@ the backbone's last feature map (the logit's gradient there is W_c / (h w) at ev
 which is that same map for a linear head and stays defined for the others: a head with hidden
 layers, or VGG's and AlexNet's fully connected layers after the feature map, get its first-order
 estimate (gradient x activation, as in Simonyan et al. and Shrikumar et al.), not an exact
-decomposition. Only the head (and those layers) are differentiated: the backbone runs as in
-prediction, once per view, so the cost is the head's backward pass and one product per position.
+decomposition. Only the head (and those layers) are differentiated: the backbone runs once per
+view (in float32, below), so the cost is the head's backward pass and one product per position.
 
 With mirrored test-time averaging (the model's flip_tta, or predict.py --tta) the mirror view's
 map is flipped back and averaged with the photo's, as its logits are.
+
+The map is computed in float32, whatever precision plain prediction uses: on the object its
+cells are small differences of large sums (the evidence for the class minus the evidence
+against it, a fifth to a quarter of their total on the quadrant canvases of
+bench/heatmap_bench.py), which a bfloat16 backbone's 8-bit mantissa does not keep: its
+normalised maps were 0.04 to 0.08 (median) from the float32 ones, 40 to 80 times the exports'
+HEATMAP_ATOL, with another peak cell on 10-12% of those canvases (docs/explain.md).
 """
 from contextlib import contextmanager
 
@@ -68,23 +75,23 @@ def frozen(model):
 class Explainer:
     """An ImageClassifier -> batch -> (probabilities, top-1 class, heatmap per photo)."""
 
-    def __init__(self, model, device=None, dtype=None):
+    def __init__(self, model, device=None):
         self.model = model
         self.device = device or next(model.parameters()).device
-        self.dtype = dtype  # autocast's, as in prediction (None: float32)
         self.module = feature_module(model.backbone)
         self.exact = is_exact(model)
 
-    def __call__(self, x, mirror=False):
+    def __call__(self, x, mirror=False, target=None):
         """x: float32 tensor (N, 3, H, W), preprocessed; mirror: average with the mirror image
-        (predict.py --tta). Returns (logits (N, K), probabilities (N, K), top-1 index (N,),
-        maps (N, h, w)): numpy arrays, logits and probabilities averaged over the
+        (predict.py --tta); target: the class to draw for each photo (N,), None for the top-1
+        of this pass's logits. Returns (logits (N, K), probabilities (N, K), the class drawn
+        (N,), maps (N, h, w)): numpy arrays, logits and probabilities averaged over the
         views as prediction averages them, maps in the photo's orientation."""
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
         views = [x, x.flip(-1)] if mirror else [x]
         logits, leaves = self._forward(views)
         probs = torch.stack([v.softmax(1) for v in logits]).mean(0)
-        top = probs.argmax(1)
+        top = probs.argmax(1) if target is None else torch.as_tensor(target, device=probs.device)
         chosen = sum(v.gather(1, top[:, None]).sum() for v in logits)
         grads = torch.autograd.grad(chosen, leaves)
         per_view = len(leaves) // len(views)  # 2 where the model averages the mirror itself
@@ -108,7 +115,7 @@ class Explainer:
         handle = self.module.register_forward_hook(as_leaf)
         try:
             with frozen(self.model), torch.enable_grad(), torch.autocast(
-                    self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                    self.device.type, enabled=False):  # float32: see the module's docstring
                 logits = [self.model(view).float() for view in views]
         finally:
             handle.remove()
