@@ -167,7 +167,7 @@ def lbfgs_scipy(params, closure, max_iter, tolerance):
     weights, which its line search then spends passes over the rows to lengthen: 7 passes
     against 13 for a cold fit on 54,000 x 1,280 rows of 100 classes, 2 against 5 for a fit
     warm-started along the C path (docs/scaling.md)."""
-    import scipy.optimize
+    import scipy.optimize  # here: predicting never fits, and scipy costs its import time
 
     def value_and_gradient(theta):
         load(params, theta)
