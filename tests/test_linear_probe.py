@@ -420,7 +420,7 @@ def test_the_scipy_solver_reaches_scikit_learns_optimum(c):
 
 
 def test_chunked_moments_hold_large_offsets():
-    """The streamed scaler's moments, a chunk at a time in float32 around the first chunk's
+    """The streamed scaler's moments, a chunk at a time around the first chunk's
     mean, against float64 over all rows: features offset by 1,000 with a spread of 1."""
     rng = np.random.default_rng(0)
     rows = torch.tensor(1000 + rng.normal(size=(5000, 8)) * rng.uniform(0.5, 2, 8),
@@ -429,38 +429,6 @@ def test_chunked_moments_hold_large_offsets():
     exact = rows.double()
     assert torch.allclose(mean.double(), exact.mean(0), rtol=0, atol=1e-4)
     assert torch.allclose(std.double(), exact.std(0), rtol=1e-4)
-
-
-def scripted_path(monkeypatch, loss_of_c):
-    """holdout_path with fits that record (C, started warm) and a held-out loss loss_of_c(C)."""
-    fitted = []
-
-    def fit(*args, **kwargs):
-        fitted.append((args[3], args[5] is not None))
-        assert kwargs["solver"] == "scipy"
-        return torch.zeros(4, 16), torch.full((4,), float(args[3]))
-
-    monkeypatch.setattr(lp, "fit_logistic", fit)
-    monkeypatch.setattr(lp, "held_out_score",
-                        lambda head, *a, **k: (loss_of_c(float(head.bias[0])), 0.5))
-    x, y = blobs(photos=80)
-    held = lp.Holdout(np.arange(60, 80), 60)
-    scores, _ = lp.holdout_path(x, torch.as_tensor(y), 4, lp.PLAIN, held)
-    return fitted, scores
-
-
-def test_the_held_out_path_starts_mid_grid_and_walks_down_only_where_up_rose(monkeypatch):
-    """From C=0.1 cold, warm towards weaker L2 while the loss falls (2 rises end it); towards
-    stronger L2 (each fit cold) only where the first step up rose, and there it finds a best C
-    below the start as the full path from 0.001 would."""
-    c = lp.C_GRID
-    assert c[4] == lp.PATH_START_C
-    fitted, scores = scripted_path(monkeypatch, lambda x: abs(np.log10(x) - np.log10(c[5])))
-    assert fitted == [(c[4], False), (c[5], True), (c[6], True), (c[7], True)]
-    fitted, scores = scripted_path(monkeypatch, lambda x: abs(np.log10(x) - np.log10(c[1])))
-    assert [f[0] for f in fitted] == [c[4], c[5], c[6], c[3], c[2], c[1], c[0]]
-    assert not any(warm for _, warm in fitted[3:])
-    assert min(scores, key=lambda k: scores[k][0]) == c[1]
 
 
 def test_large_searches_hold_out_half_by_scipy_and_stay_held_out(monkeypatch):
