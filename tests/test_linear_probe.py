@@ -419,13 +419,15 @@ def test_the_scipy_solver_reaches_scikit_learns_optimum(c):
     assert np.abs(bias.numpy() - ref.intercept_).max() < 1e-3 * scale
 
 
-def test_chunked_moments_hold_large_offsets():
-    """The streamed scaler's moments, a chunk at a time around the first chunk's
-    mean, against float64 over all rows: features offset by 1,000 with a spread of 1."""
+@pytest.mark.parametrize("exact", [True, False])
+def test_chunked_moments_hold_large_offsets(exact):
+    """The streamed scaler's moments, a chunk at a time around the first chunk's mean (each
+    chunk in float32 where not exact), against float64 over all rows: features offset by
+    1,000 with a spread of 1."""
     rng = np.random.default_rng(0)
     rows = torch.tensor(1000 + rng.normal(size=(5000, 8)) * rng.uniform(0.5, 2, 8),
                         dtype=torch.float16)
-    mean, std = lp.chunked_moments(rows, 700)
+    mean, std = lp.chunked_moments(rows, 700, exact)
     exact = rows.double()
     assert torch.allclose(mean.double(), exact.mean(0), rtol=0, atol=1e-4)
     assert torch.allclose(std.double(), exact.std(0), rtol=1e-4)

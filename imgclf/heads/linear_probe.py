@@ -285,12 +285,13 @@ def out_of_fold_logits(photos, labels, num_classes, head, seed=0, k=FOLDS, devic
 
 
 def out_of_fold_fits(photos, labels, num_classes, head, seed=0, k=FOLDS, device=None,
-                     solver="torch", tolerance=TOLERANCE, head_spread=None):
+                     solver="torch", tolerance=TOLERANCE, head_spread=None, exact=True):
     """(held-out logits (photos, classes), scale). Each photo's logits come from a head with
     head's view set and C fitted on the other folds of the cross-validation (a fold's rows get
     weight 0), started from zero: from head, which has seen the fold, they stopped at once and
     their "held-out" logits were head's own (100% out-of-fold accuracy, 89.6% on test). Rows
-    stay as stored, the scaling folded in. scale: how much larger head's logits (head_spread,
+    stay as stored, the scaling folded in (its moments exact, or in float32 a chunk at a time:
+    chunked_moments). scale: how much larger head's logits (head_spread,
     if given) are than the fold heads' on all photos: fitted on (k-1)/k of the photos, the fold
     heads are less confident, so a temperature learnt on their logits applies to head's
     logits times scale."""
@@ -298,7 +299,7 @@ def out_of_fold_fits(photos, labels, num_classes, head, seed=0, k=FOLDS, device=
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     folds = torch.from_numpy(photo_folds(np.asarray(labels), k, seed))
     rows, row_labels, row_weights = training_rows(photos, labels_t, view_set)
-    scaler = Standardizer.streamed(rows, num_classes, device)
+    scaler = Standardizer.streamed(rows, num_classes, device, exact)
     row_folds = folds.repeat_interleave(len(view_set.train))
     logits, spreads = torch.zeros(len(labels_t), num_classes), []
     for fold in range(k):
@@ -357,7 +358,7 @@ def search_fits(photos):
     """out_of_fold_fits' folds, solver and tolerance for held_out_fits on this many photos."""
     if photos < LARGE_SEARCH_PHOTOS:
         return {"k": FOLDS, "solver": "torch", "tolerance": TOLERANCE}
-    return {"k": 2, "solver": "scipy", "tolerance": SEARCH_TOLERANCE}
+    return {"k": 2, "solver": "scipy", "tolerance": SEARCH_TOLERANCE, "exact": False}
 
 
 def kept_logits(head, photos, num_classes):
