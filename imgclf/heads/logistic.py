@@ -172,7 +172,7 @@ def lbfgs_scipy(params, closure, max_iter, tolerance):
     import scipy.optimize  # here: predicting never fits, and scipy costs its import time
 
     def value_and_gradient(theta):
-        load(params, theta)
+        copy_into(params, theta)
         loss = float(closure())
         return loss, torch.cat([p.grad.reshape(-1) for p in params]).double().cpu().numpy()
 
@@ -181,10 +181,10 @@ def lbfgs_scipy(params, closure, max_iter, tolerance):
         value_and_gradient, theta, jac=True, method="L-BFGS-B",
         options={"maxiter": max_iter, "maxls": 50, "gtol": tolerance,
                  "ftol": 64 * np.finfo(float).eps})
-    load(params, result.x)  # the last point evaluated may be a line search's trial
+    copy_into(params, result.x)  # the last point evaluated may be a line search's trial
 
 
-def load(params, theta):
+def copy_into(params, theta):
     """Copy the flat float64 array theta into params (in order), in their dtype and device."""
     start = 0
     with torch.no_grad():
