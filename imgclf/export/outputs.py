@@ -21,6 +21,15 @@ HEATMAP_ATOL = 1e-3  # the largest |difference| of the normalised heatmap (value
 TINY = 1e-12         # the heatmap's divisor at least this: an all-negative map stays 0
 
 
+def carries_heatmap(model):
+    """Whether an export of model carries the heatmap output, saying why not where it does
+    not (heatmap_problem)."""
+    problem = heatmap_problem(model)
+    if problem:
+        print(f"no heatmap output: {problem}")
+    return problem is None
+
+
 def heatmap_problem(model):
     """Why the network cannot carry the exact heatmap (None: it can)."""
     import torch

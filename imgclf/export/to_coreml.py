@@ -56,11 +56,8 @@ def write(job):
                         f"name ending in .mlpackage")
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         path = os.path.join(tmp, "model.mlpackage")
-        heatmap = outputs.heatmap_problem(job.model)
-        if heatmap:
-            print(f"no heatmap output: {heatmap}")
-        scorer = job.scorer
-        convert(ct, job, path, heatmap=heatmap is None, scorer=scorer)
+        heatmap, scorer = outputs.carries_heatmap(job.model), job.scorer
+        convert(ct, job, path, heatmap=heatmap, scorer=scorer)
         with quiet():
             function = mil_check.load_program(path)
         check_spec(ct, path, job.ckpt, function)

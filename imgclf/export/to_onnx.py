@@ -55,7 +55,7 @@ def export_and_check(job, path, ort):
     novelty and the heatmap where the model carries them (outputs.py). Returns the output
     names."""
     from . import outputs
-    scorer, heatmap = carried_extras(job)
+    scorer, heatmap = job.scorer, outputs.carries_heatmap(job.model)
     names = ["probabilities"] + ["novelty"] * (scorer is not None) + ["heatmap"] * heatmap
     t0 = time.perf_counter()
     export_onnx(outputs.build(job.model, scorer, heatmap), job.image_size(), path, names)
@@ -72,17 +72,6 @@ def export_and_check(job, path, ort):
         outputs.check_heatmaps(maps, outputs.reference_heatmaps(job.model, job.check.arrays),
                                "ONNX Runtime")
     return names
-
-
-def carried_extras(job):
-    """(the novelty scorer or None, whether the heatmap is carried), saying why not where the
-    heatmap is not."""
-    from . import outputs
-    scorer = job.scorer
-    problem = outputs.heatmap_problem(job.model)
-    if problem:
-        print(f"no heatmap output: {problem}")
-    return scorer, problem is None
 
 
 def check_novelty_parity(model, ort, path, arrays):

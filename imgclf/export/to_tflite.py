@@ -53,7 +53,7 @@ def write(job):
     out = job.out_path("model.int8.tflite" if job.args.quantize else "model.tflite")
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         path = os.path.join(tmp, "model.tflite")
-        heatmap = carries_heatmap(job.model)
+        heatmap = outputs.carries_heatmap(job.model)
         scorer = job.scorer
         convert(job.model, job.image_size(), path, heatmap=heatmap, scorer=scorer)
         probs = predict_arrays(path, job.check.arrays)
@@ -81,14 +81,6 @@ def require_converter():
         except ImportError:
             raise UserError(f"--format tflite needs the optional package "
                             f"{module.replace('_', '-')}: {INSTALL_HINT}") from None
-
-
-def carries_heatmap(model):
-    """Whether the export has the heatmap output (saying why not where it has none)."""
-    problem = outputs.heatmap_problem(model)
-    if problem:
-        print(f"no heatmap output: {problem}")
-    return problem is None
 
 
 def check_novelty(path, model, scorer, arrays, runtime="LiteRT", atol=NOVELTY_ATOL):
