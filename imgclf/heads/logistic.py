@@ -97,11 +97,12 @@ def chunked_moments(rows, chunk, exact=True):
     for the label-error search's fits; the head's keep float64, as its choice of C moved with
     such differences (docs/scaling.md, "Tried and left out")."""
     dtype = torch.float64 if exact else torch.float32
-    shift = rows[:chunk].to(dtype).mean(0).double()
+    centre = rows[:chunk].to(dtype).mean(0)
+    shift = centre.double()
     total = torch.zeros_like(shift)
     squares = torch.zeros_like(shift)
     for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk].to(dtype) - shift.to(dtype)
+        part = rows[start:start + chunk].to(dtype) - centre
         total += part.sum(0).double()
         squares += part.pow(2).sum(0).double()
     n = len(rows)
